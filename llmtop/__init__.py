@@ -1,0 +1,3 @@
+"""llmtop: a terminal monitor for fleets of LLM inference backends."""
+
+__version__ = "0.1.0"

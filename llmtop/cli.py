@@ -1,0 +1,148 @@
+"""Command line: the TUI by default, plus check, drain/undrain/disable/enable and init."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from llmtop import __version__
+from llmtop.config import Config, ConfigError, load_config, loads_config, resolve_config_path
+from llmtop.paths import default_state_path
+from llmtop.state import StateError, StateStore
+
+ADMIN_COMMANDS = {"drain": "draining", "undrain": "active", "disable": "disabled", "enable": "active"}
+
+
+class UsageError(Exception):
+    """A problem with how llmtop was invoked; one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="config file (default: $LLMTOP_CONFIG, else ~/.config/llmtop/config.toml)")
+    common.add_argument("--state", metavar="PATH", help="admin state file (default: the user state dir)")
+
+    parser = argparse.ArgumentParser(
+        prog="llmtop",
+        description="A terminal monitor for fleets of LLM inference backends.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"llmtop {__version__}")
+    parser.add_argument("--demo", action="store_true", help="watch a built-in simulated fleet on 127.0.0.1")
+    parser.add_argument("--theme", metavar="NAME", help="colour theme: a file name in themes/ or ~/.config/llmtop/themes/ (T cycles in the app)")
+    parser.add_argument("--read-only", action="store_true", help="disable the keys that change state (drain, toggle, reload)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = sub.add_parser("check", parents=[common], help="poll and probe every backend once, print a table or JSON")
+    check.add_argument("--json", action="store_true", help="print JSON (shape in the README)")
+    check.add_argument("--rounds", type=int, default=1, metavar="N", help="rounds to run (default 1)")
+    check.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between rounds (default 1)")
+    check.add_argument("--demo", action="store_true", help="check the built-in simulated fleet")
+
+    for command, state in ADMIN_COMMANDS.items():
+        p = sub.add_parser(command, parents=[common], help=f"set a backend's admin state to {state}")
+        p.add_argument("name", help="backend name from the config")
+
+    init = sub.add_parser("init", parents=[common], help="write a commented starter config (with local servers found)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    return parser
+
+
+def _load(args) -> Config:
+    path = resolve_config_path(args.config)
+    if not path.exists():
+        raise ConfigError(f"{path}: no config file; run `llmtop init` to write one, or try `llmtop --demo`")
+    return load_config(path)
+
+
+def _state(args) -> StateStore:
+    return StateStore(Path(args.state).expanduser() if args.state else default_state_path())
+
+
+def cmd_check(args) -> int:
+    from llmtop.check import exit_code, render_table, run_check, to_json
+    from llmtop.gpu import GpuReader
+
+    if args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    if args.interval < 0:
+        raise UsageError("--interval must not be negative")
+    state = _state(args)
+    gpu = GpuReader()
+    if args.demo:
+        from llmtop.simulator import Simulator, demo_fleet
+
+        backends = demo_fleet()
+        sim = Simulator(backends)
+        sim.start_in_thread()
+        try:
+            config = _demo_config(sim, backends)
+            snapshot = asyncio.run(run_check(config, state, args.rounds, args.interval, gpu))
+        finally:
+            sim.stop_thread()
+    else:
+        config = _load(args)
+        snapshot = asyncio.run(run_check(config, state, args.rounds, args.interval, gpu))
+    print(to_json(snapshot) if args.json else render_table(snapshot))
+    return exit_code(snapshot)
+
+
+def _demo_config(sim, backends) -> Config:
+    from llmtop.simulator import demo_config_toml
+
+    return loads_config(demo_config_toml(sim, backends), "<demo>")
+
+
+def cmd_admin(args) -> int:
+    target = ADMIN_COMMANDS[args.command]
+    config = _load(args)
+    if config.backend(args.name) is None:
+        names = ", ".join(b.name for b in config.backends) or "none"
+        raise UsageError(f"{config.path}: no backend named '{args.name}' (known: {names})")
+    state = _state(args)
+    before = state.admin(args.name)
+    state.set_admin(args.name, target)
+    note = "" if config.backend(args.name).enabled else " (note: enabled = false in the config still keeps it off)"
+    print(f"{args.name}: {before} -> {target}{note}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from llmtop.discover import discover
+    from llmtop.starter import starter_config
+
+    path = resolve_config_path(args.config)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path}: already exists; pass --force to overwrite it")
+    found = asyncio.run(discover())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_config(found), encoding="utf-8")
+    what = ", ".join(f"{f.provider} at {f.url}" for f in found) or "no local servers (an example is commented out)"
+    print(f"wrote {path}: {what}")
+    return 0
+
+
+def cmd_tui(args) -> int:
+    from llmtop.tui.run import run_tui
+
+    return run_tui(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            return cmd_check(args)
+        if args.command in ADMIN_COMMANDS:
+            return cmd_admin(args)
+        if args.command == "init":
+            return cmd_init(args)
+        return cmd_tui(args)
+    except (ConfigError, StateError, UsageError) as exc:
+        print(f"llmtop: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,280 @@
+"""Load and validate the TOML config into plain dataclasses, with one-line errors a user can act on."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from llmtop.paths import default_config_path
+
+PROVIDERS = (
+    "openai",
+    "vllm",
+    "sglang",
+    "tgi",
+    "llamacpp",
+    "ollama",
+    "lmstudio",
+    "litellm",
+    "anthropic",
+)
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased as the one line the user should see."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    health_interval_s: float = 5.0
+    probe_interval_s: float = 60.0
+    probe_max_tokens: int = 8
+    timeout_s: float = 10.0
+    max_concurrency: int = 64
+    slow_ttft_ms: float = 5000.0
+    degraded_error_rate: float = 0.2
+    history: int = 120
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    consecutive_failures: int = 3
+    consecutive_successes: int = 2
+    window_s: float = 300.0
+    min_requests: int = 5
+    error_rate: float = 0.5
+    cooldown_s: float = 30.0
+    max_cooldown_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    metric: str
+    above: float | None = None
+    below: float | None = None
+
+    def describe(self) -> str:
+        if self.above is not None:
+            return f"{self.metric} > {self.above:g}"
+        return f"{self.metric} < {self.below:g}"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    provider: str
+    url: str
+    models: tuple[str, ...] = ()
+    probe_model: str | None = None
+    api_key_env: str | None = None
+    enabled: bool = True
+    alerts: tuple[AlertRule, ...] = ()
+
+    @property
+    def effective_probe_model(self) -> str | None:
+        return self.probe_model or (self.models[0] if self.models else None)
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings = field(default_factory=Settings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    backends: tuple[BackendConfig, ...] = ()
+    path: Path | None = None
+
+    def backend(self, name: str) -> BackendConfig | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+
+_BACKEND_KEYS = {
+    "name": str,
+    "provider": str,
+    "url": str,
+    "models": list,
+    "probe_model": str,
+    "api_key_env": str,
+    "enabled": bool,
+    "alert": list,
+}
+_ALERT_KEYS = {"metric": str, "above": (int, float), "below": (int, float)}
+_TOP_KEYS = ("settings", "breaker", "backend")
+
+
+def _type_name(t: Any) -> str:
+    names = {str: "a string", bool: "true or false", list: "a list", int: "an integer", float: "a number"}
+    if isinstance(t, tuple):
+        return "a number"
+    return names.get(t, t.__name__)
+
+
+class _Checker:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: {what}")
+
+    def unknown_keys(self, table: dict, known, where: str) -> None:
+        for key in table:
+            if key not in known:
+                guess = difflib.get_close_matches(key, list(known), n=1)
+                hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known keys: {', '.join(known)})"
+                path = f"{where}.{key}" if where else key
+                raise self.fail(path, f"unknown key{hint}")
+
+    def typed(self, value: Any, expected: Any, where: str) -> Any:
+        ok = isinstance(value, expected) and not (expected in (int, float, (int, float)) and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise self.fail(where, f"expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
+        return value
+
+    def dataclass_table(self, cls: type, table: Any, where: str, positive: bool = True) -> Any:
+        if not isinstance(table, dict):
+            raise self.fail(where, f"expected a table [{where}], got {type(table).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        self.unknown_keys(table, list(known), where)
+        values = {}
+        for key, value in table.items():
+            default = known[key].default
+            expected = int if isinstance(default, int) and not isinstance(default, bool) else float
+            self.typed(value, expected, f"{where}.{key}")
+            if positive and value <= 0:
+                raise self.fail(f"{where}.{key}", f"must be greater than 0, got {value}")
+            values[key] = expected(value)
+        return cls(**values)
+
+
+def _check_url(chk: _Checker, url: str, where: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise chk.fail(where, f"'{url}' is not an http(s) URL; write it like \"http://10.0.0.5:8000\"")
+    try:
+        parts.port
+    except ValueError:
+        raise chk.fail(where, f"'{url}' has a bad port") from None
+    return url.rstrip("/")
+
+
+def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
+    where = f"backend[{index}]"
+    if not isinstance(raw, dict):
+        raise chk.fail(where, "each [[backend]] must be a table")
+    label = raw.get("name") if isinstance(raw.get("name"), str) else None
+    if label:
+        where = f"backend '{label}'"
+    chk.unknown_keys(raw, list(_BACKEND_KEYS), where)
+    for key in ("name", "provider", "url"):
+        if key not in raw:
+            raise chk.fail(where, f"missing required key '{key}'")
+    for key, expected in _BACKEND_KEYS.items():
+        if key in raw:
+            chk.typed(raw[key], expected, f"{where}.{key}")
+    name = raw["name"].strip()
+    if not name:
+        raise chk.fail(f"{where}.name", "must not be empty")
+    provider = raw["provider"]
+    if provider not in PROVIDERS:
+        guess = difflib.get_close_matches(provider, PROVIDERS, n=1)
+        hint = f"did you mean '{guess[0]}'? " if guess else ""
+        raise chk.fail(f"{where}.provider", f"unknown provider '{provider}'; {hint}choose one of {', '.join(PROVIDERS)}")
+    url = _check_url(chk, raw["url"], f"{where}.url")
+    models = raw.get("models", [])
+    for i, model in enumerate(models):
+        chk.typed(model, str, f"{where}.models[{i}]")
+    api_key_env = raw.get("api_key_env")
+    if api_key_env is not None and (not api_key_env or not api_key_env.replace("_", "").isalnum()):
+        raise chk.fail(
+            f"{where}.api_key_env",
+            "must be the NAME of an environment variable (like \"OPENAI_API_KEY\"), never the key itself",
+        )
+    alerts = []
+    for i, rule in enumerate(raw.get("alert", [])):
+        rwhere = f"{where}.alert[{i}]"
+        if not isinstance(rule, dict):
+            raise chk.fail(rwhere, "each [[backend.alert]] must be a table")
+        chk.unknown_keys(rule, list(_ALERT_KEYS), rwhere)
+        if "metric" not in rule:
+            raise chk.fail(rwhere, "missing required key 'metric'")
+        for key, expected in _ALERT_KEYS.items():
+            if key in rule:
+                chk.typed(rule[key], expected, f"{rwhere}.{key}")
+        if ("above" in rule) == ("below" in rule):
+            raise chk.fail(rwhere, "set exactly one of 'above' or 'below'")
+        alerts.append(AlertRule(rule["metric"], rule.get("above"), rule.get("below")))
+    return BackendConfig(
+        name=name,
+        provider=provider,
+        url=url,
+        models=tuple(models),
+        probe_model=raw.get("probe_model"),
+        api_key_env=api_key_env,
+        enabled=raw.get("enabled", True),
+        alerts=tuple(alerts),
+    )
+
+
+def parse_config(data: dict, source: str = "<config>", path: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document."""
+    chk = _Checker(source)
+    chk.unknown_keys(data, list(_TOP_KEYS), "")
+    settings = chk.dataclass_table(Settings, data.get("settings", {}), "settings")
+    breaker = chk.dataclass_table(BreakerSettings, data.get("breaker", {}), "breaker")
+    if breaker.error_rate > 1:
+        raise chk.fail("breaker.error_rate", f"is a fraction between 0 and 1, got {breaker.error_rate}")
+    if settings.degraded_error_rate > 1:
+        raise chk.fail("settings.degraded_error_rate", "is a fraction between 0 and 1")
+    raw_backends = data.get("backend", [])
+    if not isinstance(raw_backends, list):
+        raise chk.fail("backend", "write backends as [[backend]] tables")
+    backends: list[BackendConfig] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_backends):
+        backend = _backend(chk, raw, i)
+        if backend.name in seen:
+            raise chk.fail(f"backend[{i}].name", f"duplicate backend name '{backend.name}'; names must be unique")
+        seen.add(backend.name)
+        backends.append(backend)
+    return Config(settings=settings, breaker=breaker, backends=tuple(backends), path=path)
+
+
+def loads_config(text: str, source: str = "<config>", path: Path | None = None) -> Config:
+    """Parse and validate TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return parse_config(data, source, path)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a config file; every failure is a ConfigError with one line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; run `llmtop init` to write a starter config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return loads_config(text, str(path), path)
+
+
+def resolve_config_path(explicit: str | None) -> Path:
+    """--config, else $LLMTOP_CONFIG, else the user config dir."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("LLMTOP_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return default_config_path()

@@ -1,0 +1,67 @@
+"""Anthropic Messages API: x-api-key auth, /v1/models, and an SSE /v1/messages probe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource, SSEError
+
+from llmtop.probe import ProbeError, ProbeResult, StreamMeter
+from llmtop.providers import register
+from llmtop.providers.base import PROBE_PROMPT, Adapter
+
+API_VERSION = "2023-06-01"
+_TEXT_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+
+
+@register
+class Anthropic(Adapter):
+    provider = "anthropic"
+    models_path = "/v1/models?limit=1000"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"anthropic-version": API_VERSION}
+        key = self.api_key()
+        if key:
+            headers["x-api-key"] = key
+        return headers
+
+    def parse_models(self, data: Any) -> tuple[str, ...]:
+        try:
+            return tuple(str(m["id"]) for m in data["data"])
+        except (KeyError, TypeError) as exc:
+            raise ProbeError(f"/v1/models: unexpected shape (no data[].id: {exc})") from None
+
+    async def probe(self, model: str | None) -> ProbeResult:
+        if not model:
+            return ProbeResult(None, ok=False, error="no model to probe: set models or probe_model in the config")
+        body = {
+            "model": model,
+            "max_tokens": self.max_tokens,
+            "messages": [{"role": "user", "content": PROBE_PROMPT}],
+            "stream": True,
+        }
+        return await self.stream_probe("/v1/messages", body, model, self.read_stream)
+
+    async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
+        try:
+            async for event in EventSource(response).aiter_sse():
+                if not event.data.strip():
+                    continue
+                data = self.json_event(event.data, "POST /v1/messages")
+                kind = event.event if event.event != "message" else data.get("type")
+                if kind == "content_block_delta":
+                    delta = data.get("delta") or {}
+                    meter.text(delta.get(_TEXT_FIELDS.get(delta.get("type"), "text")))
+                elif kind == "message_delta":
+                    # output_tokens here is cumulative: the last one is the total.
+                    meter.usage((data.get("usage") or {}).get("output_tokens"))
+                elif kind == "error":
+                    err = data.get("error") or {}
+                    raise ProbeError(f"POST /v1/messages: error in stream: {err.get('type')}: {err.get('message')}")
+                elif kind == "message_stop":
+                    return {}
+        except SSEError as exc:
+            raise ProbeError(f"POST /v1/messages: not an event stream ({exc})") from None
+        raise ProbeError("POST /v1/messages: stream ended before message_stop (truncated)")

@@ -1,0 +1,78 @@
+"""OpenAI-compatible chat API (cloud OpenAI and the servers that imitate it): models and a streamed probe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource, SSEError
+
+from llmtop.probe import ProbeError, ProbeResult, StreamMeter
+from llmtop.providers import register
+from llmtop.providers.base import PROBE_PROMPT, Adapter
+
+
+def chunk_text(chunk: dict) -> str | None:
+    """Generated text in one chat.completion.chunk: content, or reasoning text from reasoning models."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        for key in ("content", "reasoning_content", "reasoning"):
+            value = delta.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+class OpenAICompatible(Adapter):
+    """Servers speaking /v1/models and streamed /v1/chat/completions with usage in a last chunk."""
+
+    async def probe(self, model: str | None) -> ProbeResult:
+        if not model:
+            return ProbeResult(None, ok=False, error="no model to probe: set models or probe_model in the config")
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": PROBE_PROMPT}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return await self.stream_probe("/v1/chat/completions", body, model, self.read_stream)
+
+    async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
+        server: dict[str, Any] = {}
+        done = False
+        try:
+            async for event in EventSource(response).aiter_sse():
+                data = event.data.strip()
+                if not data:
+                    continue
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = self.json_event(data, "POST /v1/chat/completions")
+                if not isinstance(chunk, dict):
+                    raise ProbeError(f"POST /v1/chat/completions: unexpected stream chunk {data[:60]!r}")
+                if chunk.get("error"):
+                    err = chunk["error"]
+                    message = err.get("message") if isinstance(err, dict) else err
+                    raise ProbeError(f"POST /v1/chat/completions: error in stream: {message}")
+                meter.text(chunk_text(chunk))
+                usage = chunk.get("usage")
+                if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+                    meter.usage(usage["completion_tokens"])
+                server.update(self.server_timings(chunk))
+        except SSEError as exc:
+            raise ProbeError(f"POST /v1/chat/completions: not an event stream ({exc})") from None
+        if not done and meter.usage_tokens is None and meter.text_chunks == 0:
+            raise ProbeError("POST /v1/chat/completions: stream ended before any data")
+        return server
+
+    def server_timings(self, chunk: dict) -> dict[str, Any]:
+        """Server-reported timings carried in chunks, for engines that send them."""
+        return {}
+
+
+@register
+class OpenAI(OpenAICompatible):
+    provider = "openai"
