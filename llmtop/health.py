@@ -111,6 +111,8 @@ class CircuitBreaker:
                 self._half_open_successes += 1
                 if self._half_open_successes >= self.settings.consecutive_successes:
                     self.cooldown_s = self.settings.cooldown_s
+                    # Outcomes from before the recovery would keep a healed backend "degraded" for a window.
+                    self.window = OutcomeWindow(self.settings.window_s, self.clock)
                     self._move(CLOSED, f"{self._half_open_successes} trial successes")
             else:
                 self._open(f"trial failed: {reason}" if reason else "trial failed", grow=True)

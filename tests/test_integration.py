@@ -1,0 +1,304 @@
+"""The engine against the real simulator over 127.0.0.1: every protocol, every fault, the breaker and admin states."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from llmtop.config import BackendConfig, BreakerSettings, Config, Settings, AlertRule
+from llmtop.engine import Engine
+from llmtop.simulator import SimBackend, Simulator
+from llmtop.state import StateStore
+
+PROVIDERS = ["vllm", "sglang", "tgi", "llamacpp", "lmstudio", "litellm", "openai", "ollama", "anthropic"]
+COMPLETION_PATH = {"ollama": "/api/chat", "anthropic": "/v1/messages"}
+
+
+def make_config(sim: Simulator, backends, expected=None, alerts=None, key_env=None, **settings) -> Config:
+    s = dict(timeout_s=2.0, probe_max_tokens=8)
+    s.update({k: v for k, v in settings.items() if k in Settings.__dataclass_fields__})
+    b = {k: v for k, v in settings.items() if k in BreakerSettings.__dataclass_fields__}
+    return Config(
+        settings=Settings(**s),
+        breaker=BreakerSettings(**b),
+        backends=tuple(
+            BackendConfig(
+                name=sb.name,
+                provider=sb.provider,
+                url=sim.url(sb.name),
+                models=tuple((expected or {}).get(sb.name, sb.models)),
+                alerts=tuple((alerts or {}).get(sb.name, ())),
+                api_key_env=(key_env or {}).get(sb.name),
+            )
+            for sb in backends
+        ),
+    )
+
+
+@pytest.fixture
+def state(tmp_path):
+    return StateStore(tmp_path / "state.json")
+
+
+async def one_round(sim, backends, state, **kw):
+    async with Engine(make_config(sim, backends, **kw), state) as engine:
+        await engine.run_round()
+        return engine.snapshot()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_every_protocol_healthy_with_true_numbers(provider, state):
+    model = "llama3.2" if provider == "ollama" else "test-model"
+    sb = SimBackend(f"b-{provider}", provider=provider, models=[model], ttft_ms=60, gap_ms=15)
+    async with Simulator([sb]) as sim:
+        snap = await one_round(sim, [sb], state)
+    b = snap.backends[0]
+    assert b.status == "healthy", (b.status_reason, b.error)
+    assert b.circuit == "closed" and b.missing_models == () and b.error is None
+    assert b.models in ((model,), (f"{model}:latest",))
+    p = b.probe
+    assert p.error is None and p.output_tokens == 8 and not p.tokens_estimated
+    assert p.ttft_ms == pytest.approx(60, abs=20)
+    assert p.tokens_per_s == pytest.approx(1000 / 15, rel=0.15)
+    assert sb.requests[COMPLETION_PATH.get(provider, "/v1/chat/completions")] == 1
+    if provider in ("vllm", "sglang", "llamacpp", "tgi"):
+        assert b.metrics.requests_running is not None and b.metrics.requests_waiting is not None
+    if provider in ("vllm", "sglang", "llamacpp"):
+        assert b.metrics.kv_cache_usage == pytest.approx(0.3)
+    if provider == "litellm":
+        assert b.metrics.requests_running is not None  # found at /metrics/ after the redirect
+    if provider in ("ollama", "llamacpp"):
+        assert p.server_tokens_per_s is not None  # the server's own figure beside ours
+
+
+async def test_estimated_tokens_when_server_sends_no_usage(state):
+    sb = SimBackend("nousage", usage=False, ttft_ms=20, gap_ms=10)
+    async with Simulator([sb]) as sim:
+        b = (await one_round(sim, [sb], state)).backends[0]
+    assert b.probe.tokens_estimated and b.probe.output_tokens == 8
+    assert b.probe.tokens_per_s == pytest.approx(100, rel=0.15)
+
+
+async def test_vllm_server_ttft_histogram_reaches_metrics(state):
+    sb = SimBackend("v", ttft_ms=30)
+    async with Simulator([sb]) as sim:
+        async with Engine(make_config(sim, [sb]), state) as engine:
+            await engine.run_round()
+            await engine.run_round(probe=False)  # the next scrape sees the probe's TTFT
+            b = engine.snapshot().backends[0]
+    assert b.metrics.server_ttft_ms == pytest.approx(30, abs=15)
+
+
+# -- faults: each is shown as what it is, and never delays the others ------------------------------
+
+
+@pytest.mark.parametrize(
+    "fault, arg, status, words",
+    [
+        ("5xx", None, "down", "HTTP 500"),
+        ("hang", None, "down", "timeout"),
+        ("reset", None, "down", "reset"),
+        ("slow_headers", 5, "down", "timeout"),
+        ("bad_json", None, "down", "bad JSON"),
+    ],
+)
+async def test_fault_is_reported_and_others_unaffected(fault, arg, status, words, state):
+    bad = SimBackend("bad", provider="openai", fault=fault, fault_arg=arg)
+    good = SimBackend("good", ttft_ms=50, gap_ms=10)
+    async with Simulator([bad, good]) as sim:
+        start = time.perf_counter()
+        snap = await one_round(sim, [bad, good], state, timeout_s=0.6)
+        elapsed = time.perf_counter() - start
+    b, g = snap.backends
+    assert b.status == status and words in (b.error or ""), b.error
+    assert g.status == "healthy" and g.probe.ttft_ms == pytest.approx(50, abs=20)
+    assert elapsed < 0.6 + 0.5  # bounded by timeout_s, not by the sum of requests
+
+
+async def test_bad_json_in_models_of_vllm_degrades_with_clear_error(state):
+    sb = SimBackend("v", fault="bad_json")
+    async with Simulator([sb]) as sim:
+        b = (await one_round(sim, [sb], state)).backends[0]
+    assert "bad JSON" in (b.error or "")
+    assert b.status in ("degraded", "down")
+
+
+async def test_truncated_stream_is_a_failed_probe_with_partial_ttft(state):
+    sb = SimBackend("t", fault="truncated", fault_arg=2, ttft_ms=30)
+    async with Simulator([sb]) as sim:
+        b = (await one_round(sim, [sb], state)).backends[0]
+    assert b.probe.error and "truncated" in b.probe.error
+    assert b.probe.ttft_ms == pytest.approx(30, abs=20)
+    assert b.status == "degraded"
+
+
+async def test_huge_body_is_refused_not_buffered(state):
+    sb = SimBackend("huge", provider="lmstudio", fault="huge_body", fault_arg=64)
+    async with Simulator([sb]) as sim:
+        b = (await one_round(sim, [sb], state, timeout_s=5)).backends[0]
+    assert b.status == "down" and "over 8 MiB" in b.error
+
+
+async def test_llamacpp_loading_is_loading_not_down(state):
+    sb = SimBackend("l", provider="llamacpp", fault="loading")
+    async with Simulator([sb]) as sim:
+        b = (await one_round(sim, [sb], state)).backends[0]
+    assert b.status == "loading" and b.circuit == "closed"
+    assert sb.requests["/v1/chat/completions"] == 0
+
+
+async def test_sglang_503_at_start_is_loading(state):
+    sb = SimBackend("s", provider="sglang", fault="loading")
+    async with Simulator([sb]) as sim:
+        b = (await one_round(sim, [sb], state)).backends[0]
+    assert b.status == "loading"
+
+
+async def test_429_honours_retry_after(state):
+    sb = SimBackend("cloud", provider="openai", fault="429", fault_arg=30)
+    async with Simulator([sb]) as sim:
+        async with Engine(make_config(sim, [sb]), state) as engine:
+            await engine.run_round()
+            b = engine.snapshot().backends[0]
+            assert b.probe.error and "429" in b.probe.error and "retry after 30s" in b.probe.error
+            assert b.retry_after_at is not None and b.retry_after_at - time.time() == pytest.approx(30, abs=2)
+            assert b.status == "degraded" and "rate limited" in b.status_reason
+            sent = sum(sb.requests.values())
+            await engine.run_round()
+            await engine.run_round()
+            assert sum(sb.requests.values()) == sent  # nothing until Retry-After has passed
+
+
+async def test_flapping_backend_goes_down_and_comes_back(state):
+    sb = SimBackend("flap", fault="flapping", fault_arg=0.4)
+    async with Simulator([sb]) as sim:
+        async with Engine(make_config(sim, [sb], consecutive_failures=10), state) as engine:
+            seen = set()
+            for _ in range(8):
+                await engine.run_round(probe=False)
+                seen.add(engine.snapshot().backends[0].status)
+                await asyncio.sleep(0.15)
+    assert {"healthy", "down"} <= seen
+
+
+async def test_connection_refused(state):
+    config = Config(
+        settings=Settings(timeout_s=1),
+        backends=(BackendConfig(name="gone", provider="vllm", url="http://127.0.0.1:9"),),
+    )
+    async with Engine(config, state) as engine:
+        await engine.run_round()
+        b = engine.snapshot().backends[0]
+    assert b.status == "down" and "cannot connect" in b.error and b.probe is None
+
+
+# -- the breaker, end to end ----------------------------------------------------------------------
+
+
+async def test_breaker_opens_stops_probes_then_recovers_through_half_open(state):
+    sb = SimBackend("flaky", fault="5xx")
+    async with Simulator([sb]) as sim:
+        config = make_config(sim, [sb], consecutive_failures=2, consecutive_successes=2, cooldown_s=0.5)
+        async with Engine(config, state) as engine:
+            await engine.run_round()  # health fails -> no probe this round
+            await engine.run_round()
+            b = engine.snapshot().backends[0]
+            assert b.circuit == "open" and b.status == "down"
+            probes = sb.requests["/v1/chat/completions"]
+            await engine.run_round()
+            assert sb.requests["/v1/chat/completions"] == probes  # no probes while open
+            sb.fault = None
+            await asyncio.sleep(0.55)
+            assert engine.snapshot().backends[0].circuit == "half_open"
+            await engine.run_round()  # trial 1 (probe) succeeds
+            await engine.run_round()  # trial 2
+            b = engine.snapshot().backends[0]
+            assert b.circuit == "closed" and b.status == "healthy"
+            kinds = [(f, t) for _, f, t in b.breaker_history]
+            assert kinds == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+            messages = [e.message for e in engine.events if e.kind == "breaker"]
+            assert any("closed -> open" in m for m in messages)
+
+
+# -- models, alerts, admin ------------------------------------------------------------------------
+
+
+async def test_missing_model_named_and_ollama_latest_understood(state):
+    v = SimBackend("v", models=["m1"])
+    o = SimBackend("o", provider="ollama", models=["llama3.2"])
+    async with Simulator([v, o]) as sim:
+        snap = await one_round(sim, [v, o], state, expected={"v": ["m1", "m-70b"], "o": ["llama3.2", "llama3.2:latest"]})
+    vb, ob = snap.backends
+    assert vb.missing_models == ("m-70b",) and vb.status == "degraded" and "missing m-70b" in vb.status_reason
+    assert ob.missing_models == () and ob.status == "healthy"
+
+
+async def test_metric_alert_rule_trips(state):
+    sb = SimBackend("v", waiting=25)
+    async with Simulator([sb]) as sim:
+        snap = await one_round(
+            sim, [sb], state, alerts={"v": [AlertRule("vllm:num_requests_waiting", above=10), AlertRule("kv_cache_usage", above=0.9)]}
+        )
+    b = snap.backends[0]
+    assert b.alerts == ("vllm:num_requests_waiting > 10 (now 25)",)
+    assert b.status == "degraded"
+
+
+async def test_draining_gets_polls_but_no_probes_disabled_gets_nothing(tmp_path):
+    state = StateStore(tmp_path / "s.json")
+    state.set_admin("drained", "draining")
+    state.set_admin("off", "disabled")
+    d, off = SimBackend("drained"), SimBackend("off")
+    async with Simulator([d, off]) as sim:
+        snap = await one_round(sim, [d, off], state)
+    assert d.requests["/health"] == 1 and d.requests["/v1/chat/completions"] == 0
+    assert sum(off.requests.values()) == 0
+    assert [b.admin for b in snap.backends] == ["draining", "disabled"]
+    assert StateStore(tmp_path / "s.json").admin("drained") == "draining"  # survives a restart
+
+
+async def test_api_key_sent_and_never_shown(state, monkeypatch):
+    secret = "sk-test-abcdef123456"
+    monkeypatch.setenv("SIM_KEY", secret)
+    ok = SimBackend("ok", provider="openai", api_key=secret)
+    wrong = SimBackend("wrong", provider="litellm", api_key="another-key")
+    anth = SimBackend("anth", provider="anthropic", api_key=secret)
+    async with Simulator([ok, wrong, anth]) as sim:
+        snap = await one_round(sim, [ok, wrong, anth], state, key_env={"ok": "SIM_KEY", "wrong": "SIM_KEY", "anth": "SIM_KEY"})
+    by = {b.name: b for b in snap.backends}
+    assert by["ok"].status == "healthy" and by["anth"].status == "healthy"
+    assert by["wrong"].status == "degraded"  # up, but it refuses our key
+    assert "HTTP 401" in by["wrong"].probe.error or "HTTP 500" in by["wrong"].probe.error
+    assert "API key" in by["wrong"].status_reason
+    dumped = json.dumps(snap.to_json()) + repr(snap)
+    assert secret not in dumped
+
+
+async def test_reload_keeps_history_of_unchanged_backends(state):
+    a, b = SimBackend("a"), SimBackend("b")
+    async with Simulator([a, b]) as sim:
+        async with Engine(make_config(sim, [a]), state) as engine:
+            await engine.run_round()
+            tracker = engine.trackers["a"]
+            engine.reload(make_config(sim, [a, b]))
+            assert engine.trackers["a"] is tracker and len(tracker.ttft_history) == 1
+            await engine.run_round()
+            assert [x.status for x in engine.snapshot().backends] == ["healthy", "healthy"]
+
+
+async def test_live_loop_polls_probes_and_force_probe(state):
+    sb = SimBackend("live", ttft_ms=10, gap_ms=2)
+    async with Simulator([sb]) as sim:
+        config = make_config(sim, [sb], health_interval_s=0.2, probe_interval_s=60)
+        async with Engine(config, state) as engine:
+            engine.start()
+            await asyncio.sleep(0.8)
+            assert sb.requests["/health"] >= 2
+            assert sb.requests["/v1/chat/completions"] == 1  # the first round probes, the next not for 60s
+            engine.force_probe(["live"])
+            await asyncio.sleep(0.3)
+            assert sb.requests["/v1/chat/completions"] == 2
+            await engine.stop()
