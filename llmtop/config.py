@@ -40,7 +40,8 @@ class Settings:
     probe_interval_s: float = 60.0
     probe_max_tokens: int = 8
     timeout_s: float = 10.0
-    max_concurrency: int = 64
+    max_concurrency: int = 512
+    probe_concurrency: int = 64
     slow_ttft_ms: float = 5000.0
     degraded_error_rate: float = 0.2
     history: int = 120

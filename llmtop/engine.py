@@ -31,6 +31,7 @@ class BackendTracker:
         settings = engine.config.settings
         self.breaker = CircuitBreaker(engine.config.breaker, engine.clock)
         self.adapter: Adapter | None = None
+        self.client: httpx.AsyncClient | None = None
         self.health: HealthResult | None = None
         self.models: tuple[str, ...] | None = None
         self.models_error: str | None = None
@@ -71,7 +72,9 @@ class BackendTracker:
         if self.adapter is None:
             s = self.engine.config.settings
             cls = adapter_class(self.config.provider)
-            self.adapter = cls(self.config, self.engine.client, s.timeout_s, s.probe_max_tokens)
+            if self.client is None:
+                self.client = self.engine.new_client()
+            self.adapter = cls(self.config, self.client, s.timeout_s, s.probe_max_tokens)
         return self.adapter
 
     def may_probe(self) -> tuple[bool, str | None]:
@@ -82,6 +85,8 @@ class BackendTracker:
             return False, "circuit open"
         if self.rate_limited():
             return False, "rate limited (Retry-After)"
+        if self.config.effective_probe_model is None:
+            return False, "no model to probe (set models or probe_model)"
         return True, None
 
     def rate_limited(self) -> bool:
@@ -107,7 +112,7 @@ class BackendTracker:
             self.latency_history.append((wall, health.latency_ms))
         if health.error:
             self._error(health.error)
-        if not health.loading:  # a model still loading is neither a success nor a failure
+        if self._poll_counts():
             self.breaker.record(health.ok, health.error or "")
         if result.models is not None:
             if result.models.models is not None:
@@ -124,6 +129,18 @@ class BackendTracker:
                 self.queue_history.append((wall, result.metrics.requests_waiting))
         self.metrics_error = result.metrics_error
         self.update()
+
+    def _poll_counts(self) -> bool:
+        """Polls feed the breaker while closed. Once it opened, only completion probes are trials,
+        unless this backend cannot be probed (no model, or draining): then polls are its trials.
+        A model still loading is neither a success nor a failure."""
+        if self.health is not None and self.health.loading:
+            return False
+        state = self.breaker.state
+        return state == "closed" or (state == "half_open" and not self.can_complete())
+
+    def can_complete(self) -> bool:
+        return self.admin == "active" and self.config.effective_probe_model is not None
 
     def apply_probe(self, result: ProbeResult) -> None:
         wall = self.engine.wall()
@@ -218,7 +235,7 @@ class BackendTracker:
         tokens = (self.probe.output_tokens if self.probe and self.probe.output_tokens else None) or (
             engine.config.settings.probe_max_tokens
         )
-        probing = self.admin == "active" and self.config.effective_probe_model is not None
+        probing = self.can_complete()
         retry_at = self.breaker.retry_at()
         health = self.health
         error = None
@@ -296,12 +313,14 @@ class Engine:
         self.gpu_status = GpuStatus(message="GPU not read yet")
         self.on_event = on_event
         self.events: deque[Event] = deque(maxlen=500)
-        self.client: httpx.AsyncClient | None = None
+        self._ssl = None
         self.trackers: dict[str, BackendTracker] = {}
         self.config_error: str | None = None
-        self._semaphore = asyncio.Semaphore(config.settings.max_concurrency)
+        self._poll_slots = asyncio.Semaphore(config.settings.max_concurrency)
+        self._probe_slots = asyncio.Semaphore(config.settings.probe_concurrency)
         self._tasks: dict[str, asyncio.Task] = {}
         self._gpu_task: asyncio.Task | None = None
+        self._closing: set[asyncio.Future] = set()
         self._running = False
         self._rng = random.Random()
         for backend in config.backends:
@@ -317,21 +336,36 @@ class Engine:
         await self.close()
 
     async def open(self) -> None:
+        # Loading the CA bundle costs milliseconds; every backend's client shares one context.
+        self._ssl = httpx.create_ssl_context()
+
+    def new_client(self) -> httpx.AsyncClient:
+        """A small connection pool for one backend.
+
+        One pool per backend rather than one for the fleet: httpcore's pool scans every connection
+        on each request, which is quadratic in pool size and took seconds per round at 500 backends.
+        The fleet-wide bound is the engine's semaphore. A poll makes up to three requests at once
+        (health, models, metrics), so four connections mean a request never queues for one, which
+        would count against its timeout.
+        """
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
         s = self.config.settings
-        limit = max(s.max_concurrency * 2, 10)
-        self.client = httpx.AsyncClient(
+        return httpx.AsyncClient(
             timeout=httpx.Timeout(s.timeout_s),
-            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
             follow_redirects=True,
             headers={"User-Agent": "llmtop"},
+            verify=self._ssl,
             trust_env=False,  # a fleet on private addresses must not go through an HTTP(S)_PROXY
         )
 
     async def close(self) -> None:
         await self.stop()
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
+        clients = [t.client for t in self.trackers.values() if t.client is not None]
+        for tracker in self.trackers.values():
+            tracker.client = tracker.adapter = None
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
         if self.gpu is not None:
             self.gpu.close()
 
@@ -347,57 +381,71 @@ class Engine:
 
     # -- one backend ------------------------------------------------------------------------
 
-    async def poll(self, name: str) -> None:
-        """Health, models and metrics for one backend (unless disabled or inside a Retry-After)."""
-        tracker = self.trackers[name]
+    async def _poll(self, tracker: BackendTracker) -> None:
+        """Health, models and metrics (skipped while disabled or inside a Retry-After)."""
         if tracker.admin == "disabled" or tracker.rate_limited():
-            tracker.update()
             return
-        adapter = tracker.get_adapter()
-        async with self._semaphore:
-            result = await adapter.poll(tracker.metrics)
-        if self.trackers.get(name) is tracker:  # a reload may have replaced it meanwhile
+        async with self._poll_slots:
+            result = await tracker.get_adapter().poll(tracker.metrics)
+        if self.trackers.get(tracker.name) is tracker:  # a reload may have replaced it meanwhile
             tracker.apply_poll(result)
 
-    async def probe(self, name: str) -> bool:
-        """One streamed completion probe, if allowed; returns whether one was sent."""
-        tracker = self.trackers[name]
-        allowed, why = tracker.may_probe()
-        if not allowed:
-            tracker.update()
+    def _probe_wanted(self, tracker: BackendTracker) -> bool:
+        """Allowed, and not pointless: a server that did not answer its poll or is loading a model
+        would only fail the probe too (one more timeout for a hung one)."""
+        health = tracker.health
+        if health is not None and (health.unreachable or health.loading):
             return False
-        adapter = tracker.get_adapter()
-        async with self._semaphore:
-            result = await adapter.probe(tracker.config.effective_probe_model)
-        if self.trackers.get(name) is tracker:
+        return tracker.may_probe()[0]
+
+    async def _probe(self, tracker: BackendTracker) -> None:
+        # Probes have slots of their own, fewer than polls: a probe's TTFT and decode rate are only
+        # true while this process reads each chunk as it arrives. With hundreds of streams at once
+        # the event loop falls behind and every figure grows (measured: +140 ms median TTFT at 500
+        # concurrent probes on 2 cores, +3 ms at 64; see benchmarks/bench_check_fleet.py).
+        async with self._probe_slots:
+            if not self._probe_wanted(tracker):  # the breaker or admin state may have moved while queued
+                return
+            result = await tracker.get_adapter().probe(tracker.config.effective_probe_model)
+        if self.trackers.get(tracker.name) is tracker:
             tracker.next_probe_at = self.clock() + self._jittered(self.config.settings.probe_interval_s)
             tracker.apply_probe(result)
-        return True
 
-    async def refresh_backend(self, name: str, probe: bool = True) -> None:
-        """A full round for one backend: poll, then a completion probe unless the poll found it unreachable."""
-        tracker = self.trackers[name]
+    async def _step(self, tracker: BackendTracker, work) -> None:
         tracker.busy = True
         tracker.seq += 1
         try:
-            await self.poll(name)
-            health = tracker.health
-            reachable = health is None or health.ok or health.loading or tracker.admin == "disabled"
-            if probe and reachable and not (health and health.loading):
-                await self.probe(name)
+            await work(tracker)
         finally:
             tracker.busy = False
-            tracker.seq += 1
+            tracker.update()
+
+    async def refresh_backend(self, name: str, probe: bool = True) -> None:
+        """One backend: a poll, then a completion probe when one is wanted."""
+        tracker = self.trackers[name]
+
+        async def work(t: BackendTracker) -> None:
+            await self._poll(t)
+            if probe and self._probe_wanted(t):
+                await self._probe(t)
+
+        await self._step(tracker, work)
 
     # -- the fleet --------------------------------------------------------------------------
 
     async def run_round(self, names: Iterable[str] | None = None, probe: bool = True) -> None:
-        """Every (or the named) backend at once; each is bounded by timeout_s, so one that hangs delays no other."""
-        names = list(self.trackers) if names is None else [n for n in names if n in self.trackers]
-        jobs = [self.refresh_backend(n, probe) for n in names]
+        """Every (or the named) backend: all polls at once, then the probes.
+
+        Polls first, so their burst of CPU work is over before any probe is timed; each request is
+        bounded by timeout_s, so a backend that hangs delays no other.
+        """
+        trackers = [self.trackers[n] for n in (self.trackers if names is None else names) if n in self.trackers]
+        jobs = [self._step(t, self._poll) for t in trackers]
         if self.gpu is not None:
             jobs.append(self.read_gpu())
         await asyncio.gather(*jobs)
+        if probe:
+            await asyncio.gather(*(self._step(t, self._probe) for t in trackers if self._probe_wanted(t)))
 
     async def read_gpu(self) -> None:
         if self.gpu is not None:
@@ -507,6 +555,9 @@ class Engine:
                 task = self._tasks.pop(name, None)
                 if task is not None:
                     task.cancel()
+                if tracker.client is not None:
+                    self._closing.add(asyncio.ensure_future(tracker.client.aclose()))
+                    self._closing = {t for t in self._closing if not t.done()}
         for tracker in self.trackers.values():
             if settings_changed:
                 tracker.breaker.settings = config.breaker

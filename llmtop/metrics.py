@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,13 +25,64 @@ class MetricNames:
     ttft_histogram: tuple[str, ...] = ()  # histogram base names, in seconds
 
 
-def parse_samples(text: str) -> dict[str, float]:
-    """Sum every sample by name across its label sets; buckets and `_created` stamps are dropped.
+_SAMPLE_START = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*[{ ]")
+_SUFFIXES = ("_total", "_sum", "_count", "_bucket", "_created", "_info")
+
+
+def _base(name: str) -> str:
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def select_series(text: str, wanted: set[str]) -> str:
+    """Keep only the lines (samples and their # TYPE/# HELP) of the wanted families.
+
+    A real vLLM page is ~60 KB of hundreds of series, and the parser costs ~7 ms on it; at 500
+    backends polled every 5 s that alone would eat most of a core. We read a handful of series,
+    so the parser only sees those. `wanted` holds sample or family names; suffixes are understood.
+    """
+    wanted = wanted | {_base(n) for n in wanted}
+    kept = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[1] in ("TYPE", "HELP") and (parts[2] in wanted or _base(parts[2]) in wanted):
+                kept.append(line)
+            continue
+        end = len(line)
+        for stop in ("{", " "):
+            i = line.find(stop)
+            if i != -1 and i < end:
+                end = i
+        name = line[:end]
+        # Buckets are never read (a histogram's _sum/_count give its mean) and are most of its lines.
+        if name and not name.endswith(("_bucket", "_created")) and (name in wanted or _base(name) in wanted):
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def wanted_series(names: "MetricNames", extra: tuple[str, ...] = ()) -> set[str]:
+    return {
+        *names.requests_running,
+        *names.requests_waiting,
+        *names.kv_cache_usage,
+        *names.ttft_histogram,
+        *extra,
+    }
+
+
+def parse_samples(text: str, max_of: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, float]]:
+    """One pass over the page: every sample summed by name across its label sets (buckets and
+    `_created` stamps dropped), and the maximum of the series named in `max_of`.
 
     Summing is right for the gauges and counters we read (requests across engines or models);
-    a histogram's `_sum` and `_count` sum too, so their ratio stays a true mean.
+    a histogram's `_sum` and `_count` sum too, so their ratio stays a true mean. KV-cache usage
+    takes the maximum: the fullest engine matters, not a sum of fractions.
     """
     totals: dict[str, float] = {}
+    maxima: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -41,20 +93,11 @@ def parse_samples(text: str) -> dict[str, float]:
                 if value != value:  # NaN carries no information and poisons sums
                     continue
                 totals[name] = totals.get(name, 0.0) + value
+                if name in max_of:
+                    maxima[name] = max(maxima.get(name, value), value)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise MetricsParseError(f"metrics page is not Prometheus text ({exc})") from None
-    return totals
-
-
-def _max_by_name(text: str, names: tuple[str, ...]) -> dict[str, float]:
-    """For KV-cache usage: the fullest engine matters, not the sum of fractions."""
-    wanted = set(names)
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted:
-                out[sample.name] = max(out.get(sample.name, float("-inf")), sample.value)
-    return out
+    return totals, maxima
 
 
 def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
@@ -64,17 +107,19 @@ def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
     return None
 
 
-def map_metrics(text: str, names: MetricNames, previous: Metrics | None = None) -> Metrics:
-    """Common fields from one scrape. Server TTFT is the mean over the interval since `previous`
-    when requests happened in between, else the mean since the server started."""
+def map_metrics(
+    text: str, names: MetricNames, previous: Metrics | None = None, extra: tuple[str, ...] = ()
+) -> Metrics:
+    """Common fields from one scrape, plus the `extra` series alert rules name. Server TTFT is the
+    mean over the interval since `previous` when requests happened in between, else since start."""
     if not text.strip():
         return Metrics()
-    values = parse_samples(text)
-    kv = None
-    if names.kv_cache_usage:
-        present = _max_by_name(text, names.kv_cache_usage)
-        kv_raw = _first(present, names.kv_cache_usage)
-        kv = None if kv_raw is None else kv_raw * names.kv_cache_scale
+    first = text.lstrip().split("\n", 1)[0]
+    if not (first.startswith("#") or _SAMPLE_START.match(first)):
+        raise MetricsParseError(f"metrics page is not Prometheus text (starts {first[:40]!r})")
+    values, maxima = parse_samples(select_series(text, wanted_series(names, extra)), names.kv_cache_usage)
+    kv_raw = _first(maxima, names.kv_cache_usage)
+    kv = None if kv_raw is None else kv_raw * names.kv_cache_scale
     server_ttft = None
     for base in names.ttft_histogram:
         total, count = values.get(f"{base}_sum"), values.get(f"{base}_count")
@@ -89,14 +134,13 @@ def map_metrics(text: str, names: MetricNames, previous: Metrics | None = None) 
         if count > 0:
             server_ttft = total / count * 1000.0
         break
-    metrics = Metrics(
+    return Metrics(
         requests_running=_first(values, names.requests_running),
         requests_waiting=_first(values, names.requests_waiting),
         kv_cache_usage=kv,
         server_ttft_ms=server_ttft,
         raw=values,
     )
-    return metrics
 
 
 def alert_values(metrics: Metrics) -> dict[str, float]:

@@ -10,10 +10,13 @@ from typing import Callable
 class ProbeError(Exception):
     """A request failed in a way worth one line to the operator (already phrased)."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None, status_code: int | None = None):
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, status_code: int | None = None, transport: bool = False
+    ):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.status_code = status_code
+        self.transport = transport  # no HTTP answer at all: timeout, refused, reset
 
 
 @dataclass
@@ -108,6 +111,7 @@ class HealthResult:
     latency_ms: float | None = None
     loading: bool = False  # up, but still loading a model (not down)
     error: str | None = None
+    unreachable: bool = False  # no HTTP answer at all (timeout, refused, reset)
     retry_after_s: float | None = None
     version: str | None = None
     extra: dict = field(default_factory=dict)

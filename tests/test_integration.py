@@ -61,7 +61,7 @@ async def test_every_protocol_healthy_with_true_numbers(provider, state):
     assert b.models in ((model,), (f"{model}:latest",))
     p = b.probe
     assert p.error is None and p.output_tokens == 8 and not p.tokens_estimated
-    assert p.ttft_ms == pytest.approx(60, abs=20)
+    assert p.ttft_ms == pytest.approx(60, abs=40)  # loose: CI machines are shared; benchmarks measure precision
     assert p.tokens_per_s == pytest.approx(1000 / 15, rel=0.15)
     assert sb.requests[COMPLETION_PATH.get(provider, "/v1/chat/completions")] == 1
     if provider in ("vllm", "sglang", "llamacpp", "tgi"):
@@ -145,9 +145,15 @@ async def test_huge_body_is_refused_not_buffered(state):
 async def test_llamacpp_loading_is_loading_not_down(state):
     sb = SimBackend("l", provider="llamacpp", fault="loading")
     async with Simulator([sb]) as sim:
-        b = (await one_round(sim, [sb], state)).backends[0]
-    assert b.status == "loading" and b.circuit == "closed"
-    assert sb.requests["/v1/chat/completions"] == 0
+        async with Engine(make_config(sim, [sb], consecutive_failures=1), state) as engine:
+            await engine.run_round()
+            await engine.run_round()
+            b = engine.snapshot().backends[0]
+            assert b.status == "loading" and b.circuit == "closed" and b.error_rate is None
+            assert sb.requests["/v1/chat/completions"] == 0  # a loading server is not sent probes
+            sb.fault = None
+            await engine.run_round()
+            assert engine.snapshot().backends[0].status == "healthy"
 
 
 async def test_sglang_503_at_start_is_loading(state):

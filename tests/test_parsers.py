@@ -90,8 +90,8 @@ def test_llamacpp_and_litellm_metrics():
     m = map_metrics(read("llama-server-metrics.prom"), adapter_class("llamacpp").metric_names)
     assert m.requests_running == 0 and m.requests_waiting == 0 and m.kv_cache_usage is None
     lm = map_metrics(read("litellm-metrics.prom"), adapter_class("litellm").metric_names)
-    assert lm.raw  # a long page parses
-    assert "litellm_proxy_total_requests_metric_total" in lm.raw
+    assert lm.requests_running is not None  # litellm_in_flight_requests, found in a long page
+    assert lm.server_ttft_ms is not None and lm.server_ttft_ms > 0
 
 
 def test_kv_cache_takes_the_fullest_engine_and_counts_sum():
@@ -113,8 +113,18 @@ def test_empty_metrics_page_is_not_an_error():
 def test_garbage_metrics_page_is_a_clear_error():
     from llmtop.metrics import MetricsParseError
 
+    names = adapter_class("vllm").metric_names
     with pytest.raises(MetricsParseError, match="not Prometheus text"):
-        parse_samples("<html>\n<body>oops</body>\n")
+        map_metrics("<html>\n<body>oops</body>\n", names)
+
+
+def test_only_wanted_series_are_parsed_but_alert_series_are_kept():
+    names = adapter_class("vllm").metric_names
+    m = map_metrics(read("vllm-metrics.prom"), names, extra=("vllm:prompt_tokens_total", "vllm:num_preemptions"))
+    assert m.raw["vllm:prompt_tokens_total"] >= 0 and "vllm:num_preemptions_total" in m.raw
+    assert "python_gc_objects_collected_total" not in m.raw
+    full, _ = parse_samples(read("vllm-metrics.prom"))
+    assert m.raw["vllm:num_requests_running"] == full["vllm:num_requests_running"]
 
 
 def test_meter_ttft_and_decode_rate_definitions():

@@ -1,4 +1,4 @@
-"""Ollama's native API: "Ollama is running" at /, /api/tags and /api/ps, and an NDJSON /api/chat probe."""
+"""Ollama's native API: "Ollama is running" at /, /api/tags (downloaded), /api/ps (loaded), and an NDJSON /api/chat probe."""
 
 from __future__ import annotations
 
@@ -18,19 +18,12 @@ class Ollama(Adapter):
     health_path = "/"
     models_path = "/api/tags"
     ollama_names = True
-    _version: str | None = None
 
     async def health(self) -> HealthResult:
         response = await self.request("GET", "/")
         if "ollama is running" not in response.text.lower():
             raise ProbeError(f"/: not an Ollama server (answered {response.text[:40]!r})")
-        if self._version is None:
-            try:
-                data = (await self.request("GET", "/api/version")).json("/api/version")
-                self._version = str(data.get("version", "")) if isinstance(data, dict) else ""
-            except ProbeError:
-                self._version = ""
-        return HealthResult(ok=True, latency_ms=response.latency_ms, version=self._version or None)
+        return HealthResult(ok=True, latency_ms=response.latency_ms)
 
     async def models(self) -> ModelsResult:
         """Downloaded models are what it serves (it loads on demand); loaded ones come from /api/ps."""

@@ -1,9 +1,8 @@
-"""vLLM's OpenAI server: /health (200, empty), /version, and vllm: Prometheus metrics."""
+"""vLLM's OpenAI server: /health (200, empty body) and vllm: Prometheus metrics."""
 
 from __future__ import annotations
 
 from llmtop.metrics import MetricNames
-from llmtop.probe import HealthResult, ProbeError
 from llmtop.providers import register
 from llmtop.providers.openai import OpenAICompatible
 
@@ -20,15 +19,3 @@ class VLLM(OpenAICompatible):
         kv_cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         ttft_histogram=("vllm:time_to_first_token_seconds",),
     )
-    _version: str | None = None
-
-    async def health(self) -> HealthResult:
-        result = await super().health()
-        if self._version is None:
-            try:
-                data = (await self.request("GET", "/version")).json("/version")
-                self._version = str(data.get("version")) if isinstance(data, dict) else None
-            except ProbeError:
-                self._version = ""  # older servers have no /version; do not ask again
-        result.version = self._version or None
-        return result
