@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from llmtop import __version__
-from llmtop.config import Config, ConfigError, load_config, loads_config, resolve_config_path
+from llmtop.config import Config, ConfigError, load_config, resolve_config_path
 from llmtop.paths import default_state_path
 from llmtop.state import StateError, StateStore
 
@@ -72,27 +72,16 @@ def cmd_check(args) -> int:
     state = _state(args)
     gpu = GpuReader()
     if args.demo:
-        from llmtop.simulator import Simulator, demo_fleet
+        from llmtop.demo import DemoFleet
 
-        backends = demo_fleet()
-        sim = Simulator(backends)
-        sim.start_in_thread()
-        try:
-            config = _demo_config(sim, backends)
+        with DemoFleet() as demo_config:
+            config = load_config(demo_config)
             snapshot = asyncio.run(run_check(config, state, args.rounds, args.interval, gpu))
-        finally:
-            sim.stop_thread()
     else:
         config = _load(args)
         snapshot = asyncio.run(run_check(config, state, args.rounds, args.interval, gpu))
     print(to_json(snapshot) if args.json else render_table(snapshot))
     return exit_code(snapshot)
-
-
-def _demo_config(sim, backends) -> Config:
-    from llmtop.simulator import demo_config_toml
-
-    return loads_config(demo_config_toml(sim, backends), "<demo>")
 
 
 def cmd_admin(args) -> int:
