@@ -1,0 +1,1027 @@
+"""A loopback HTTP/1.1 server that plays a fleet of LLM backends, with exact token timing and real socket faults.
+
+One listener serves many simulated backends, each under its own path prefix (``/{name}``), each speaking
+the wire format of the engine it imitates: vLLM, SGLang, TGI, llama.cpp, LM Studio, LiteLLM, OpenAI,
+Ollama or Anthropic. It powers ``llmtop --demo``, the integration tests and the benchmarks, so streamed
+tokens leave at absolute deadlines measured from the moment the request was read, and faults (hangs,
+resets, truncated bodies, slow headers) happen on the real socket, where a client would meet them.
+
+The HTTP layer is a small hand-written HTTP/1.1 (request line, headers, Content-Length bodies,
+keep-alive, chunked responses) rather than a framework, so that no buffering or latency sits between a
+deadline and the bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import hashlib
+import json
+import random
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from llmtop.config import PROVIDERS
+
+FAULTS = ("5xx", "hang", "reset", "bad_json", "truncated", "flapping", "429", "slow_headers", "huge_body", "loading")
+
+_DEFAULT_OUTPUT_TOKENS = 8
+_WORDS = (" The", " fleet", " is", " up", " and", " every", " token", " is", " on", " time", ".")
+_CREATED = 1_735_689_600  # 2025-01-01: a fixed "created" stamp keeps model listings byte-stable
+_JSON = "application/json"
+_SSE = "text/event-stream; charset=utf-8"
+_NDJSON = "application/x-ndjson"
+_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+_BAD_JSON = b'{"data": [not json'
+_HEALTH_PATHS = frozenset({"/", "/health", "/health/liveliness", "/health/readiness"})
+_COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/api/chat", "/v1/messages"})
+
+# Bucket bounds as the real servers publish them (vLLM and SGLang share theirs).
+_ENGINE_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+_LITELLM_TTFT_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 420.0, 600.0,
+)  # fmt: skip
+_ENGINE_TTFT_HELP = "Histogram of time to first token in seconds."
+
+
+class _Histogram:
+    """A Prometheus histogram of observed seconds, rendered in the text exposition format."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is the +Inf overflow
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def render(self, name: str, help_text: str, labels: dict[str, str]) -> str:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts):
+            cumulative += count
+            lines.append(f"{name}_bucket{_labels({**labels, 'le': bound})} {float(cumulative)!r}")
+        lines.append(f"{name}_count{_labels(labels)} {float(self.count)!r}")
+        lines.append(f"{name}_sum{_labels(labels)} {self.sum!r}")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(eq=False)
+class SimBackend:
+    """One simulated backend. Every field may be changed while the simulator runs; the next request sees it."""
+
+    name: str
+    provider: str = "vllm"
+    models: list[str] = field(default_factory=lambda: ["meta-llama/Llama-3.1-8B-Instruct"])
+    ttft_ms: float = 40.0  # request fully read -> first text-carrying chunk
+    gap_ms: float = 10.0  # between consecutive text chunks
+    output_tokens: int | None = None  # None: the request's limit (max_tokens, num_predict), else 8
+    usage: bool = True  # report server-side token counts
+    fault: str | None = None  # one of FAULTS
+    fault_arg: float | None = None
+    api_key: str | None = None
+    running: float = 1
+    waiting: float = 0
+    kv_cache: float = 0.3
+    wander: random.Random | None = None  # when set, the three gauges take a random step on every scrape
+    requests: Counter[str] = field(default_factory=Counter)  # per path, relative to the backend base
+    ttft_histogram: _Histogram = field(init=False, repr=False)  # TTFTs served; buckets follow the first provider
+
+    def __post_init__(self) -> None:
+        bounds = _LITELLM_TTFT_BUCKETS if self.provider == "litellm" else _ENGINE_TTFT_BUCKETS
+        self.ttft_histogram = _Histogram(bounds)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Validated on every assignment, not just in __init__, because tests switch faults at runtime
+        # and a misspelt fault would otherwise silently mean "healthy".
+        if name == "provider" and value not in PROVIDERS:
+            raise ValueError(f"unknown provider {value!r}; choose one of {', '.join(PROVIDERS)}")
+        if name == "fault" and value is not None and value not in FAULTS:
+            raise ValueError(f"unknown fault {value!r}; choose one of {', '.join(FAULTS)}")
+        super().__setattr__(name, value)
+
+
+def _arg(backend: SimBackend, default: float) -> float:
+    return default if backend.fault_arg is None else backend.fault_arg
+
+
+# --- HTTP/1.1 plumbing -------------------------------------------------------------------------------
+
+
+class _Malformed(Exception):
+    """The bytes on the connection are not an HTTP/1.1 request we can answer."""
+
+
+class _HttpError(Exception):
+    """Raised by a handler to answer with an error in the backend's own error format."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str  # without the query string; relative to the backend base once routed
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    received: float  # perf_counter() when the request was fully read: the anchor of every deadline
+    keep_alive: bool
+
+    def json(self) -> dict[str, Any]:
+        try:
+            payload = json.loads(self.body or b"{}")
+        except ValueError:
+            raise _HttpError(400, "request body is not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise _HttpError(400, "request body must be a JSON object")
+        return payload
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes | AsyncIterator[bytes] = b""  # bytes: sent with Content-Length; an iterator: chunked
+    content_type: str | None = _JSON
+    headers: tuple[tuple[str, str], ...] = ()
+    truncated: bool = False  # close the connection after the body, without the terminating chunk
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    """Read one request; None when the client closed the connection cleanly between requests."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise _Malformed("connection closed inside the request head") from None
+        return None
+    except asyncio.LimitOverrunError:
+        raise _Malformed("request head too large") from None
+    request_line, *header_lines = head[:-4].decode("latin-1").split("\r\n")
+    try:
+        method, target, version = request_line.split(" ")
+    except ValueError:
+        raise _Malformed(f"bad request line {request_line!r}") from None
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise _Malformed("chunked request bodies are not supported")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise _Malformed("bad Content-Length") from None
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise _Malformed("connection closed inside the request body") from None
+    keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    return _Request(method, target.partition("?")[0], headers, body, time.perf_counter(), keep_alive)
+
+
+async def _send(writer: asyncio.StreamWriter, response: _Response, keep_alive: bool) -> bool:
+    """Write one response, draining after every chunk; True when the connection can carry another request."""
+    streamed = not isinstance(response.body, bytes)
+    lines = [f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}"]
+    if response.content_type:
+        lines.append(f"content-type: {response.content_type}")
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    lines.append("transfer-encoding: chunked" if streamed else f"content-length: {len(response.body)}")
+    if not keep_alive:
+        lines.append("connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if not streamed:
+        writer.write(head + response.body)
+        await writer.drain()
+        return keep_alive
+    writer.write(head)
+    await writer.drain()
+    async for chunk in response.body:
+        # One write per chunk: with TCP_NODELAY each chunk leaves as soon as its deadline comes.
+        writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        await writer.drain()
+    if response.truncated:
+        return False  # the caller closes now: the body ends without its zero-length chunk
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    return keep_alive
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json(status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> _Response:
+    return _Response(status, _dumps(obj), _JSON, headers)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+def _event(name: str, obj: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
+
+
+def _ndjson(obj: Any) -> bytes:
+    return _dumps(obj) + b"\n"
+
+
+def _error(
+    backend: SimBackend, status: int, message: str, kind: str, headers: tuple[tuple[str, str], ...] = ()
+) -> _Response:
+    """An error body shaped the way this backend's real server shapes it."""
+    if backend.provider == "ollama":
+        body: dict[str, Any] = {"error": message}
+    elif backend.provider == "anthropic":
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": kind, "code": status}}
+    return _json(status, body, headers)
+
+
+# --- Token generation --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Timing:
+    """When a generation's tokens actually left, for the server-side timings some protocols report."""
+
+    received: float
+    first: float = 0.0
+    last: float = 0.0
+
+
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def _tokens(backend: SimBackend, timing: _Timing, n: int) -> AsyncIterator[str]:
+    """Yield n words on schedule: the first at received+ttft, then one every gap.
+
+    Each deadline is absolute, so a late wake-up delays one token without shifting the ones after it.
+    """
+    ttft, gap = backend.ttft_ms / 1000, backend.gap_ms / 1000
+    for i in range(n):
+        await _sleep_until(timing.received + ttft + i * gap)
+        now = time.perf_counter()
+        if i == 0:
+            timing.first = now
+            backend.ttft_histogram.observe(now - timing.received)
+        timing.last = now
+        yield _WORDS[i % len(_WORDS)]
+
+
+async def _generate(backend: SimBackend, timing: _Timing, n: int) -> str:
+    """A whole non-streamed answer, returned when its last token would have been produced."""
+    return "".join([word async for word in _tokens(backend, timing, n)])
+
+
+def _output_tokens(backend: SimBackend, limit: Any) -> tuple[int, bool]:
+    """How many tokens to produce, and whether that stops at the request's limit (vs a natural stop)."""
+    limit = limit if isinstance(limit, int) and limit > 0 else None
+    if backend.output_tokens is None:
+        n = limit or _DEFAULT_OUTPUT_TOKENS
+    else:
+        n = max(1, min(backend.output_tokens, limit or backend.output_tokens))
+    return n, limit is not None and n >= limit
+
+
+def _prompt_tokens(messages: Any) -> int:
+    """A plausible prompt size: about four characters a token, as tokenizers average on English."""
+    if not isinstance(messages, list):
+        return 1
+    text = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    return max(1, len(text) // 4)
+
+
+def _streamed(
+    backend: SimBackend,
+    req: _Request,
+    n: int,
+    *,
+    content_type: str,
+    preamble: list[bytes],
+    token: Callable[[str], bytes],
+    epilogue: Callable[[_Timing], list[bytes]],
+    bad_chunk: bytes,
+) -> _Response:
+    """A streamed generation: preamble at once, one chunk per token on schedule, then the epilogue.
+
+    The faults that live inside a stream are applied here: "bad_json" replaces each token chunk with
+    bad_chunk, "truncated" stops after fault_arg tokens and closes mid-body.
+    """
+    fault = backend.fault
+    truncated = fault == "truncated"
+    sent = min(n, int(_arg(backend, 2))) if truncated else n
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in preamble:
+            yield piece
+        timing = _Timing(req.received)
+        async for word in _tokens(backend, timing, sent):
+            yield bad_chunk if fault == "bad_json" else token(word)
+        if not truncated:
+            for piece in epilogue(timing):
+                yield piece
+
+    return _Response(200, body(), content_type, truncated=truncated)
+
+
+def _huge_listing(backend: SimBackend, key: str, entry: str) -> _Response:
+    """A valid JSON model listing of fault_arg MiB (default 64), generated as it is sent so memory stays flat."""
+    size = int(_arg(backend, 64) * 1024 * 1024)
+    batch = 1024
+
+    async def body() -> AsyncIterator[bytes]:
+        prefix = b'{"' + key.encode() + b'":['
+        yield prefix
+        sent, i = len(prefix), 0
+        while sent < size:
+            piece = ("," if i else "") + ",".join(entry % k for k in range(i, i + batch))
+            yield piece.encode()
+            sent += len(piece)
+            i += batch
+        yield b"]}"
+
+    return _Response(200, body(), _JSON)
+
+
+# --- OpenAI-compatible servers -----------------------------------------------------------------------
+
+_Handler = Callable[[SimBackend, _Request], Awaitable[_Response]]
+_OWNED_BY = {"litellm": "openai", "lmstudio": "organization_owner"}
+
+
+def _fixed(body: bytes, content_type: str | None = _JSON) -> _Handler:
+    async def handler(backend: SimBackend, req: _Request) -> _Response:
+        return _Response(200, body, content_type)
+
+    return handler
+
+
+async def _openai_models(backend: SimBackend, req: _Request) -> _Response:
+    if backend.fault == "huge_body":
+        return _huge_listing(backend, "data", '{"id":"filler-%07d","object":"model","owned_by":"simulator"}')
+    owner = _OWNED_BY.get(backend.provider, backend.provider)
+    listing: dict[str, Any] = {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": _CREATED, "owned_by": owner} for m in backend.models],
+    }
+    if backend.provider == "llamacpp":
+        # llama-server answers Ollama-style clients from the same endpoint, so it carries both shapes.
+        listing = {"models": [{"name": m, "model": m, "type": "model"} for m in backend.models], **listing}
+    return _json(200, listing)
+
+
+async def _openai_chat(backend: SimBackend, req: _Request) -> _Response:
+    payload = req.json()
+    model = payload.get("model", "")
+    if model not in backend.models:
+        raise _HttpError(404, f"model '{model}' not found")
+    n, hit_limit = _output_tokens(backend, payload.get("max_completion_tokens", payload.get("max_tokens")))
+    finish = "length" if hit_limit else "stop"
+    prompt = _prompt_tokens(payload.get("messages"))
+    usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+    envelope = {"id": cid, "created": created, "model": model}
+
+    if not payload.get("stream"):
+        text = await _generate(backend, _Timing(req.received), n)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        answer = {**envelope, "object": "chat.completion", "choices": [choice]}
+        if backend.usage:
+            answer["usage"] = usage
+        return _json(200, answer)
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _sse({**envelope, "object": "chat.completion.chunk", "choices": choices, **extra})
+
+    def epilogue(timing: _Timing) -> list[bytes]:
+        pieces = [chunk([{"index": 0, "delta": {}, "finish_reason": finish}])]
+        if backend.usage and (payload.get("stream_options") or {}).get("include_usage"):
+            # LiteLLM's usage chunk keeps an empty choice where the others send no choices at all.
+            choices = [{"index": 0, "delta": {}}] if backend.provider == "litellm" else []
+            extra: dict[str, Any] = {"usage": usage}
+            if backend.provider == "llamacpp":
+                extra["timings"] = _llamacpp_timings(timing, prompt, n)
+            pieces.append(chunk(choices, **extra))
+        return [*pieces, b"data: [DONE]\n\n"]
+
+    return _streamed(
+        backend,
+        req,
+        n,
+        content_type=_SSE,
+        preamble=[chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])],
+        token=lambda word: chunk([{"index": 0, "delta": {"content": word}, "finish_reason": None}]),
+        epilogue=epilogue,
+        bad_chunk=b"data: {not json}\n\n",
+    )
+
+
+def _llamacpp_timings(timing: _Timing, prompt: int, n: int) -> dict[str, float]:
+    # llama-server divides decode time by n - 1: the first token comes out of prompt processing.
+    prompt_ms = (timing.first - timing.received) * 1000
+    predicted_ms = (timing.last - timing.first) * 1000
+    per_token_ms = predicted_ms / (n - 1) if n > 1 else 0.0
+    return {
+        "prompt_n": prompt,
+        "prompt_ms": prompt_ms,
+        "prompt_per_second": prompt * 1000 / prompt_ms if prompt_ms else 0.0,
+        "predicted_n": n,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": per_token_ms,
+        "predicted_per_second": 1000 / per_token_ms if per_token_ms else 0.0,
+    }
+
+
+async def _tgi_info(backend: SimBackend, req: _Request) -> _Response:
+    return _json(200, {"model_id": backend.models[0] if backend.models else "", "version": "3.0.0"})
+
+
+async def _litellm_metrics_redirect(backend: SimBackend, req: _Request) -> _Response:
+    return _Response(307, b"", None, (("location", f"/{backend.name}/metrics/"),))
+
+
+# --- Prometheus metrics ------------------------------------------------------------------------------
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    escaped = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in labels.values())
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
+
+
+def _gauge(name: str, help_text: str, value: float, labels: dict[str, str] | None = None) -> str:
+    return f"# HELP {name} {help_text}\n# TYPE {name} gauge\n{name}{_labels(labels or {})} {float(value)!r}\n"
+
+
+def _model_label(backend: SimBackend) -> str:
+    return backend.models[0] if backend.models else ""
+
+
+def _vllm_metrics(b: SimBackend) -> str:
+    labels = {"engine": "0", "model_name": _model_label(b)}
+    return "".join((
+        _gauge("vllm:num_requests_running", "Number of requests in model execution batches.", b.running, labels),
+        _gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", b.waiting, labels),
+        _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", b.kv_cache, labels),
+        b.ttft_histogram.render("vllm:time_to_first_token_seconds", _ENGINE_TTFT_HELP, labels),
+    ))  # fmt: skip
+
+
+def _sglang_metrics(b: SimBackend) -> str:
+    labels = {"model_name": _model_label(b)}
+    return "".join((
+        _gauge("sglang:num_running_reqs", "The number of running requests.", b.running, labels),
+        _gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", b.waiting, labels),
+        _gauge("sglang:token_usage", "The token usage.", b.kv_cache, labels),
+        b.ttft_histogram.render("sglang:time_to_first_token_seconds", _ENGINE_TTFT_HELP, labels),
+    ))  # fmt: skip
+
+
+def _tgi_metrics(b: SimBackend) -> str:
+    return "".join((
+        _gauge("tgi_queue_size", "Number of requests waiting in the queue.", b.waiting),
+        _gauge("tgi_batch_current_size", "Current batch size.", b.running),
+    ))  # fmt: skip
+
+
+def _llamacpp_metrics(b: SimBackend) -> str:
+    return "".join((
+        _gauge("llamacpp:requests_processing", "Number of requests processing", b.running),
+        _gauge("llamacpp:requests_deferred", "Number of requests deferred", b.waiting),
+        _gauge("llamacpp:kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.", b.kv_cache),
+    ))  # fmt: skip
+
+
+def _litellm_metrics(b: SimBackend) -> str:
+    model = _model_label(b)
+    labels = {"api_provider": "openai", "model": model, "model_group": model, "requested_model": model}
+    in_flight_help = "Number of HTTP requests currently in-flight on this uvicorn worker"
+    ttft_help = "Time to first token for a models LLM API call"
+    return "".join((
+        _gauge("litellm_in_flight_requests", in_flight_help, b.running),
+        b.ttft_histogram.render("litellm_llm_api_time_to_first_token_metric", ttft_help, labels),
+    ))  # fmt: skip
+
+
+_METRICS: dict[str, Callable[[SimBackend], str]] = {
+    "vllm": _vllm_metrics,
+    "sglang": _sglang_metrics,
+    "tgi": _tgi_metrics,
+    "llamacpp": _llamacpp_metrics,
+    "litellm": _litellm_metrics,
+}
+
+
+def _wander(b: SimBackend, rng: random.Random) -> None:
+    """One step of a bounded random walk, so the demo's gauges and sparklines move like a live server's."""
+    b.running = min(16, max(0, b.running + rng.choice((-1, 0, 1))))
+    b.waiting = min(12, max(0, b.waiting + rng.choice((-1, 0, 1))))
+    b.kv_cache = round(min(0.98, max(0.02, b.kv_cache + rng.gauss(0, 0.03))), 3)
+
+
+async def _metrics(backend: SimBackend, req: _Request) -> _Response:
+    if backend.wander is not None:
+        _wander(backend, backend.wander)
+    return _Response(200, _METRICS[backend.provider](backend).encode(), _PROMETHEUS)
+
+
+# --- Ollama ------------------------------------------------------------------------------------------
+
+
+def _ollama_name(model: str) -> str:
+    """Ollama's canonical name: a model pulled without a tag is served as name:latest."""
+    return model if ":" in model else f"{model}:latest"
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def _ollama_model(model: str) -> dict[str, Any]:
+    name = _ollama_name(model)
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "2025-01-01T00:00:00Z",
+        "size": 1_000_000_000 + int(digest[:8], 16) % 4_000_000_000,  # stable per name, a few GB
+        "digest": digest,
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "3.2B",
+            "quantization_level": "Q4_K_M",
+        },
+    }
+
+
+async def _ollama_tags(backend: SimBackend, req: _Request) -> _Response:
+    if backend.fault == "huge_body":
+        return _huge_listing(backend, "models", '{"name":"filler-%07d:latest"}')
+    return _json(200, {"models": [_ollama_model(m) for m in backend.models]})
+
+
+async def _ollama_ps(backend: SimBackend, req: _Request) -> _Response:
+    expires = _iso(datetime.now(timezone.utc) + timedelta(minutes=5))
+    loaded = []
+    for model in map(_ollama_model, backend.models):
+        loaded.append({**model, "expires_at": expires, "size_vram": model["size"]})  # fully on the GPU
+    return _json(200, {"models": loaded})
+
+
+async def _ollama_chat(backend: SimBackend, req: _Request) -> _Response:
+    payload = req.json()
+    model = payload.get("model", "")
+    if _ollama_name(model) not in {_ollama_name(m) for m in backend.models}:
+        raise _HttpError(404, f'model "{model}" not found, try pulling it first')
+    n, hit_limit = _output_tokens(backend, (payload.get("options") or {}).get("num_predict"))
+    prompt = _prompt_tokens(payload.get("messages"))
+
+    def frame(content: str, done: bool, **extra: Any) -> dict[str, Any]:
+        created_at = _iso(datetime.now(timezone.utc))
+        message = {"role": "assistant", "content": content}
+        return {"model": model, "created_at": created_at, "message": message, "done": done, **extra}
+
+    def stats(timing: _Timing) -> dict[str, Any]:
+        # Durations are what this request really took, in nanoseconds as Ollama reports them.
+        out: dict[str, Any] = {
+            "done_reason": "length" if hit_limit else "stop",
+            "total_duration": round((time.perf_counter() - timing.received) * 1e9),
+            "load_duration": 0,
+            "prompt_eval_duration": round((timing.first - timing.received) * 1e9),
+            "eval_duration": round((timing.last - timing.first) * 1e9),
+        }
+        if backend.usage:
+            out.update(prompt_eval_count=prompt, eval_count=n)
+        return out
+
+    if payload.get("stream", True) is False:
+        timing = _Timing(req.received)
+        text = await _generate(backend, timing, n)
+        return _json(200, frame(text, True, **stats(timing)))
+    return _streamed(
+        backend,
+        req,
+        n,
+        content_type=_NDJSON,
+        preamble=[],
+        token=lambda word: _ndjson(frame(word, False)),
+        epilogue=lambda timing: [_ndjson(frame("", True, **stats(timing)))],
+        bad_chunk=b"{not json}\n",
+    )
+
+
+# --- Anthropic ---------------------------------------------------------------------------------------
+
+
+async def _anthropic_models(backend: SimBackend, req: _Request) -> _Response:
+    if backend.fault == "huge_body":
+        return _huge_listing(backend, "data", '{"type":"model","id":"filler-%07d"}')
+    data = [
+        {"type": "model", "id": m, "display_name": m.replace("-", " ").title(), "created_at": "2025-01-01T00:00:00Z"}
+        for m in backend.models
+    ]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return _json(200, {"data": data, "has_more": False, "first_id": first, "last_id": last})
+
+
+async def _anthropic_messages(backend: SimBackend, req: _Request) -> _Response:
+    payload = req.json()
+    model = payload.get("model", "")
+    if model not in backend.models:
+        raise _HttpError(404, f"model: {model}", "not_found_error")
+    n, hit_limit = _output_tokens(backend, payload.get("max_tokens"))
+    stop_reason = "max_tokens" if hit_limit else "end_turn"
+    prompt = _prompt_tokens(payload.get("messages"))
+    message = {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+    }
+
+    if not payload.get("stream"):
+        text = await _generate(backend, _Timing(req.received), n)
+        answer = {**message, "content": [{"type": "text", "text": text}], "stop_reason": stop_reason}
+        if backend.usage:
+            answer["usage"] = {"input_tokens": prompt, "output_tokens": n}
+        return _json(200, answer)
+
+    def epilogue(timing: _Timing) -> list[bytes]:
+        delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}}
+        if backend.usage:
+            delta["usage"] = {"output_tokens": n}
+        return [
+            _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _event("message_delta", delta),
+            _event("message_stop", {"type": "message_stop"}),
+        ]
+
+    start_usage = {"input_tokens": prompt, "output_tokens": 1}
+    empty_block = {"type": "text", "text": ""}
+    return _streamed(
+        backend,
+        req,
+        n,
+        content_type=_SSE,
+        preamble=[
+            _event("message_start", {"type": "message_start", "message": {**message, "usage": start_usage}}),
+            _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": empty_block}),
+            _event("ping", {"type": "ping"}),
+        ],
+        token=lambda word: _event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}},
+        ),
+        epilogue=epilogue,
+        bad_chunk=b"event: content_block_delta\ndata: {not json}\n\n",
+    )
+
+
+# --- Routes and the server ---------------------------------------------------------------------------
+
+_OPENAI_API: dict[tuple[str, str], _Handler] = {
+    ("GET", "/v1/models"): _openai_models,
+    ("POST", "/v1/chat/completions"): _openai_chat,
+}
+_ROUTES: dict[str, dict[tuple[str, str], _Handler]] = {
+    "vllm": {
+        **_OPENAI_API,
+        ("GET", "/health"): _fixed(b"", None),
+        ("GET", "/version"): _fixed(b'{"version":"0.32.0"}'),
+        ("GET", "/metrics"): _metrics,
+    },
+    "sglang": {**_OPENAI_API, ("GET", "/health"): _fixed(b"", None), ("GET", "/metrics"): _metrics},
+    "tgi": {
+        **_OPENAI_API,
+        ("GET", "/health"): _fixed(b"", None),
+        ("GET", "/info"): _tgi_info,
+        ("GET", "/metrics"): _metrics,
+    },
+    "llamacpp": {**_OPENAI_API, ("GET", "/health"): _fixed(b'{"status":"ok"}'), ("GET", "/metrics"): _metrics},
+    "litellm": {
+        **_OPENAI_API,
+        ("GET", "/health/liveliness"): _fixed(b'"I\'m alive!"'),
+        ("GET", "/health/readiness"): _fixed(b'{"status":"healthy","db":"Not connected"}'),
+        ("GET", "/metrics"): _litellm_metrics_redirect,
+        ("GET", "/metrics/"): _metrics,
+    },
+    "lmstudio": _OPENAI_API,
+    "openai": _OPENAI_API,
+    "ollama": {
+        ("GET", "/"): _fixed(b"Ollama is running", "text/plain; charset=utf-8"),
+        ("GET", "/api/version"): _fixed(b'{"version":"0.12.0"}'),
+        ("GET", "/api/tags"): _ollama_tags,
+        ("GET", "/api/ps"): _ollama_ps,
+        ("POST", "/api/chat"): _ollama_chat,
+    },
+    "anthropic": {("GET", "/v1/models"): _anthropic_models, ("POST", "/v1/messages"): _anthropic_messages},
+}
+
+
+def _auth_error(backend: SimBackend, req: _Request) -> _Response | None:
+    """The refusal a real server sends when the key is missing or wrong; None when the request may pass.
+
+    Only the /v1 API is guarded: like the real servers, health and metrics stay open.
+    """
+    if not req.path.startswith("/v1/") or backend.provider == "ollama":
+        return None
+    if backend.provider == "anthropic":
+        if backend.api_key is not None and req.headers.get("x-api-key") != backend.api_key:
+            return _error(backend, 401, "invalid x-api-key", "authentication_error")
+        if "anthropic-version" not in req.headers:
+            return _error(backend, 400, "anthropic-version: header is required", "invalid_request_error")
+        return None
+    if backend.api_key is None or req.headers.get("authorization") == f"Bearer {backend.api_key}":
+        return None
+    # The LiteLLM proxy reports a missing or wrong key as a 500, not a 401.
+    status = 500 if backend.provider == "litellm" else 401
+    return _error(backend, status, "Authentication Error, invalid or missing API key.", "authentication_error")
+
+
+class Simulator:
+    """One loopback listener serving every SimBackend under http://HOST:PORT/{name}."""
+
+    def __init__(self, backends: Iterable[SimBackend], host: str = "127.0.0.1", port: int = 0):
+        self.backends: dict[str, SimBackend] = {}
+        for backend in backends:
+            if not backend.name or "/" in backend.name or backend.name in self.backends:
+                raise ValueError(f"backend name {backend.name!r} must be unique, non-empty and without '/'")
+            self.backends[backend.name] = backend
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._started = 0.0
+        self._thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, name: str) -> str:
+        """The base URL a client configures for backend `name`."""
+        return f"{self.base_url}/{name}"
+
+    async def start(self) -> None:
+        """Bind and start serving; sets `port` when it was 0."""
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._started = time.perf_counter()
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection, hung and mid-stream ones included."""
+        if self._server is None:
+            return
+        self._server.close()
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def start_in_thread(self) -> Simulator:
+        """Serve from an event loop of its own in a daemon thread, for callers without a loop; returns once bound."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="llmtop-simulator", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            raise
+        self._thread = (loop, thread)
+        return self
+
+    def stop_thread(self) -> None:
+        """Undo start_in_thread: stop serving, then end the thread and its loop."""
+        if self._thread is None:
+            return
+        loop, thread = self._thread
+        self._thread = None
+        asyncio.run_coroutine_threadsafe(self.stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A task of our own rather than a coroutine callback: stop() cancels it, and asyncio's stream
+        # machinery would log a cancelled callback task as an error (Python 3.11).
+        task = asyncio.get_running_loop().create_task(self._serve_connection(reader, writer))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Nagle's algorithm would hold a small chunk back until the previous one is acknowledged,
+        # which shows up as tens of milliseconds of invented latency.
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while await self._serve_one(reader, writer):
+                pass
+        except (_Malformed, ConnectionError):
+            pass  # the client sent garbage or went away: nobody is left to answer
+        finally:
+            writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Read and answer one request; False when the connection must close."""
+        req = await _read_request(reader)
+        if req is None:
+            return False
+        name, _, rest = req.path[1:].partition("/")
+        backend = self.backends.get(name)
+        if backend is None:
+            return await _send(writer, _json(404, {"error": f"no simulated backend named '{name}'"}), req.keep_alive)
+        req = replace(req, path="/" + rest)
+        backend.requests[req.path] += 1
+        fault = backend.fault
+        if fault == "hang":
+            await asyncio.get_running_loop().create_future()  # never resolves: stop() cancels it
+        if fault == "reset":
+            # Linger on with a zero timeout makes close() send RST instead of FIN.
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        response = await self._respond(backend, req)
+        if fault == "slow_headers":
+            # Token deadlines stay anchored at the request, so a delayed stream then arrives in a burst,
+            # as it does from behind a stalled proxy.
+            await asyncio.sleep(_arg(backend, 30))
+        return await _send(writer, response, req.keep_alive)
+
+    async def _respond(self, backend: SimBackend, req: _Request) -> _Response:
+        """Apply the backend's status-level faults and auth, then its protocol's handler."""
+        fault = backend.fault
+        is_health = req.path in _HEALTH_PATHS
+        is_completion = req.path in _COMPLETION_PATHS
+        if fault == "5xx":
+            return _error(backend, 503 if is_health else 500, "simulated server error", "server_error")
+        if fault == "flapping" and self._flapped_down(backend):
+            return _error(backend, 503, "simulated outage (flapping)", "unavailable_error")
+        refusal = _auth_error(backend, req)
+        if refusal is not None:
+            return refusal
+        if fault == "loading" and (is_health or is_completion):
+            return _error(backend, 503, "Loading model", "unavailable_error")
+        if fault == "429" and is_completion:
+            retry_after = (("retry-after", str(round(_arg(backend, 30)))),)
+            message = "Rate limit reached; retry after the Retry-After delay."
+            return _error(backend, 429, message, "rate_limit_error", retry_after)
+        handler = _ROUTES[backend.provider].get((req.method, req.path))
+        if handler is None:
+            return _error(backend, 404, f"no route for {req.method} {req.path}", "not_found_error")
+        try:
+            response = await handler(backend, req)
+        except _HttpError as exc:
+            return _error(backend, exc.status, exc.message, exc.kind)
+        # Streams break their own chunks (see _streamed); here every whole JSON body is broken.
+        if fault == "bad_json" and response.status == 200 and response.content_type == _JSON:
+            if isinstance(response.body, bytes):
+                return _Response(200, _BAD_JSON, _JSON)
+        return response
+
+    def _flapped_down(self, backend: SimBackend) -> bool:
+        """Up for fault_arg seconds, down for as long, alternating from the simulator's start."""
+        period = _arg(backend, 5.0)
+        return int((time.perf_counter() - self._started) / period) % 2 == 1
+
+
+# --- Fleets and their configs ------------------------------------------------------------------------
+
+# The demo's "missing model" backend: the config expects a model it does not serve.
+_DEMO_UNSERVED = {"vllm-missing": ["meta-llama/Llama-3.1-70B-Instruct"]}
+
+
+def demo_fleet(seed: int | None = None) -> list[SimBackend]:
+    """A varied fleet for `llmtop --demo`: every provider, a flapping one, a rate-limited one, a missing model.
+
+    The gauges wander on every scrape; pass `seed` for the same walk on every run.
+    """
+    llama_8b = "meta-llama/Llama-3.1-8B-Instruct"
+    fleet = [
+        SimBackend("vllm-fast", "vllm", [llama_8b, "llama-3.1-8b-sql-lora"], 20, 5, running=4, kv_cache=0.35),
+        SimBackend("sglang-70b", "sglang", ["meta-llama/Llama-3.3-70B-Instruct"], 180, 28, running=9, kv_cache=0.7),
+        SimBackend("tgi-mistral", "tgi", ["mistralai/Mistral-7B-Instruct-v0.3"], 90, 15, running=2),
+        SimBackend("llamacpp-ws", "llamacpp", ["qwen2.5-coder-7b-instruct"], 120, 22, kv_cache=0.2),
+        SimBackend("ollama-laptop", "ollama", ["llama3.2", "qwen2.5:7b"], 250, 60),
+        SimBackend("lmstudio-mac", "lmstudio", ["qwen2.5-7b-instruct"], 300, 25),
+        SimBackend("litellm-gw", "litellm", ["gpt-4o-mini", "claude-3-5-haiku"], 420, 12, running=3),
+        SimBackend("anthropic-api", "anthropic", ["claude-sonnet-4-5"], 600, 20),
+        SimBackend("vllm-flaky", "vllm", [llama_8b], 60, 10, fault="flapping", fault_arg=20),
+        SimBackend("openai-ratelimited", "openai", ["gpt-4o-mini"], 350, 15, fault="429", fault_arg=45),
+        SimBackend("vllm-missing", "vllm", [llama_8b], 45, 9, running=2, kv_cache=0.5),
+    ]
+    for backend in fleet:
+        # String seeds hash the same on every run, so each backend walks its own reproducible path.
+        backend.wander = random.Random(None if seed is None else f"{seed}:{backend.name}")
+    return fleet
+
+
+def uniform_fleet(n: int, ttft_ms: float = 40.0, gap_ms: float = 10.0, provider: str = "vllm") -> list[SimBackend]:
+    """n identical backends named sim-0001..., for benchmarks."""
+    return [SimBackend(f"sim-{i:04d}", provider, ttft_ms=ttft_ms, gap_ms=gap_ms) for i in range(1, n + 1)]
+
+
+def demo_config_toml(sim: Simulator, backends: Iterable[SimBackend]) -> str:
+    """The llmtop config that watches `backends` on the running `sim`, as TOML text."""
+    entries: list[dict[str, Any]] = []
+    alerted = False
+    for backend in backends:
+        entry: dict[str, Any] = {
+            "name": backend.name,
+            "provider": backend.provider,
+            "url": sim.url(backend.name),
+            "models": [*backend.models, *_DEMO_UNSERVED.get(backend.name, [])],
+        }
+        if backend.provider == "vllm" and not alerted:
+            entry["alert"] = [{"metric": "vllm:num_requests_waiting", "above": 10}]
+            alerted = True
+        entries.append(entry)
+    return tomli_w.dumps({"settings": {"health_interval_s": 2, "probe_interval_s": 10}, "backend": entries})
+
+
+# --- Command line ------------------------------------------------------------------------------------
+
+
+async def _serve_until_signalled(backends: list[SimBackend], port: int, config_out: Path | None) -> None:
+    async with Simulator(backends, port=port) as sim:
+        config = demo_config_toml(sim, backends)
+        if config_out is None:
+            print(config, end="", flush=True)
+        else:
+            config_out.write_text(config, encoding="utf-8")
+        print(f"listening on {sim.base_url}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmtop.simulator",
+        description="Serve simulated LLM backends on 127.0.0.1 and print the llmtop config that watches them.",
+    )
+    fleet = parser.add_mutually_exclusive_group()
+    fleet.add_argument("--demo", action="store_true", help="the varied demo fleet (the default)")
+    fleet.add_argument("--count", type=int, metavar="N", help="N identical vLLM backends, for benchmarks")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    parser.add_argument("--ttft-ms", type=float, default=40.0, help="time to first token with --count (default 40)")
+    parser.add_argument("--gap-ms", type=float, default=10.0, help="gap between tokens with --count (default 10)")
+    parser.add_argument("--config-out", type=Path, metavar="PATH", help="write the config here instead of to stdout")
+    args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be at least 1")
+    backends = uniform_fleet(args.count, args.ttft_ms, args.gap_ms) if args.count else demo_fleet()
+    asyncio.run(_serve_until_signalled(backends, args.port, args.config_out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

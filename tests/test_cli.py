@@ -1,0 +1,152 @@
+"""The command line as a user runs it: real processes, real exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmtop.simulator import SimBackend, Simulator
+
+
+def llmtop(*args, env=None, cwd=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llmtop", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60)
+
+
+@pytest.fixture
+def sim():
+    backends = [SimBackend("fast", ttft_ms=20, gap_ms=5), SimBackend("ollama", provider="ollama", models=["llama3.2"])]
+    sim = Simulator(backends)
+    sim.start_in_thread()
+    yield sim
+    sim.stop_thread()
+
+
+@pytest.fixture
+def config(tmp_path, sim):
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        "[settings]\ntimeout_s = 3\n"
+        f'[[backend]]\nname = "fast"\nprovider = "vllm"\nurl = "{sim.url("fast")}"\nmodels = ["meta-llama/Llama-3.1-8B-Instruct"]\n'
+        f'[[backend]]\nname = "ollama"\nprovider = "ollama"\nurl = "{sim.url("ollama")}"\nmodels = ["llama3.2"]\n'
+    )
+    return path
+
+
+def test_check_json_shape_and_exit_zero_when_all_healthy(config, tmp_path):
+    r = llmtop("check", "--json", "--config", str(config), "--state", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert set(data) == {"backends", "gpus"} and data["gpus"] == []
+    b = data["backends"][0]
+    for key in ("name", "provider", "url", "status", "circuit", "admin", "latency_ms", "models", "missing_models",
+                "alerts", "metrics", "probe", "error"):
+        assert key in b
+    assert b["status"] == "healthy" and b["circuit"] == "closed" and b["admin"] == "active"
+    assert set(b["probe"]) >= {"model", "ttft_ms", "tokens_per_s", "output_tokens", "tokens_estimated", "error"}
+    assert set(b["metrics"]) >= {"requests_running", "requests_waiting", "kv_cache_usage"}
+
+
+def test_check_table_and_exit_one_when_something_is_wrong(config, tmp_path, sim):
+    sim.backends["ollama"].fault = "5xx"
+    r = llmtop("check", "--config", str(config), "--state", str(tmp_path / "s.json"))
+    assert r.returncode == 1
+    assert "STATUS" in r.stdout and "fast" in r.stdout and "DOWN" in r.stdout and "HTTP 503" in r.stdout
+
+
+def test_config_from_environment_variable(config, tmp_path):
+    r = llmtop("check", "--state", str(tmp_path / "s.json"), env={"LLMTOP_CONFIG": str(config)})
+    assert r.returncode == 0 and "fast" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('[[backend]]\nname = "a"\nprovider = "vlm"\nurl = "http://127.0.0.1:1"\n', "unknown provider 'vlm'; did you mean 'vllm'?"),
+        ("[settings]\ntimeout = 3\n", "settings.timeout: unknown key (did you mean 'timeout_s'?)"),
+        ("[settings\n", "not valid TOML"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(tmp_path, content, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    r = llmtop("check", "--config", str(path))
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and expected in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_config_points_at_init_and_demo(tmp_path):
+    r = llmtop("check", "--config", str(tmp_path / "none.toml"))
+    assert r.returncode == 2 and "llmtop init" in r.stderr and "--demo" in r.stderr
+
+
+def test_usage_errors_exit_2(tmp_path, config):
+    assert llmtop("check", "--rounds", "0", "--config", str(config)).returncode == 2
+    assert llmtop("check", "--bogus").returncode == 2
+
+
+def test_drain_undrain_disable_enable_persist(config, tmp_path):
+    state = tmp_path / "state.json"
+    common = ["--config", str(config), "--state", str(state)]
+    r = llmtop("drain", "fast", *common)
+    assert r.returncode == 0 and "active -> draining" in r.stdout
+    assert json.loads(state.read_text()) == {"admin": {"fast": "draining"}}
+    r = llmtop("check", "--json", *common)
+    b = {x["name"]: x for x in json.loads(r.stdout)["backends"]}
+    assert b["fast"]["admin"] == "draining" and b["fast"]["probe"] is None
+    assert r.returncode == 0  # only active backends count
+    assert llmtop("disable", "ollama", *common).returncode == 0
+    assert json.loads(state.read_text())["admin"] == {"fast": "draining", "ollama": "disabled"}
+    assert llmtop("undrain", "fast", *common).returncode == 0
+    assert llmtop("enable", "ollama", *common).returncode == 0
+    assert json.loads(state.read_text()) == {"admin": {}}
+    r = llmtop("drain", "nope", *common)
+    assert r.returncode == 2 and "no backend named 'nope'" in r.stderr and "fast" in r.stderr
+
+
+def test_corrupt_state_file_is_a_clear_error(config, tmp_path):
+    state = tmp_path / "state.json"
+    state.write_text("{not json")
+    r = llmtop("check", "--config", str(config), "--state", str(state))
+    assert r.returncode == 2 and "state file is corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_demo_runs_the_simulated_fleet(tmp_path):
+    r = llmtop("check", "--demo", "--json", "--state", str(tmp_path / "s.json"))
+    assert r.returncode == 1  # the demo has a rate-limited and a missing-model backend on purpose
+    data = json.loads(r.stdout)
+    by = {b["name"]: b for b in data["backends"]}
+    assert len(by) >= 10
+    assert by["vllm-missing"]["missing_models"] == ["meta-llama/Llama-3.1-70B-Instruct"]
+    assert by["vllm-fast"]["status"] == "healthy"
+
+
+def test_init_writes_a_valid_commented_config(tmp_path):
+    path = tmp_path / "c" / "config.toml"
+    r = llmtop("init", "--config", str(path))
+    assert r.returncode == 0 and path.exists()
+    text = path.read_text()
+    assert text.startswith("#") and "api_key_env" in text
+    assert llmtop("init", "--config", str(path)).returncode == 2  # never overwrites silently
+    from llmtop.config import load_config
+
+    load_config(path)
+
+
+def test_secret_never_printed(tmp_path, sim):
+    secret = "sk-live-0123456789abcdef"
+    sim.backends["fast"].api_key = "the-right-key"
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[backend]]\nname = "fast"\nprovider = "vllm"\nurl = "{sim.url("fast")}"\nmodels = ["meta-llama/Llama-3.1-8B-Instruct"]\napi_key_env = "FAST_KEY"\n')
+    for extra in ([], ["--json"]):
+        r = llmtop("check", "--config", str(path), "--state", str(tmp_path / "s.json"), *extra, env={"FAST_KEY": secret})
+        assert r.returncode == 1
+        assert secret not in r.stdout + r.stderr
+        assert "401" in r.stdout

@@ -1,0 +1,181 @@
+"""Stream framing as proxies deliver it: split and coalesced reads, CRLF, comments, pings, garbage.
+
+A raw TCP server on 127.0.0.1 writes exactly the bytes each test gives it, with pauses, so the
+framing and the timing are both under the test's control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from llmtop.config import BackendConfig
+from llmtop.providers import adapter_class
+
+
+class RawServer:
+    """Answers every request with `head` then each (delay_s, bytes) piece of `pieces`."""
+
+    def __init__(self, pieces, content_type="text/event-stream", chunked=False):
+        self.pieces = pieces
+        self.content_type = content_type
+        self.chunked = chunked
+        self.received_at: list[float] = []
+
+    async def handle(self, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        self.received_at.append(time.perf_counter())
+        enc = "Transfer-Encoding: chunked\r\n" if self.chunked else "Connection: close\r\n"
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\n{enc}\r\n".encode())
+        await writer.drain()
+        for delay, data in self.pieces:
+            if delay:
+                await asyncio.sleep(delay)
+            if self.chunked:
+                data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+            writer.write(data)
+            await writer.drain()
+        if self.chunked:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def probe(provider, server, model="m", timeout=3.0):
+    async with httpx.AsyncClient() as client:
+        adapter = adapter_class(provider)(BackendConfig("x", provider, server.url, (model,)), client, timeout, 8)
+        return await adapter.probe(model)
+
+
+def chunk(text=None, role=False, usage=None, finish=None):
+    delta = {}
+    if role:
+        delta["role"] = "assistant"
+        delta["content"] = ""
+    if text is not None:
+        delta["content"] = text
+    body = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+    if usage is not None:
+        body["usage"] = {"completion_tokens": usage}
+    return b"data: " + json.dumps(body).encode()
+
+
+async def test_split_crlf_comments_and_coalesced_chunks():
+    role = chunk(role=True)
+    first = chunk("Hello")
+    pieces = [
+        (0, role + b"\r\n\r\n"),
+        (0, b": keep-alive comment\r\n\r\n"),
+        (0.05, first[:9]),  # the first token's line arrives in two reads...
+        (0.05, first[9:] + b"\r\n\r\n"),  # ...and only counts once it is whole
+        (0.02, chunk(" wor") + b"\r\n\r\n" + chunk("ld") + b"\r\n\r\n"),  # two events in one read
+        (0.02, chunk(" !") + b"\r\n\r\n" + chunk(usage=4) + b"\r\n\r\ndata: [DONE]\r\n\r\n"),
+    ]
+    async with RawServer(pieces, chunked=True) as server:
+        result = await probe("vllm", server)
+    assert result.ok, result.error
+    assert result.ttft_ms == pytest.approx(100, abs=25)  # not 50: half a line is not a token
+    assert result.output_tokens == 4 and not result.tokens_estimated
+    assert result.tokens_per_s == pytest.approx(3 / 0.04, rel=0.35)
+
+
+async def test_stream_without_usage_counts_chunks_and_says_so():
+    pieces = [(0, chunk(role=True) + b"\n\n")] + [(0.01, chunk(f"t{i}") + b"\n\n") for i in range(5)] + [(0, b"data: [DONE]\n\n")]
+    async with RawServer(pieces) as server:
+        result = await probe("openai", server)
+    assert result.ok and result.output_tokens == 5 and result.tokens_estimated
+
+
+async def test_garbage_in_stream_is_a_clear_error():
+    pieces = [(0, chunk(role=True) + b"\n\n"), (0.01, b"data: {this is not json\n\n")]
+    async with RawServer(pieces) as server:
+        result = await probe("vllm", server)
+    assert not result.ok and "bad JSON in stream" in result.error
+
+
+async def test_error_object_inside_a_stream():
+    pieces = [(0, b'data: {"error": {"message": "CUDA out of memory", "code": 500}}\n\n')]
+    async with RawServer(pieces) as server:
+        result = await probe("vllm", server)
+    assert not result.ok and "CUDA out of memory" in result.error
+
+
+async def test_json_body_where_a_stream_was_expected():
+    pieces = [(0, b'{"id": "x", "choices": []}')]
+    async with RawServer(pieces, content_type="application/json") as server:
+        result = await probe("vllm", server)
+    assert not result.ok and "not an event stream" in result.error
+
+
+async def test_stream_that_stalls_is_bounded_by_timeout():
+    pieces = [(0, chunk(role=True) + b"\n\n"), (0.02, chunk("a") + b"\n\n"), (5, chunk("b") + b"\n\n")]
+    async with RawServer(pieces) as server:
+        start = time.perf_counter()
+        result = await probe("vllm", server, timeout=0.5)
+    assert time.perf_counter() - start < 1.0
+    assert not result.ok and "timeout" in result.error
+    assert result.ttft_ms == pytest.approx(20, abs=15)  # what was seen before the stall is kept
+
+
+async def test_anthropic_events_thinking_ping_and_cumulative_usage():
+    def ev(name, data):
+        return f"event: {name}\r\ndata: {json.dumps(data)}\r\n\r\n".encode()
+
+    pieces = [
+        (0, ev("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1}}})),
+        (0, ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})),
+        (0, ev("ping", {"type": "ping"})),
+        (0.06, ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me"}})),
+        (0.02, ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "abc"}})),
+        (0, ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "1 2"}})),
+        (0.02, ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": " 3"}})),
+        (0, ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 3}})),
+        (0, ev("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 5}})),
+        (0, ev("message_stop", {"type": "message_stop"})),
+    ]
+    async with RawServer(pieces) as server:
+        result = await probe("anthropic", server)
+    assert result.ok, result.error
+    assert result.ttft_ms == pytest.approx(60, abs=20)  # the thinking text is the first token
+    assert result.output_tokens == 5 and not result.tokens_estimated
+    assert result.tokens_per_s == pytest.approx(4 / 0.04, rel=0.35)
+
+
+async def test_anthropic_overloaded_error_event():
+    data = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    pieces = [(0, f"event: error\ndata: {json.dumps(data)}\n\n".encode())]
+    async with RawServer(pieces) as server:
+        result = await probe("anthropic", server)
+    assert not result.ok and "overloaded_error: Overloaded" in result.error
+
+
+async def test_ollama_ndjson_with_server_timings():
+    lines = [json.dumps({"message": {"role": "assistant", "content": w}, "done": False}).encode() + b"\n" for w in ("a", "b", "c")]
+    final = {"message": {"role": "assistant", "content": ""}, "done": True, "eval_count": 3, "eval_duration": 30_000_000,
+             "load_duration": 5_000_000, "prompt_eval_duration": 7_000_000}
+    pieces = [(0.03, lines[0]), (0.01, lines[1] + lines[2][:5]), (0.01, lines[2][5:] + json.dumps(final).encode() + b"\n")]
+    async with RawServer(pieces, content_type="application/x-ndjson", chunked=True) as server:
+        result = await probe("ollama", server, model="llama3.2")
+    assert result.ok and result.output_tokens == 3 and not result.tokens_estimated
+    assert result.server_tokens_per_s == pytest.approx(100.0)
+    assert result.load_ms == pytest.approx(5.0) and result.server_ttft_ms == pytest.approx(12.0)
+
+
+async def test_ollama_stream_cut_before_done():
+    lines = [json.dumps({"message": {"content": "a"}, "done": False}).encode() + b"\n"]
+    async with RawServer([(0, lines[0])], content_type="application/x-ndjson") as server:
+        result = await probe("ollama", server, model="llama3.2")
+    assert not result.ok and "without the final done:true" in result.error
