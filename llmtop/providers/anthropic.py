@@ -47,7 +47,7 @@ class Anthropic(Adapter):
     async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
         try:
             async for event in EventSource(response).aiter_sse():
-                if not event.data.strip():
+                if not event.data.strip() or meter.finished:
                     continue
                 data = self.json_event(event.data, "POST /v1/messages")
                 kind = event.event if event.event != "message" else data.get("type")
@@ -61,7 +61,9 @@ class Anthropic(Adapter):
                     err = data.get("error") or {}
                     raise ProbeError(f"POST /v1/messages: error in stream: {err.get('type')}: {err.get('message')}")
                 elif kind == "message_stop":
-                    return {}
+                    meter.finished = True
         except SSEError as exc:
             raise ProbeError(f"POST /v1/messages: not an event stream ({exc})") from None
-        raise ProbeError("POST /v1/messages: stream ended before message_stop (truncated)")
+        if not meter.finished:
+            raise ProbeError("POST /v1/messages: stream ended before message_stop (truncated)")
+        return {}

@@ -202,6 +202,8 @@ class Adapter:
         except ProbeError as exc:
             return self._failed(model, meter, self.redact(str(exc)), exc.retry_after_s)
         except (asyncio.TimeoutError, httpx.HTTPError, OSError) as exc:
+            if meter.finished:  # everything was measured; only the tail after the end marker failed
+                return ProbeResult.from_meter(model, meter)
             message = self.describe_exception(exc, what)
             if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) and meter.text_chunks:
                 message = f"{what}: stream truncated after {meter.text_chunks} text chunks ({type(exc).__name__})"

@@ -54,7 +54,10 @@ class Ollama(Adapter):
         return await self.stream_probe("/api/chat", body, model, self.read_stream)
 
     async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
+        server: dict[str, Any] = {}
         async for line in iter_ndjson(response):
+            if meter.finished:
+                continue
             obj = self.json_event(line, "POST /api/chat")
             if not isinstance(obj, dict):
                 raise ProbeError(f"POST /api/chat: unexpected stream line {line[:60]!r}")
@@ -63,8 +66,11 @@ class Ollama(Adapter):
             message = obj.get("message") or {}
             meter.text(message.get("content") or message.get("thinking"))
             if obj.get("done"):
-                return self._server_timings(obj, meter)
-        raise ProbeError("POST /api/chat: stream ended without the final done:true object")
+                meter.finished = True
+                server = self._server_timings(obj, meter)
+        if not meter.finished:
+            raise ProbeError("POST /api/chat: stream ended without the final done:true object")
+        return server
 
     @staticmethod
     def _server_timings(final: dict, meter: StreamMeter) -> dict[str, Any]:

@@ -41,15 +41,14 @@ class OpenAICompatible(Adapter):
 
     async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
         server: dict[str, Any] = {}
-        done = False
         try:
             async for event in EventSource(response).aiter_sse():
                 data = event.data.strip()
-                if not data:
+                if not data or meter.finished:
                     continue
                 if data == "[DONE]":
-                    done = True
-                    break
+                    meter.finished = True
+                    continue
                 chunk = self.json_event(data, "POST /v1/chat/completions")
                 if not isinstance(chunk, dict):
                     raise ProbeError(f"POST /v1/chat/completions: unexpected stream chunk {data[:60]!r}")
@@ -64,7 +63,7 @@ class OpenAICompatible(Adapter):
                 server.update(self.server_timings(chunk))
         except SSEError as exc:
             raise ProbeError(f"POST /v1/chat/completions: not an event stream ({exc})") from None
-        if not done and meter.usage_tokens is None and meter.text_chunks == 0:
+        if not meter.finished and meter.usage_tokens is None and meter.text_chunks == 0:
             raise ProbeError("POST /v1/chat/completions: stream ended before any data")
         return server
 
