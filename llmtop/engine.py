@@ -241,7 +241,8 @@ class BackendTracker:
                 rate_limited=self.rate_limited(),
             )
         )
-        if status != self.status:
+        # A first healthy reading is not news; every other change of status is.
+        if status != self.status and not (self.status == "unknown" and status == "healthy"):
             level = {"down": "error", "degraded": "warning"}.get(status, "info")
             suffix = f": {reason}" if reason else ""
             engine.emit(Event(engine.wall(), self.name, "status", f"{self.status} -> {status}{suffix}", level))
