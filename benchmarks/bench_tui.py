@@ -73,7 +73,22 @@ def report(name: str, samples: list[float]) -> None:
     print(f"  {name:<22} n={len(samples):<3} median {median(samples):6.1f} ms   p95 {percentile(samples, 95):6.1f} ms   max {max(samples):6.1f} ms")
 
 
+async def engine_alone(config: Path, state: Path, args) -> float:
+    """CPU % of the same engine with no UI, so the UI's own share can be read off the difference."""
+    engine = Engine(load_config(config), StateStore(state))
+    await engine.open()
+    engine.start()
+    try:
+        await asyncio.sleep(5)  # past the first round
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(args.steady)
+        return 100 * (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    finally:
+        await engine.close()
+
+
 async def measure(config: Path, state: Path, args) -> None:
+    print(f"engine alone, no UI, over {args.steady:.0f} s: CPU {await engine_alone(config, state, args):.1f}% of one core")
     engine = Engine(load_config(config), StateStore(state))
     app = LlmtopApp(engine, config_path=config)
     async with app.run_test(size=SIZE) as pilot:
@@ -89,7 +104,7 @@ async def measure(config: Path, state: Path, args) -> None:
         frames, cpu0, wall0 = watch.frames, time.process_time(), time.perf_counter()
         await asyncio.sleep(args.steady)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        print(f"steady state over {wall:.1f} s: CPU {100 * cpu / wall:.1f}% of one core, {(watch.frames - frames) / wall:.1f} frames/s")
+        print(f"engine + UI, nobody typing, over {wall:.1f} s: CPU {100 * cpu / wall:.1f}% of one core, {(watch.frames - frames) / wall:.1f} frames/s")
 
         print(f"key-to-screen with {len(app.view.fleet.backends)} backends live, {SIZE[0]}x{SIZE[1]}:")
         sort_ms = []

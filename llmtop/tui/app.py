@@ -1,0 +1,343 @@
+"""The Textual app: runs the engine on its event loop, shows a snapshot each tick, and turns keys into engine calls."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import sys
+import time
+from pathlib import Path
+
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+from textual.message import Message
+from textual.screen import Screen
+
+from llmtop.config import Config, ConfigError, load_config
+from llmtop.engine import Engine
+from llmtop.snapshot import ProbeSummary
+from llmtop.state import StateError
+from llmtop.tui.messages import AdminRequested, DetailsRequested, ProbeRequested
+from llmtop.tui.screens.confirm import ConfirmScreen
+from llmtop.tui.screens.detail import DetailScreen
+from llmtop.tui.screens.fleet import FleetScreen
+from llmtop.tui.screens.help import HelpScreen
+from llmtop.tui.themes import DEFAULT_THEME, load_themes
+from llmtop.tui.view import FleetView, Progress
+from llmtop.tui.widgets.too_small import MIN_HEIGHT, MIN_WIDTH
+
+TICK_S = 1.0
+ROUND_TICK_S = 0.25  # while a requested probe round runs, so its progress moves visibly
+CONFIG_CHECK_S = 2.0
+READ_ONLY = "read-only mode: drain, enable/disable and reload are turned off"
+
+Stamp = tuple[int, int] | None
+
+
+def _stamp(path: Path) -> Stamp:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _terminal_hung_up() -> bool:
+    """Whether our terminal has gone (an SSH drop, a closed tmux pane), as opposed to never being one."""
+    import termios
+
+    try:
+        termios.tcgetattr(sys.__stdin__.fileno())
+    except termios.error as exc:
+        # A hung-up tty answers terminal ioctls with EIO; a pipe or file (tests, headless) with ENOTTY.
+        return exc.args[0] == errno.EIO
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
+class ConfigLoaded(Message):
+    def __init__(self, config: Config, stamp: Stamp, why: str) -> None:
+        super().__init__()
+        self.config, self.stamp, self.why = config, stamp, why
+
+
+class ConfigFailed(Message):
+    def __init__(self, error: str, stamp: Stamp, why: str) -> None:
+        super().__init__()
+        self.error, self.stamp, self.why = error, stamp, why
+
+
+class LlmtopApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "llmtop"
+    ENABLE_COMMAND_PALETTE = False  # every action has its own key, and the footer has no room to spare at 80 columns
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (MIN_WIDTH, "-medium"), (140, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (MIN_HEIGHT, "-middling"), (36, "-tall")]
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("P", "probe_all", "Probe all"),
+        Binding("r", "reload", "Reload"),
+        Binding("T", "cycle_theme", "Theme"),
+    ]
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        config_path: Path | None,
+        read_only: bool = False,
+        theme: str | None = None,
+        live: bool = True,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.engine = engine
+        self.config_path = config_path
+        self.read_only = read_only
+        self.live = live
+        self.hint = hint
+        loaded = load_themes()
+        for t in loaded.themes:
+            self.register_theme(t)
+        self.llmtop_themes = loaded.names
+        self._theme_errors = loaded.errors
+        fallback = DEFAULT_THEME if DEFAULT_THEME in self.llmtop_themes else "textual-dark"
+        self.theme = theme or fallback
+        self.view: FleetView | None = None
+        # A probe round the operator asked for: name -> what the tracker held when asked, to see it answer.
+        self._round: dict[str, tuple[float | None, ProbeSummary | None]] = {}
+        self._round_total = 0
+        self._round_deadline = 0.0
+        self._round_timer = None
+        self._config_stamp: Stamp = _stamp(config_path) if config_path else None
+        self._state_error: str | None = None
+
+    def get_default_screen(self) -> Screen:
+        return FleetScreen()
+
+    def on_details_requested(self, message: DetailsRequested) -> None:
+        # One installed DetailScreen, reused: a popped installed screen stays built, so reopening is quick.
+        if not self.is_screen_installed("detail"):
+            self.install_screen(DetailScreen(), "detail")
+        detail = self.get_screen("detail")
+        detail.select(message.backend, self.view)
+        self.push_screen(detail)
+
+    async def on_mount(self) -> None:
+        # Screens take this first view themselves when they mount; ticks push the later ones.
+        self.view = self._build_view()
+        for error in self._theme_errors:
+            self.notify(error, severity="warning", timeout=10)
+        if self.live:
+            await self.engine.open()
+            self.engine.start()
+            self.set_interval(TICK_S, self.refresh_fleet)
+            if self.config_path is not None:
+                self.set_interval(CONFIG_CHECK_S, self._check_config_file)
+            self._install_sighup()
+
+    async def on_unmount(self) -> None:
+        if self.live:
+            self._remove_sighup()
+            await self.engine.close()
+
+    # -- the tick ---------------------------------------------------------------------------
+
+    def refresh_fleet(self) -> None:
+        """Take a snapshot and show it on every screen that shows one (cheap: snapshots are cached per backend)."""
+        if self.live:
+            self._refresh_state()
+        self.view = self._build_view()
+        for screen in self.screen_stack:
+            show = getattr(screen, "show_fleet", None)
+            if show is not None:
+                show(self.view)
+
+    def _build_view(self) -> FleetView:
+        probing = self._round_progress()
+        return FleetView(
+            fleet=self.engine.snapshot(),
+            settings=self.engine.config.settings,
+            probing=probing,
+            progress=Progress(self._round_total - len(probing), self._round_total) if self._round else None,
+            read_only=self.read_only,
+            hint=self.hint,
+        )
+
+    def _refresh_state(self) -> None:
+        """Pick up a `llmtop drain X` run from another shell."""
+        try:
+            self.engine.refresh_state()
+        except StateError as exc:
+            if str(exc) != self._state_error:
+                self.notify(str(exc), severity="error", timeout=10)
+            self._state_error = str(exc)
+        else:
+            self._state_error = None
+
+    # -- probe rounds -----------------------------------------------------------------------
+
+    def on_probe_requested(self, message: ProbeRequested) -> None:
+        names = list(self.engine.trackers) if message.names is None else list(message.names)
+        if message.names is not None and len(names) == 1 and (tracker := self.engine.trackers.get(names[0])):
+            # Say up front what the engine will skip, rather than show a probe that never comes.
+            if tracker.admin == "disabled":
+                self.notify(f"{tracker.name} is disabled: nothing is sent to it (t enables it)", severity="warning")
+                return
+            if tracker.admin == "draining":
+                self.notify(f"{tracker.name} is draining: health, models and metrics only, no completion probe")
+        if not self._round:
+            self._round_total = 0
+        for name in names:
+            tracker = self.engine.trackers.get(name)
+            if tracker is not None and name not in self._round:
+                self._round[name] = (tracker.last_health_at, tracker.probe)
+                self._round_total += 1
+        settings = self.engine.config.settings
+        self._round_deadline = time.monotonic() + 2 * settings.timeout_s + settings.health_interval_s
+        self.engine.force_probe(names)
+        if self._round_timer is None:
+            self._round_timer = self.set_interval(ROUND_TICK_S, self.refresh_fleet)
+        self.refresh_fleet()
+
+    def action_probe_all(self) -> None:
+        self.post_message(ProbeRequested(None))
+
+    def _round_progress(self) -> frozenset[str]:
+        """Drop the backends that answered since they were asked; what is left is still probing."""
+        if not self._round:
+            return frozenset()
+        trackers = self.engine.trackers
+        for name, (health_at, probe) in list(self._round.items()):
+            t = trackers.get(name)
+            answered = t is None or (not t.busy and (t.last_health_at != health_at or t.probe is not probe))
+            # A disabled or rate-limited backend is skipped by the engine, so it will never answer.
+            if answered or t.admin == "disabled" or t.rate_limited():
+                del self._round[name]
+        if not self._round or time.monotonic() > self._round_deadline:
+            self._round.clear()
+            if self._round_timer is not None:
+                self._round_timer.stop()
+                self._round_timer = None
+        return frozenset(self._round)
+
+    # -- admin state ------------------------------------------------------------------------
+
+    def on_admin_requested(self, message: AdminRequested) -> None:
+        if self.read_only:
+            self.notify(READ_ONLY, severity="warning")
+            return
+        tracker = self.engine.trackers.get(message.backend)
+        if tracker is None:
+            return
+        name = tracker.name
+        if message.action == "toggle":
+            if not tracker.config.enabled:
+                self.notify(f"{name} has enabled = false in the config; edit the config to turn it on", severity="warning")
+                return
+            self._set_admin(name, "active" if tracker.admin == "disabled" else "disabled")
+            return
+        if tracker.admin == "draining":
+            target, question = "active", f"Undrain {name}? Completion probes resume and readiness answers 200 again."
+        else:
+            target = "draining"
+            question = f"Drain {name}? Completion probes stop and readiness answers 503, so load balancers move traffic away."
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._set_admin(name, target)
+
+        self.push_screen(ConfirmScreen(question), answered)
+
+    def _set_admin(self, name: str, state: str) -> None:
+        if name not in self.engine.trackers:
+            return  # a reload removed it while the question was open
+        try:
+            self.engine.set_admin(name, state)
+        except StateError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self.notify(f"{name}: {self.engine.trackers[name].admin}")
+        self.refresh_fleet()
+
+    # -- config reload ----------------------------------------------------------------------
+
+    def action_reload(self) -> None:
+        if self.read_only:
+            self.notify(READ_ONLY, severity="warning")
+            return
+        self.reload_config("r")
+
+    def reload_config(self, why: str) -> None:
+        if self.config_path is None:
+            self.notify("no config file to reload: these are servers found on local ports (`llmtop init` writes one)")
+            return
+        self._load_config(why, only_if_changed=False)
+
+    def _check_config_file(self) -> None:
+        # Also in --read-only: following an edit someone made to the file changes nothing on its own.
+        self._load_config("file changed", only_if_changed=True)
+
+    @work(thread=True, exclusive=True, group="config", exit_on_error=False)
+    def _load_config(self, why: str, only_if_changed: bool) -> None:
+        # A thread, because the config may sit on a network filesystem and the UI must not wait on it.
+        stamp = _stamp(self.config_path)
+        if only_if_changed and stamp == self._config_stamp:
+            return
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.post_message(ConfigFailed(str(exc), stamp, why))
+        else:
+            self.post_message(ConfigLoaded(config, stamp, why))
+
+    def on_config_loaded(self, message: ConfigLoaded) -> None:
+        self._config_stamp = message.stamp
+        self.engine.reload(message.config)
+        self.notify(f"config reloaded ({message.why}): {len(message.config.backends)} backends")
+        self.refresh_fleet()
+
+    def on_config_failed(self, message: ConfigFailed) -> None:
+        self._config_stamp = message.stamp  # retry only when the file changes again
+        self.engine.note_config_error(message.error)
+        self.notify(f"config not reloaded ({message.why}): {message.error}", severity="error", timeout=15)
+        self.refresh_fleet()
+
+    def _install_sighup(self) -> None:
+        if not hasattr(signal, "SIGHUP"):
+            return  # Windows
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests), or a loop without signal support
+
+    def _remove_sighup(self) -> None:
+        if hasattr(signal, "SIGHUP"):
+            try:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+
+    def _on_sighup(self) -> None:
+        # SIGHUP means "reload" to a daemon but "your terminal is gone" to a terminal program; tell them apart.
+        if _terminal_hung_up():
+            self.exit()
+        else:
+            self.reload_config("SIGHUP")
+
+    # -- the rest ---------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.read_only))
+
+    def action_cycle_theme(self) -> None:
+        names = self.llmtop_themes or (self.theme,)
+        index = names.index(self.theme) if self.theme in names else -1
+        self.theme = names[(index + 1) % len(names)]
+        self.notify(f"theme: {self.theme}")
+

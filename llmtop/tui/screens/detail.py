@@ -1,0 +1,268 @@
+"""One backend in full: charts over time, served vs expected models, errors, breaker history, metrics, probe cost."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, VerticalScroll
+from textual.content import Content
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+from textual_plotext import PlotextPlot
+
+from llmtop.snapshot import BackendSnapshot
+from llmtop.tui import format as fmt
+from llmtop.tui.messages import AdminRequested, ProbeRequested
+from llmtop.tui.view import FleetView
+from llmtop.tui.widgets.too_small import TooSmall
+
+_CHARTS = (
+    ("ttft", "TTFT (ms)", lambda b: b.ttft_history),
+    ("tps", "decode tokens/s", lambda b: b.tps_history),
+    ("latency", "health latency (ms)", lambda b: b.latency_history),
+)
+_LEVEL_COLOUR = {fmt.OK: "$text-success", fmt.WARN: "$text-warning", fmt.BAD: "$text-error", fmt.MUTED: "$foreground-muted"}
+RAW_METRICS_SHOWN = 8
+ERRORS_SHOWN = 8
+
+
+def _y_range(values: list[float]) -> tuple[float, float]:
+    """A y range with some air; a near-flat series sits mid-chart instead of on a scale of thousandths."""
+    low, high = min(values), max(values)
+    pad = max((high - low) * 0.1, abs(high) * 0.05, 1.0)
+    return max(0.0, low - pad), high + pad
+
+
+def _styled(cell: fmt.Cell) -> tuple[str, str]:
+    return cell.text, _LEVEL_COLOUR.get(cell.level, "")
+
+
+def _rows(pairs: list[tuple[str, str | Content | tuple[str, str]]]) -> Content:
+    """Aligned "label  value" lines."""
+    width = max((len(label) for label, _ in pairs), default=0)
+    lines = [Content.assemble((f"{label:<{width}}  ", "$foreground-muted"), value) for label, value in pairs]
+    return Content("\n").join(lines)
+
+
+class DetailScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("p", "probe", "Probe"),
+        Binding("d", "drain", "Drain"),
+        Binding("t", "toggle", "On/off"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend = ""
+        self._view: FleetView | None = None
+        self._seq: int | None = None
+        self._plotted: dict[str, tuple] = {}  # chart key -> history_mark of what it shows
+        self._ready = False
+
+    def compose(self) -> ComposeResult:
+        yield TooSmall()
+        yield Static(id="detail-head")
+        with VerticalScroll(id="detail-body"):
+            with Horizontal(id="charts"):
+                for key, title, _ in _CHARTS:
+                    plot = PlotextPlot(id=f"chart-{key}", classes="chart")
+                    plot.border_title = title
+                    yield plot
+            with Grid(id="facts"):
+                for key, title in (
+                    ("probe", "probe"),
+                    ("models", "models: served vs expected"),
+                    ("breaker", "circuit breaker"),
+                    ("metrics", "server metrics"),
+                    ("errors", "last errors"),
+                ):
+                    panel = Static(id=f"fact-{key}", classes="fact")
+                    panel.border_title = title
+                    yield panel
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        # Nested widgets (charts, panels) mount after the screen does; until then a view is only kept.
+        self.call_after_refresh(self._on_ready)
+
+    def _on_ready(self) -> None:
+        self._ready = True
+        if self._view is not None:
+            self.show_fleet(self._view)
+
+    def select(self, backend: str, view: FleetView) -> None:
+        """Show this backend; the app keeps one DetailScreen and reuses it, since building one costs a visible moment."""
+        self.backend = backend
+        self._seq = None
+        self._plotted.clear()
+        if self._ready:
+            self.query_one("#detail-body").scroll_home(animate=False)
+        self.show_fleet(view)
+
+    def show_fleet(self, view: FleetView) -> None:
+        self._view = view
+        if not self._ready:
+            return
+        b = view.fleet.backend(self.backend)
+        if b is None:
+            self.query_one("#detail-head", Static).update(
+                Content.styled(f"{self.backend}: no longer in the config (Esc goes back)", "bold $text-error")
+            )
+            return
+        self.query_one("#detail-head", Static).update(self._head(b, view))
+        self.query_one("#fact-probe", Static).update(self._probe(b, view))  # holds the ticking "ago"
+        if b.seq == self._seq:
+            return
+        self._seq = b.seq
+        for key, _title, history in _CHARTS:
+            points = history(b)
+            # Plotting is the expensive part: only when a point was added.
+            if self._plotted.get(key) != (mark := fmt.history_mark(points)):
+                self._plotted[key] = mark
+                self._chart(key, points, view.fleet.at)
+        self.query_one("#fact-models", Static).update(self._models(b))
+        self.query_one("#fact-breaker", Static).update(self._breaker(b))
+        self.query_one("#fact-metrics", Static).update(self._metrics(b))
+        self.query_one("#fact-errors", Static).update(self._errors(b))
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def action_probe(self) -> None:
+        self.post_message(ProbeRequested((self.backend,)))
+
+    def action_drain(self) -> None:
+        self.post_message(AdminRequested(self.backend, "drain"))
+
+    def action_toggle(self) -> None:
+        self.post_message(AdminRequested(self.backend, "toggle"))
+
+    # -- parts ------------------------------------------------------------------------------
+
+    def _head(self, b: BackendSnapshot, view: FleetView) -> Content:
+        badge = fmt.PROBING if b.name in view.probing else fmt.status_badge(b)
+        reason = f" ({b.status_reason})" if b.status_reason and b.status != "healthy" else ""
+        first = Content.assemble(
+            (b.name, "bold"),
+            "  ",
+            _styled(badge),
+            (reason, _LEVEL_COLOUR.get(badge.level, "")),
+            "  circuit ",
+            _styled(fmt.circuit_badge(b)),
+            "  admin ",
+            _styled(fmt.admin_badge(b)),
+        )
+        version = f"  version {b.version}" if b.version else ""
+        second = Content.styled(f"{b.provider}  {b.url}{version}", "$foreground-muted")
+        return Content("\n").join([first, second])
+
+    def _chart(self, key: str, history, now: float) -> None:
+        widget = self.query_one(f"#chart-{key}", PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        if history:
+            xs = [t - now for t, _ in history]
+            ys = [v for _, v in history]
+            plt.plot(xs, ys, marker="braille")
+            plt.xlim(min(min(xs), -1.0), 0)  # "now" pinned at the right edge, however few the points
+            low, high = _y_range(ys)
+            ticks = [low + (high - low) * i / 4 for i in range(5)]
+            plt.ylim(low, high)
+            plt.yticks(ticks, [f"{t:.0f}" if high - low >= 10 else f"{t:.1f}" for t in ticks])
+            plt.xlabel("seconds ago")
+        else:
+            plt.title("no data yet")
+        widget.refresh()
+
+    def _probe(self, b: BackendSnapshot, view: FleetView) -> Content:
+        p = b.probe
+        cost = f"{b.probe_tokens_per_hour:.0f} tokens/hour" if b.probe_tokens_per_hour else "none (not probing)"
+        rows: list = []
+        if p is None:
+            rows.append(("last probe", ("none yet", "$foreground-muted")))
+        else:
+            tokens = "-" if p.output_tokens is None else f"{p.output_tokens}" + (" (estimated)" if p.tokens_estimated else "")
+            rows += [
+                ("model", p.model or "-"),
+                ("when", f"{fmt.age(view.fleet.at - p.at)} ago"),
+                ("TTFT", _styled(fmt.ttft_cell(b, view.settings.slow_ttft_ms))),
+                ("tok/s", _styled(fmt.tps_cell(b))),
+                ("output tokens", tokens),
+            ]
+            if p.server_ttft_ms is not None:
+                rows.append(("server TTFT", fmt.ms(p.server_ttft_ms)))
+            if p.server_tokens_per_s is not None:
+                rows.append(("server tok/s", f"{p.server_tokens_per_s:.1f}"))
+            if p.load_ms is not None:
+                rows.append(("model load", fmt.ms(p.load_ms)))
+            if p.error:
+                rows.append(("error", (p.error, "$text-error")))
+        rows.append(("probe cost", cost))
+        rows.append(("health latency", _styled(fmt.latency_cell(b))))
+        for alert in b.alerts:
+            rows.append(("alert", (f"▲ {alert}", "$text-warning")))
+        return _rows(rows)
+
+    def _models(self, b: BackendSnapshot) -> Content:
+        lines: list[Content] = []
+        for model in b.expected_models:
+            if model in b.missing_models:
+                lines.append(Content.styled(f"✖ {model}  (expected, not served)", "$text-error"))
+            else:
+                lines.append(Content.styled(f"✓ {model}", "$text-success"))
+        # Ollama serves "llama3.2" as "llama3.2:latest"; that is the expected model, not an extra one.
+        expected = {m.removesuffix(":latest") for m in b.expected_models}
+        for model in b.models:
+            if model.removesuffix(":latest") not in expected:
+                lines.append(Content.styled(f"+ {model}  (served, not expected)", "$foreground-muted"))
+        loaded = b.extra.get("loaded_models")
+        if loaded is not None:
+            lines.append(Content.styled(f"loaded now: {', '.join(loaded) or 'none'}", "$foreground-muted"))
+        if not lines:
+            lines.append(Content.styled("none reported", "$foreground-muted"))
+        return Content("\n").join(lines)
+
+    def _breaker(self, b: BackendSnapshot) -> Content:
+        rate = "-" if b.error_rate is None else f"{b.error_rate:.0%}"
+        rows: list = [("state", _styled(fmt.circuit_badge(b))), ("error rate", rate)]
+        retry_at = b.extra.get("circuit_retry_at")
+        if retry_at is not None:
+            rows.append(("next trial", fmt.clock_time(retry_at)))
+        if b.retry_after_at is not None:
+            rows.append(("rate limited until", fmt.clock_time(b.retry_after_at)))
+        lines = [_rows(rows)]
+        for at, before, after in b.breaker_history[-ERRORS_SHOWN:]:
+            colour = "$text-error" if after == "open" else "$text-warning" if after == "half_open" else ""
+            lines.append(Content.assemble((fmt.clock_time(at), "$foreground-muted"), f" {before} -> ", (after, colour)))
+        if not b.breaker_history:
+            lines.append(Content.styled("no transitions", "$foreground-muted"))
+        return Content("\n").join(lines)
+
+    def _metrics(self, b: BackendSnapshot) -> Content:
+        m = b.metrics
+        error = b.extra.get("metrics_error")
+        if m is None:
+            return Content.styled(error or "no metrics endpoint read", "$foreground-muted")
+        rows: list = [
+            ("running", fmt.NONE.text if m.requests_running is None else f"{m.requests_running:g}"),
+            ("waiting", _styled(fmt.queue_cell(b))),
+            ("KV cache", _styled(fmt.kv_cell(b))),
+            ("server TTFT", fmt.ms(m.server_ttft_ms)),
+        ]
+        for name in sorted(m.raw)[:RAW_METRICS_SHOWN]:
+            rows.append((name, f"{m.raw[name]:g}"))
+        if len(m.raw) > RAW_METRICS_SHOWN:
+            rows.append(("", (f"… {len(m.raw) - RAW_METRICS_SHOWN} more series", "$foreground-muted")))
+        if error:
+            rows.append(("error", (error, "$text-error")))
+        return _rows(rows)
+
+    def _errors(self, b: BackendSnapshot) -> Content:
+        if not b.recent_errors:
+            return Content.styled("none", "$foreground-muted")
+        lines = [
+            Content.assemble((fmt.clock_time(at), "$foreground-muted"), " ", message)
+            for at, message in reversed(b.recent_errors[-ERRORS_SHOWN:])
+        ]
+        return Content("\n").join(lines)

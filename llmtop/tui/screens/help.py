@@ -1,0 +1,64 @@
+"""The `?` screen: every key, what it does, and which ones --read-only turns off."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from llmtop.tui.widgets.too_small import TooSmall
+
+# (key, what it does, changes state); kept within 76 columns so the help fits an 80x24 terminal.
+KEYS = (
+    ("↑ ↓ j k", "move between backends", False),
+    ("Enter", "details: charts, models, errors, breaker, metrics", False),
+    ("Esc", "back, close, or clear the filter", False),
+    ("p", "probe the selected backend now: a full round incl. a completion", False),
+    ("P", "probe every backend now; progress shows in the header", False),
+    ("d", "drain / undrain the selected backend (asks; survives restarts)", True),
+    ("t", "disable / enable the selected backend (survives restarts)", True),
+    ("r", "reload the config (also on SIGHUP and when the file changes)", True),
+    ("/", "filter by name, provider or status", False),
+    ("s", "cycle the sort: name, status, TTFT, tok/s, queue", False),
+    ("g", "show or hide the GPU panel", False),
+    ("T", "cycle the colour theme", False),
+    ("?", "this help", False),
+    ("q", "quit", False),
+)
+LEGEND = (
+    "● healthy  ▲ degraded  ✖ down  ◌ loading  ? unknown  ⟳ probing\n"
+    "⏸ draining  ○ disabled      circuit: closed · OPEN · half-open\n"
+    "! past its alarm level      ~ tokens counted from chunks, not usage"
+)
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Close"),
+        Binding("question_mark", "app.pop_screen", "Close", show=False),
+    ]
+
+    def __init__(self, read_only: bool) -> None:
+        super().__init__()
+        self.read_only = read_only
+
+    def compose(self) -> ComposeResult:
+        yield TooSmall()
+        with VerticalScroll(id="help") as scroll:
+            scroll.border_title = "llmtop keys"
+            scroll.border_subtitle = "read-only: [off] keys do nothing · Esc closes" if self.read_only else "Esc closes"
+            yield Static(self._keys(), id="help-keys")
+            yield Static(LEGEND, id="help-legend", markup=False)
+
+    def _keys(self) -> Content:
+        lines = []
+        for key, what, changes in KEYS:
+            off = self.read_only and changes
+            line = Content.assemble((f"{key:>8}  ", "bold $text-accent"), (what, "$foreground-muted" if off else ""))
+            if off:
+                line = line.append(Content.styled(" [off]", "$text-warning"))
+            lines.append(line)
+        return Content("\n").join(lines)

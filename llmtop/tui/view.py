@@ -1,0 +1,26 @@
+"""What the app hands its screens each tick: the snapshot plus the app's own state around it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmtop.config import Settings
+from llmtop.snapshot import FleetSnapshot
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A probe round the operator asked for: how many of its backends have answered."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class FleetView:
+    fleet: FleetSnapshot
+    settings: Settings
+    probing: frozenset[str] = frozenset()  # backends in a round the operator asked for, not yet answered
+    progress: Progress | None = None
+    read_only: bool = False
+    hint: str | None = None

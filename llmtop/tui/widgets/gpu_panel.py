@@ -1,0 +1,92 @@
+"""Local GPUs from NVML: utilization with a short history, memory, temperature, power; calm when there are none."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from textual.content import Content
+from textual.widget import Widget
+
+from llmtop.snapshot import GpuSnapshot, GpuStatus
+from llmtop.tui import format as fmt
+
+HISTORY = 60  # readings kept per GPU, about a minute at the engine's 1 s NVML cache
+WIDE = 72  # from this width one GPU fits on one line
+# Only heat gets a colour: full utilization is a busy server doing its job, and vLLM reserves
+# about 90% of GPU memory up front, so neither is an alarm. Most data-centre GPUs throttle near 85-90°C.
+TEMP_WARN_C, TEMP_BAD_C = 83.0, 90.0
+
+
+def _temperature_colour(temp: float | None) -> str:
+    if temp is None:
+        return "$foreground-muted"
+    return "$text-error" if temp >= TEMP_BAD_C else "$text-warning" if temp >= TEMP_WARN_C else ""
+
+
+def _short_name(name: str) -> str:
+    return name.removeprefix("NVIDIA ").removeprefix("GeForce ")[:16]
+
+
+class GpuPanel(Widget):
+    """Renders the latest GpuStatus; keeps its own utilization history per GPU."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._status: GpuStatus = GpuStatus(message="GPU not read yet")
+        self._util: dict[int, deque[float]] = {}
+
+    def show(self, status: GpuStatus) -> None:
+        if status is self._status:  # the engine replaces the object on each NVML read
+            return
+        if not status.gpus and status.message == self._status.message and not self._status.gpus:
+            return  # still no GPU: nothing to redraw
+        self._status = status
+        for gpu in status.gpus:
+            if gpu.utilization_pct is not None:
+                self._util.setdefault(gpu.index, deque(maxlen=HISTORY)).append(gpu.utilization_pct)
+        title = f"GPUs ({len(status.gpus)})" if status.gpus else "GPU"
+        if title != self.border_title:
+            self.border_title = title
+        self.refresh(layout=True)
+
+    def render(self) -> Content:
+        status = self._status
+        if not status.gpus:
+            return Content.styled(status.message or "no NVIDIA GPU", "$foreground-muted")
+        width = self.content_size.width
+        lines = [self._line(gpu, width) if width >= WIDE else self._two_lines(gpu, width) for gpu in status.gpus]
+        return Content("\n").join(lines)
+
+    def _parts(self, gpu: GpuSnapshot) -> dict[str, Content]:
+        util = gpu.utilization_pct
+        used, total = gpu.memory_used_mib, gpu.memory_total_mib
+        mem_fraction = used / total if used is not None and total else None
+        temp, power, limit = gpu.temperature_c, gpu.power_w, gpu.power_limit_w
+        util_text = "util   -" if util is None else f"util {util:3.0f}%"
+        mem_text = "mem -" if mem_fraction is None else f"mem {mem_fraction:4.0%} {used / 1024:.1f}/{total / 1024:.0f}G"
+        temp_text = "  -°C" if temp is None else f"{temp:3.0f}°C"
+        power_text = "-" if power is None else f"{power:.0f}/{limit:.0f}W" if limit else f"{power:.0f}W"
+        return {
+            "name": Content.styled(f"{gpu.index} {_short_name(gpu.name):<16}", "bold"),
+            "util": Content(util_text),
+            "mem": Content(mem_text),
+            "temp": Content.styled(temp_text + ("!" if temp is not None and temp >= TEMP_BAD_C else ""), _temperature_colour(temp)),
+            "power": Content(power_text),
+        }
+
+    def _spark(self, gpu: GpuSnapshot, width: int) -> Content:
+        return Content.styled(fmt.spark(self._util.get(gpu.index, ()), width, low=0, high=100), "$text-accent")
+
+    def _line(self, gpu: GpuSnapshot, width: int) -> Content:
+        p = self._parts(gpu)
+        fixed = Content("  ").join([p["mem"], p["temp"], p["power"]])
+        head = Content(" ").join([p["name"], p["util"]])
+        room = min(HISTORY, width - head.cell_length - fixed.cell_length - 4)
+        return Content(" ").join([head, self._spark(gpu, room), " ", fixed])
+
+    def _two_lines(self, gpu: GpuSnapshot, width: int) -> Content:
+        p = self._parts(gpu)
+        first = Content("  ").join([p["name"], p["temp"], p["power"]])
+        room = min(HISTORY, width - p["util"].cell_length - p["mem"].cell_length - 6)
+        second = Content(" ").join(["", p["util"], self._spark(gpu, room), p["mem"]])
+        return Content("\n").join([first, second])

@@ -1,0 +1,509 @@
+"""The live TUI over the real simulator on 127.0.0.1: every key, reloads good and broken, a hung backend, odd sizes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from llmtop.config import load_config
+from llmtop.engine import Engine
+from llmtop.simulator import SimBackend, Simulator
+from llmtop.state import StateStore
+from llmtop.tui.app import LlmtopApp
+from llmtop.tui.screens.confirm import ConfirmScreen
+from llmtop.tui.screens.detail import DetailScreen
+from llmtop.tui.screens.fleet import FleetScreen
+from llmtop.tui.screens.help import HelpScreen
+from llmtop.tui.widgets.fleet_table import FleetTable
+from llmtop.tui.widgets.gpu_panel import GpuPanel
+
+COMPLETIONS = "/v1/chat/completions"
+SIZE = (120, 36)
+
+
+def fleet() -> list[SimBackend]:
+    return [
+        SimBackend("alpha", "vllm", ttft_ms=30),
+        SimBackend("beta", "ollama", ["llama3.2"], ttft_ms=80),
+        SimBackend("gamma", "vllm", ttft_ms=150),
+    ]
+
+
+def config_text(sim: Simulator, backends: list[SimBackend], timeout_s: float = 2.0) -> str:
+    # A long probe interval: after the first probe, completions only happen when a key asks for one.
+    lines = [f"[settings]\nhealth_interval_s = 0.5\nprobe_interval_s = 3600\ntimeout_s = {timeout_s}\n"]
+    for b in backends:
+        models = ", ".join(f'"{m}"' for m in b.models)
+        lines.append(f'[[backend]]\nname = "{b.name}"\nprovider = "{b.provider}"\nurl = "{sim.url(b.name)}"\nmodels = [{models}]\n')
+    return "\n".join(lines)
+
+
+@pytest.fixture
+async def sim():
+    backends = fleet()
+    async with Simulator(backends) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "llmtop.toml", tmp_path / "state.json"
+
+
+@asynccontextmanager
+async def running(sim: Simulator, files, *, size=SIZE, read_only=False, timeout_s=2.0):
+    config_path, state_path = files
+    if not config_path.exists():
+        config_path.write_text(config_text(sim, list(sim.backends.values()), timeout_s))
+    engine = Engine(load_config(config_path), StateStore(state_path))
+    app = LlmtopApp(engine, config_path=config_path, read_only=read_only)
+    async with app.run_test(size=size) as pilot:
+        yield app, pilot
+
+
+def screen_text(app: LlmtopApp) -> str:
+    """What a terminal would show for the top screen (the compositor's strips, as plain text)."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+async def wait_for(pilot, condition, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await pilot.pause(0.05)
+
+
+async def settled(app, pilot) -> None:
+    """Every backend has been polled and probed once."""
+    await wait_for(
+        pilot,
+        lambda: app.view is not None and all(b.probe is not None for b in app.view.fleet.backends),
+        what="first probes",
+    )
+    app.refresh_fleet()
+    await pilot.pause()
+
+
+def table(app) -> FleetTable:
+    return app.screen.query_one(FleetTable)
+
+
+def row_names(app) -> list[str]:
+    return [row.key.value for row in table(app).ordered_rows]
+
+
+async def select(pilot, app, name: str) -> None:
+    t = table(app)
+    t.move_cursor(row=t.get_row_index(name))
+    await pilot.pause()
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+async def test_rows_show_every_backend_with_symbols_and_figures(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        assert sorted(row_names(app)) == ["alpha", "beta", "gamma"]
+        text = screen_text(app)
+        assert "● healthy" in text and "3 backends" in text
+        assert "closed" in text and "ms" in text
+
+
+async def test_state_written_by_another_llmtop_shows_up(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        StateStore(files[1]).set_admin("gamma", "draining")  # as `llmtop drain gamma` in another shell
+        await wait_for(pilot, lambda: "⏸ draining" in screen_text(app), what="draining badge")
+        assert app.view.fleet.backend("gamma").admin == "draining"
+
+
+# -- p and P --------------------------------------------------------------------------------
+
+
+async def test_p_probes_the_selected_backend_now(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "beta")
+        before = {n: b.requests["/api/chat"] + b.requests[COMPLETIONS] for n, b in sim.backends.items()}
+        await pilot.press("p")
+        await wait_for(pilot, lambda: sim.backends["beta"].requests["/api/chat"] > before["beta"], what="beta probed")
+        assert sim.backends["alpha"].requests[COMPLETIONS] == before["alpha"]
+        await wait_for(pilot, lambda: app.view.progress is None, what="round finished")
+
+
+async def test_P_probes_every_backend_with_visible_progress(sim, files):
+    for b in sim.backends.values():
+        b.ttft_ms = 400  # long enough for the round's progress to be on screen
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        before = {n: b.requests[COMPLETIONS] for n, b in sim.backends.items() if b.provider == "vllm"}
+        await pilot.press("P")
+        await pilot.pause()
+        assert app.view.progress is not None and app.view.progress.total == 3
+        assert "⟳ probing" in screen_text(app)
+        await wait_for(pilot, lambda: app.view.progress is None, what="round finished")
+        for name, count in before.items():
+            assert sim.backends[name].requests[COMPLETIONS] > count
+        assert "⟳ probing" not in screen_text(app)
+
+
+# -- d and t --------------------------------------------------------------------------------
+
+
+async def test_d_drains_after_confirmation_and_survives_a_restart(sim, files):
+    state_path = files[1]
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "alpha")
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Drain alpha?" in screen_text(app)
+        await pilot.press("n")
+        assert StateStore(state_path).admin("alpha") == "active"
+        await pilot.press("d", "y")
+        await pilot.pause()
+        assert isinstance(app.screen, FleetScreen)
+        assert StateStore(state_path).admin("alpha") == "draining"  # a fresh store: what a restart reads
+        await wait_for(pilot, lambda: "⏸ draining" in screen_text(app), what="draining badge")
+        await pilot.press("d")
+        assert "Undrain alpha?" in screen_text(app)
+        await pilot.press("y")
+        await pilot.pause()
+        assert StateStore(state_path).admin("alpha") == "active"
+    # A new app over the same state file starts with what the operator left.
+    StateStore(state_path).set_admin("beta", "draining")
+    async with running(sim, files) as (app, pilot):
+        assert app.view.fleet.backend("beta").admin == "draining"
+
+
+async def test_t_toggles_disabled_and_persists(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "gamma")
+        await pilot.press("t")
+        await pilot.pause()
+        assert StateStore(files[1]).admin("gamma") == "disabled"
+        assert "○ disabled" in screen_text(app)
+        await pilot.press("t")
+        await pilot.pause()
+        assert StateStore(files[1]).admin("gamma") == "active"
+
+
+async def test_read_only_turns_off_d_t_and_r(sim, files):
+    async with running(sim, files, read_only=True) as (app, pilot):
+        await settled(app, pilot)
+        await pilot.press("d", "t", "r")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, FleetScreen)  # no confirmation was asked
+        assert StateStore(files[1]).admin(table(app).selected_name) == "active"
+        assert not any(e.kind == "config" for e in app.engine.events)  # r did not reload
+        assert sum("read-only" in n.message for n in app._notifications) == 3
+        assert "[read-only]" in screen_text(app)
+
+
+# -- r and reloads --------------------------------------------------------------------------
+
+
+async def test_r_reloads_an_edited_config(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        sim.backends["delta"] = SimBackend("delta", "vllm")
+        config_path = files[0]
+        config_path.write_text(config_text(sim, list(sim.backends.values())))
+        await pilot.press("r")
+        await wait_for(pilot, lambda: "delta" in row_names(app), what="new row")
+        assert "delta" in screen_text(app)
+        assert any(e.kind == "config" and "reloaded" in e.message for e in app.view.fleet.events)
+
+
+async def test_r_with_a_broken_config_keeps_the_old_one_and_shows_the_error(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        config_path = files[0]
+        config_path.write_text(config_path.read_text().replace('provider = "ollama"', 'provider = "olama"'))
+        await pilot.press("r")
+        await wait_for(pilot, lambda: app.engine.config_error is not None, what="config error")
+        app.refresh_fleet()
+        await pilot.pause()
+        assert sorted(row_names(app)) == ["alpha", "beta", "gamma"]
+        assert "unknown provider 'olama'" in app.engine.config_error
+        text = screen_text(app)
+        assert "config error" in text and "unknown provider" in text
+        assert any("olama" in n.message for n in app._notifications)
+        assert any(e.kind == "config" and e.level == "error" for e in app.view.fleet.events)
+
+
+async def test_a_changed_config_file_reloads_by_itself(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        backends = [b for b in sim.backends.values() if b.name != "gamma"]
+        files[0].write_text(config_text(sim, backends))
+        await wait_for(pilot, lambda: "gamma" not in row_names(app), timeout=6, what="automatic reload")
+
+
+async def test_sighup_reloads(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        sim.backends["delta"] = SimBackend("delta", "vllm")
+        files[0].write_text(config_text(sim, list(sim.backends.values())))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(pilot, lambda: "delta" in row_names(app), timeout=1.5, what="reload on SIGHUP")
+        assert any(n.message.startswith("config reloaded (SIGHUP)") for n in app._notifications)
+
+
+# -- view keys ------------------------------------------------------------------------------
+
+
+async def test_slash_filters_live_and_esc_clears(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        await pilot.press("slash", "o", "l", "l")
+        await pilot.pause()
+        assert row_names(app) == ["beta"]  # by provider: ollama
+        assert "filter 'oll': 1 of 3" in screen_text(app)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert sorted(row_names(app)) == ["alpha", "beta", "gamma"]
+        assert table(app).has_focus
+
+
+async def test_s_cycles_the_sort_and_the_cursor_stays_on_its_backend(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "beta")
+        seen = []
+        for _ in range(5):
+            await pilot.press("s")
+            await pilot.pause()
+            seen.append(table(app).sort_name)
+            assert table(app).selected_name == "beta"
+            app.refresh_fleet()  # a tick must not move it either
+            await pilot.pause()
+            assert table(app).selected_name == "beta"
+        assert seen == ["ttft", "tps", "queue", "name", "status"]
+        await pilot.press("s")  # TTFT, slowest first
+        await pilot.pause()
+        assert row_names(app) == ["gamma", "beta", "alpha"]
+        assert "sort: TTFT, slowest first" in screen_text(app)
+
+
+async def test_g_shows_and_hides_the_gpu_panel(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        gpu = app.screen.query_one(GpuPanel)
+        assert gpu.display
+        await pilot.press("g")
+        assert not gpu.display
+        await pilot.press("g")
+        assert gpu.display
+
+
+async def test_enter_opens_details_and_esc_goes_back(sim, files):
+    async with running(sim, files, size=(160, 50)) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "beta")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, DetailScreen) and app.screen.backend == "beta"
+        text = screen_text(app)
+        assert "beta" in text and "✓ llama3.2" in text and "tokens/hour" in text
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, FleetScreen)
+        assert table(app).selected_name == "beta"
+
+
+async def test_question_mark_lists_every_key(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        text = screen_text(app)
+        for words in ("drain / undrain", "reload the config", "filter by", "cycle the sort", "GPU panel", "theme", "quit"):
+            assert words in text
+        await pilot.press("escape")
+        assert isinstance(app.screen, FleetScreen)
+
+
+async def test_T_cycles_the_theme(sim, files):
+    async with running(sim, files) as (app, pilot):
+        assert app.theme == "llmtop-dark"
+        assert {"llmtop-dark", "llmtop-light", "llmtop-high-contrast"} <= set(app.llmtop_themes)
+        seen = set()
+        for _ in app.llmtop_themes:
+            await pilot.press("T")
+            seen.add(app.theme)
+        assert seen == set(app.llmtop_themes)
+        assert app.theme == "llmtop-dark"
+
+
+async def test_q_quits(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await pilot.press("q")
+        await pilot.pause()
+        assert not app.is_running
+
+
+# -- faults and sizes -----------------------------------------------------------------------
+
+
+async def test_a_hung_backend_does_not_delay_keys(sim, files):
+    sim.backends["gamma"].fault = "hang"
+    async with running(sim, files, timeout_s=30) as (app, pilot):
+        await wait_for(pilot, lambda: app.view and app.view.fleet.backend("alpha").probe is not None, what="alpha probed")
+        await select(pilot, app, "gamma")
+        await pilot.press("p")  # asks the hung backend for more; it answers nothing for 30 s
+        for key, sort in (("s", "ttft"), ("s", "tps")):
+            started = time.perf_counter()
+            await pilot.press(key)
+            await wait_for(pilot, lambda: sort in screen_text(app) or table(app).sort_name == sort, timeout=1)
+            assert time.perf_counter() - started < 0.5
+        await select(pilot, app, "alpha")
+        started = time.perf_counter()
+        await pilot.press("t")
+        await wait_for(pilot, lambda: "○ disabled" in screen_text(app), timeout=1, what="disabled badge")
+        assert time.perf_counter() - started < 0.5
+        assert app.view.fleet.backend("gamma").probe is None  # still hanging, and nothing else waited
+
+
+async def test_below_the_usable_size_it_says_so(sim, files):
+    async with running(sim, files, size=(50, 12)) as (app, pilot):
+        await pilot.pause()
+        assert "terminal too small (need at least 60x15)" in screen_text(app)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause()
+        assert "too small" not in screen_text(app)
+        assert "3 backends" in screen_text(app)
+        assert table(app).has_focus
+
+
+async def test_compact_layout_fits_80x24(sim, files):
+    async with running(sim, files, size=(80, 24)) as (app, pilot):
+        await settled(app, pilot)
+        header = next(line for line in screen_text(app).splitlines() if "status" in line and "name" in line)
+        for column in ("TTFT", "tok/s", "queue", "KV", "models", "circuit"):
+            assert column in header
+        assert "provider" not in header
+        await pilot.resize_terminal(200, 50)
+        await pilot.pause()
+        header = next(line for line in screen_text(app).splitlines() if "status" in line and "name" in line)
+        for column in ("provider", "admin", "latency", "age", "TTFT trend"):
+            assert column in header
+
+
+async def test_run_tui_rejects_an_unknown_theme(capsys):
+    from argparse import Namespace
+
+    from llmtop.tui.run import run_tui
+
+    args = Namespace(config=None, state=None, demo=False, theme="no-such-theme", read_only=False)
+    assert await asyncio.to_thread(run_tui, args) == 2
+    err = capsys.readouterr().err
+    assert "unknown theme 'no-such-theme'" in err and "llmtop-dark" in err
+
+
+async def test_run_tui_reports_a_broken_config_in_one_line(tmp_path, capsys):
+    from argparse import Namespace
+
+    from llmtop.tui.run import run_tui
+
+    bad = tmp_path / "llmtop.toml"
+    bad.write_text('[[backend]]\nname = "a"\nprovider = "vllm"\nurl = "not a url"\n')
+    args = Namespace(config=str(bad), state=str(tmp_path / "s.json"), demo=False, theme=None, read_only=False)
+    assert await asyncio.to_thread(run_tui, args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "backend 'a'.url" in err and "Traceback" not in err
+
+
+async def test_a_bad_theme_file_is_skipped_with_its_name_and_key(tmp_path):
+    from llmtop.tui.themes import load_themes
+
+    (tmp_path / "mine.toml").write_text('name = "mine"\nprimary = "#123456"\nerror = "reddish"\n')
+    (tmp_path / "ok.toml").write_text('name = "ok"\nprimary = "#123456"\n')
+    loaded = load_themes((tmp_path,))
+    assert loaded.names == ("ok",)
+    assert "mine.toml" in loaded.errors[0] and "'error'" in loaded.errors[0]
+
+
+# -- formatting (pure) ------------------------------------------------------------------------
+
+
+def _snap(**kw):
+    from llmtop.snapshot import BackendSnapshot
+
+    base = dict(
+        name="x", provider="vllm", url="http://h", status="healthy", status_reason=None, circuit="closed",
+        admin="active", enabled=True, latency_ms=None, models=(), expected_models=(), missing_models=(),
+        alerts=(), metrics=None, probe=None, error=None, error_rate=None, last_health_at=None,
+        retry_after_at=None, probe_tokens_per_hour=0.0,
+    )
+    return BackendSnapshot(**{**base, **kw})
+
+
+def test_every_state_reads_without_colour():
+    from llmtop.tui import format as fmt
+
+    for status in ("healthy", "degraded", "down", "loading", "unknown"):
+        assert status in fmt.status_badge(_snap(status=status)).text
+    assert fmt.status_badge(_snap(admin="draining"), with_admin=True).text == "⏸ draining"
+    assert fmt.status_badge(_snap(admin="draining")).text == "● healthy"
+    assert [fmt.circuit_badge(_snap(circuit=c)).text for c in ("closed", "open", "half_open")] == ["closed", "OPEN", "half-open"]
+
+
+def test_figures_past_their_alarm_level_are_marked():
+    from llmtop.snapshot import Metrics, ProbeSummary
+    from llmtop.tui import format as fmt
+
+    probe = ProbeSummary("m", ttft_ms=6200, tokens_per_s=3.5, output_tokens=8, tokens_estimated=True, error=None, at=0)
+    b = _snap(probe=probe, metrics=Metrics(requests_waiting=12, kv_cache_usage=0.97), expected_models=("a", "b"), missing_models=("b",))
+    assert fmt.ttft_cell(b, slow_ms=5000) == fmt.Cell("6.2s!", fmt.BAD)
+    assert fmt.tps_cell(b) == fmt.Cell("3.5~!", fmt.BAD)
+    assert fmt.queue_cell(b) == fmt.Cell("12!", fmt.BAD)
+    assert fmt.kv_cell(b) == fmt.Cell("97%!", fmt.BAD)
+    assert fmt.models_cell(b) == fmt.Cell("1/2 !", fmt.WARN)
+    assert fmt.ttft_cell(_snap(), slow_ms=5000) == fmt.NONE
+
+
+def test_sorts_put_what_needs_attention_first():
+    from llmtop.snapshot import Metrics, ProbeSummary
+    from llmtop.tui import format as fmt
+
+    def probed(name, ttft, tps, **kw):
+        return _snap(name=name, probe=ProbeSummary("m", ttft, tps, 8, False, None, 0), **kw)
+
+    fleet = [
+        probed("a", 50, 100, metrics=Metrics(requests_waiting=0)),
+        probed("b", 900, 20, status="degraded", metrics=Metrics(requests_waiting=7)),
+        _snap(name="c", status="down"),
+        probed("d", 300, 5, admin="draining"),
+    ]
+    order = {name: [b.name for b in sorted(fleet, key=fmt.SORT_KEYS[name])] for name in fmt.SORT_NAMES}
+    assert order["status"] == ["c", "b", "d", "a"]
+    assert order["ttft"] == ["b", "d", "a", "c"]  # slowest first, never-probed last
+    assert order["tps"] == ["d", "b", "a", "c"]
+    assert order["queue"] == ["b", "a", "c", "d"]
+
+
+def test_shipped_themes_all_load():
+    from llmtop.tui.themes import load_themes, shipped_themes_dir
+
+    loaded = load_themes((shipped_themes_dir(),))
+    assert loaded.errors == ()
+    assert {"llmtop-dark", "llmtop-light", "llmtop-high-contrast"} <= set(loaded.names)
+
+
+def test_theme_files_can_be_named_by_file_name(tmp_path):
+    from llmtop.tui.themes import load_themes
+
+    (tmp_path / "night-shift.toml").write_text('name = "My Night Shift"\nprimary = "#123456"\n')
+    loaded = load_themes((tmp_path,))
+    assert loaded.resolve("night-shift") == loaded.resolve("My Night Shift") == "My Night Shift"
+    assert loaded.resolve("nope") is None
