@@ -304,6 +304,7 @@ class BackendTracker:
             queue_history=tuple(self.queue_history),
             breaker_history=tuple((engine.to_wall(t.at), t.from_state, t.to_state) for t in self.breaker.transitions),
             recent_errors=tuple(self.recent_errors),
+            in_flight=self.busy,
             seq=self.seq,
         )
         self._snapshot, self._snapshot_seq = snap, self.seq
@@ -485,6 +486,9 @@ class Engine:
         # Spread the first polls over one interval so 300 backends are not hit at the same instant.
         await self._wait(tracker, self._rng.uniform(0, min(1.0, self.config.settings.health_interval_s)))
         while self._running and self.trackers.get(tracker.name) is tracker:
+            # Cleared before the round, not after: a `p` pressed while this backend is busy must
+            # cut the next wait short, not be lost until the interval after.
+            tracker.wake.clear()
             try:
                 await self.refresh_backend(tracker.name, probe=self._probe_due(tracker))
             except Exception as exc:  # noqa: BLE001 - a bug in one backend's handling must not stop its loop
@@ -501,7 +505,6 @@ class Engine:
         return self.clock() >= tracker.next_probe_at
 
     async def _wait(self, tracker: BackendTracker, delay: float) -> None:
-        tracker.wake.clear()
         retry_at = tracker.breaker.retry_at()
         if retry_at is not None:
             delay = min(delay, max(0.0, retry_at - self.clock()))

@@ -84,6 +84,7 @@ class BackendSnapshot:
     queue_history: tuple[tuple[float, float], ...] = ()
     breaker_history: tuple[tuple[float, str, str], ...] = ()  # (wall time, from, to)
     recent_errors: tuple[tuple[float, str], ...] = ()
+    in_flight: bool = False  # a poll or probe of this backend is running now
     seq: int = 0  # bumps whenever anything about this backend changes
 
     def to_json(self) -> dict[str, Any]:

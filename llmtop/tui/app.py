@@ -17,7 +17,7 @@ from textual.screen import Screen
 
 from llmtop.config import Config, ConfigError, load_config
 from llmtop.engine import Engine
-from llmtop.snapshot import ProbeSummary
+from llmtop.snapshot import FleetSnapshot, ProbeSummary
 from llmtop.state import StateError
 from llmtop.tui.messages import AdminRequested, DetailsRequested, ProbeRequested
 from llmtop.tui.screens.confirm import ConfirmScreen
@@ -108,7 +108,7 @@ class LlmtopApp(App):
         fallback = DEFAULT_THEME if DEFAULT_THEME in self.llmtop_themes else "textual-dark"
         self.theme = theme or fallback
         self.view: FleetView | None = None
-        # A probe round the operator asked for: name -> what the tracker held when asked, to see it answer.
+        # A probe round the operator asked for: name -> what its snapshot held when asked, to see it answer.
         self._round: dict[str, tuple[float | None, ProbeSummary | None]] = {}
         self._round_total = 0
         self._round_deadline = 0.0
@@ -158,9 +158,10 @@ class LlmtopApp(App):
                 show(self.view)
 
     def _build_view(self) -> FleetView:
-        probing = self._round_progress()
+        fleet = self.engine.snapshot()
+        probing = self._round_progress(fleet)
         return FleetView(
-            fleet=self.engine.snapshot(),
+            fleet=fleet,
             settings=self.engine.config.settings,
             probing=probing,
             progress=Progress(self._round_total - len(probing), self._round_total) if self._round else None,
@@ -182,20 +183,22 @@ class LlmtopApp(App):
     # -- probe rounds -----------------------------------------------------------------------
 
     def on_probe_requested(self, message: ProbeRequested) -> None:
-        names = list(self.engine.trackers) if message.names is None else list(message.names)
-        if message.names is not None and len(names) == 1 and (tracker := self.engine.trackers.get(names[0])):
+        fleet = self.engine.snapshot()
+        backends = {b.name: b for b in fleet.backends}
+        names = list(backends) if message.names is None else [n for n in message.names if n in backends]
+        if message.names is not None and len(names) == 1:
+            b = backends[names[0]]
             # Say up front what the engine will skip, rather than show a probe that never comes.
-            if tracker.admin == "disabled":
-                self.notify(f"{tracker.name} is disabled: nothing is sent to it (t enables it)", severity="warning")
+            if b.admin == "disabled":
+                self.notify(f"{b.name} is disabled: nothing is sent to it (t enables it)", severity="warning")
                 return
-            if tracker.admin == "draining":
-                self.notify(f"{tracker.name} is draining: health, models and metrics only, no completion probe")
+            if b.admin == "draining":
+                self.notify(f"{b.name} is draining: health, models and metrics only, no completion probe")
         if not self._round:
             self._round_total = 0
         for name in names:
-            tracker = self.engine.trackers.get(name)
-            if tracker is not None and name not in self._round:
-                self._round[name] = (tracker.last_health_at, tracker.probe)
+            if name not in self._round:
+                self._round[name] = (backends[name].last_health_at, backends[name].probe)
                 self._round_total += 1
         settings = self.engine.config.settings
         self._round_deadline = time.monotonic() + 2 * settings.timeout_s + settings.health_interval_s
@@ -207,16 +210,15 @@ class LlmtopApp(App):
     def action_probe_all(self) -> None:
         self.post_message(ProbeRequested(None))
 
-    def _round_progress(self) -> frozenset[str]:
+    def _round_progress(self, fleet: FleetSnapshot) -> frozenset[str]:
         """Drop the backends that answered since they were asked; what is left is still probing."""
         if not self._round:
             return frozenset()
-        trackers = self.engine.trackers
         for name, (health_at, probe) in list(self._round.items()):
-            t = trackers.get(name)
-            answered = t is None or (not t.busy and (t.last_health_at != health_at or t.probe is not probe))
+            b = fleet.backend(name)
+            answered = b is None or (not b.in_flight and (b.last_health_at != health_at or b.probe is not probe))
             # A disabled or rate-limited backend is skipped by the engine, so it will never answer.
-            if answered or t.admin == "disabled" or t.rate_limited():
+            if answered or b.admin == "disabled" or b.retry_after_at is not None:
                 del self._round[name]
         if not self._round or time.monotonic() > self._round_deadline:
             self._round.clear()
@@ -231,21 +233,24 @@ class LlmtopApp(App):
         if self.read_only:
             self.notify(READ_ONLY, severity="warning")
             return
-        tracker = self.engine.trackers.get(message.backend)
-        if tracker is None:
+        b = self.engine.snapshot().backend(message.backend)
+        if b is None:
             return
-        name = tracker.name
+        name = b.name
         if message.action == "toggle":
-            if not tracker.config.enabled:
+            if not b.enabled:
                 self.notify(f"{name} has enabled = false in the config; edit the config to turn it on", severity="warning")
                 return
-            self._set_admin(name, "active" if tracker.admin == "disabled" else "disabled")
+            self._set_admin(name, "active" if b.admin == "disabled" else "disabled")
             return
-        if tracker.admin == "draining":
-            target, question = "active", f"Undrain {name}? Completion probes resume and readiness answers 200 again."
+        if b.admin == "draining":
+            target, question = "active", f"Undrain {name}? Completion probes resume."
         else:
             target = "draining"
-            question = f"Drain {name}? Completion probes stop and readiness answers 503, so load balancers move traffic away."
+            question = (
+                f"Drain {name}? Completion probes stop (health, models and metrics go on) and it shows as "
+                "draining here, in `llmtop check` and to any llmtop sharing this state file."
+            )
 
         def answered(yes: bool | None) -> None:
             if yes:
@@ -254,14 +259,14 @@ class LlmtopApp(App):
         self.push_screen(ConfirmScreen(question), answered)
 
     def _set_admin(self, name: str, state: str) -> None:
-        if name not in self.engine.trackers:
+        if self.engine.snapshot().backend(name) is None:
             return  # a reload removed it while the question was open
         try:
             self.engine.set_admin(name, state)
         except StateError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
-        self.notify(f"{name}: {self.engine.trackers[name].admin}")
+        self.notify(f"{name}: {self.engine.snapshot().backend(name).admin}")
         self.refresh_fleet()
 
     # -- config reload ----------------------------------------------------------------------
