@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -135,3 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+        if os.environ.get("LLMTOP_DEBUG"):
+            raise
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        print(f"llmtop: internal error, please report it (LLMTOP_DEBUG=1 shows where): {message}", file=sys.stderr)
+        return 2

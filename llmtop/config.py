@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -151,6 +153,8 @@ class _Checker:
             default = known[key].default
             expected = int if isinstance(default, int) and not isinstance(default, bool) else float
             self.typed(value, expected, f"{where}.{key}")
+            if not math.isfinite(value):
+                raise self.fail(f"{where}.{key}", f"must be a finite number, got {value}")
             if positive and value <= 0:
                 raise self.fail(f"{where}.{key}", f"must be greater than 0, got {value}")
             values[key] = expected(value)
@@ -166,6 +170,17 @@ def _check_url(chk: _Checker, url: str, where: str) -> str:
     except ValueError:
         raise chk.fail(where, f"'{url}' has a bad port") from None
     return url.rstrip("/")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _looks_like_env_name(value: str) -> bool:
+    """A variable name, and not a pasted key: keys are long runs of letters and digits with no
+    underscore (hex tokens, base62 secrets), names are words joined by underscores."""
+    if not _ENV_NAME.fullmatch(value):
+        return False
+    return "_" in value or len(value) < 20 or value.isupper() and not any(c.isdigit() for c in value)
 
 
 def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
@@ -195,7 +210,8 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
     for i, model in enumerate(models):
         chk.typed(model, str, f"{where}.models[{i}]")
     api_key_env = raw.get("api_key_env")
-    if api_key_env is not None and (not api_key_env or not api_key_env.replace("_", "").isalnum()):
+    if api_key_env is not None and not _looks_like_env_name(api_key_env):
+        # The value is not echoed: if it is a key, it must not reach a terminal or a log.
         raise chk.fail(
             f"{where}.api_key_env",
             "must be the NAME of an environment variable (like \"OPENAI_API_KEY\"), never the key itself",

@@ -159,7 +159,10 @@ class BackendTracker:
         if self.health is not None and self.health.loading:
             return False
         state = self.breaker.state
-        return state == "closed" or (state == "half_open" and not self.can_complete())
+        if state == "half_open":
+            # No probe goes to a server that does not answer its poll, so that poll is the trial.
+            return not self.can_complete() or bool(self.health and self.health.unreachable)
+        return state == "closed"
 
     def can_complete(self) -> bool:
         return self.admin == "active" and self.config.effective_probe_model is not None
@@ -193,12 +196,14 @@ class BackendTracker:
         """Recompute status, missing models and alerts, and turn changes into events."""
         self.seq += 1
         engine = self.engine
-        for t in self.breaker.transitions[self._transitions_seen :]:
+        self.breaker.state  # reading it moves an open breaker whose cooldown ended to half-open
+        new = min(self.breaker.transition_count - self._transitions_seen, len(self.breaker.transitions))
+        for t in self.breaker.transitions[len(self.breaker.transitions) - new :]:
             level = "error" if t.to_state == OPEN else "warning" if t.to_state == "half_open" else "info"
             engine.emit(
                 Event(engine.to_wall(t.at), self.name, "breaker", f"circuit {t.from_state} -> {t.to_state}: {t.reason}", level)
             )
-        self._transitions_seen = len(self.breaker.transitions)
+        self._transitions_seen = self.breaker.transition_count
 
         missing = ()
         if self.models is not None:
@@ -382,7 +387,7 @@ class Engine:
         return httpx.AsyncClient(
             timeout=httpx.Timeout(s.timeout_s),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
-            follow_redirects=True,
+            follow_redirects=False,  # see Adapter.raise_for_status
             headers={"User-Agent": "llmtop"},
             verify=self._ssl,
             trust_env=False,  # a fleet on private addresses must not go through an HTTP(S)_PROXY
@@ -577,21 +582,27 @@ class Engine:
                 self.trackers[backend.name] = prev
             else:
                 self.trackers[backend.name] = BackendTracker(self, backend)
-        settings_changed = config.settings != self.config.settings or config.breaker != self.config.breaker
+        before = self.config.settings
         self.config = config
         self.config_error = None
+        s = config.settings
+        if (s.max_concurrency, s.probe_concurrency) != (before.max_concurrency, before.probe_concurrency):
+            # Requests in flight finish under the slots they took; new ones take these.
+            self._poll_slots = asyncio.Semaphore(s.max_concurrency)
+            self._probe_slots = asyncio.Semaphore(s.probe_concurrency)
         for name, tracker in old.items():
             if self.trackers.get(name) is not tracker:
                 task = self._tasks.pop(name, None)
                 if task is not None:
                     task.cancel()
-                if tracker.client is not None:
-                    self._closing.add(asyncio.ensure_future(tracker.client.aclose()))
-                    self._closing = {t for t in self._closing if not t.done()}
+                self._close_client(tracker)
         for tracker in self.trackers.values():
-            if settings_changed:
-                tracker.breaker.settings = config.breaker
-                tracker.breaker.window.window_s = config.breaker.window_s
+            if s.timeout_s != before.timeout_s:
+                self._close_client(tracker)  # httpx's own per-read timeout lives in the client
+            if s.history != before.history:
+                for name in ("ttft_history", "tps_history", "latency_history", "queue_history"):
+                    setattr(tracker, name, deque(getattr(tracker, name), maxlen=s.history))
+            tracker.breaker.reconfigure(config.breaker)
             tracker.update()
             if self._running and tracker.name not in self._tasks:
                 self._start_tracker(tracker)
@@ -600,6 +611,12 @@ class Engine:
         self.emit(
             Event(self.wall(), None, "config", f"config reloaded: {len(self.trackers)} backends (+{added} -{removed})")
         )
+
+    def _close_client(self, tracker: BackendTracker) -> None:
+        if tracker.client is not None:
+            self._closing.add(asyncio.ensure_future(tracker.client.aclose()))
+            self._closing = {t for t in self._closing if not t.done()}
+            tracker.client = tracker.adapter = None
 
     def note_config_error(self, message: str) -> None:
         self.config_error = message

@@ -79,7 +79,8 @@ class CircuitBreaker:
         self.opened_at: float | None = None
         self.cooldown_s = settings.cooldown_s
         self._half_open_successes = 0
-        self.transitions: list[Transition] = []
+        self.transitions: list[Transition] = []  # the last 50
+        self.transition_count = 0  # ever, so a reader of the trimmed list knows what is new
 
     @property
     def state(self) -> str:
@@ -95,6 +96,17 @@ class CircuitBreaker:
         if self._state == OPEN and self.opened_at is not None:
             return self.opened_at + self.cooldown_s
         return None
+
+    def reconfigure(self, settings: BreakerSettings) -> None:
+        """New thresholds from a reloaded config; the state and its history stay."""
+        if settings == self.settings:
+            return
+        self.settings = settings
+        self.window.window_s = settings.window_s
+        if self._state != OPEN:
+            self.cooldown_s = settings.cooldown_s
+        else:
+            self.cooldown_s = min(self.cooldown_s, settings.max_cooldown_s)
 
     def allows_probe(self) -> bool:
         return self.state != OPEN
@@ -134,6 +146,7 @@ class CircuitBreaker:
 
     def _move(self, to_state: str, reason: str, at: float | None = None) -> None:
         self.transitions.append(Transition(self.clock() if at is None else at, self._state, to_state, reason))
+        self.transition_count += 1
         del self.transitions[:-50]
         self._state = to_state
 

@@ -95,9 +95,9 @@ class ProbeResult:
     load_ms: float | None = None
 
     @classmethod
-    def from_meter(cls, model: str | None, meter: StreamMeter, **server) -> "ProbeResult":
+    def from_meter(cls, model: str | None, meter: StreamMeter, what: str = "stream", **server) -> "ProbeResult":
         if meter.first_at is None:
-            return cls(model, ok=False, error="stream ended without any generated text")
+            return cls(model, ok=False, error=f"{what}: the stream ended without any generated text")
         return cls(
             model,
             ok=True,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, last writer wins
+    fcntl = None
 
 from llmtop.snapshot import ADMIN_STATES
 
@@ -60,12 +66,27 @@ class StateStore:
     def set_admin(self, name: str, state: str) -> None:
         if state not in ADMIN_STATES:
             raise ValueError(f"unknown admin state {state!r}")
-        self.refresh()  # keep changes another process made since we last looked
-        if state == "active":
-            self._admin.pop(name, None)
-        else:
-            self._admin[name] = state
-        self._write()
+        with self._lock():
+            self.refresh()  # keep changes another process made since we last looked
+            if state == "active":
+                self._admin.pop(name, None)
+            else:
+                self._admin[name] = state
+            self._write()
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """Read-modify-write under an exclusive lock: `for b in a b c; do llmtop drain $b & done`
+        must drain all three, not whichever wrote last."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path.with_name(self.path.name + ".lock"), "a")
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot lock state file: {exc.strerror}") from None
+        with handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def _write(self) -> None:
         data = json.dumps({"admin": dict(sorted(self._admin.items()))}, indent=2) + "\n"

@@ -308,3 +308,63 @@ async def test_live_loop_polls_probes_and_force_probe(state):
             await asyncio.sleep(0.3)
             assert sb.requests["/v1/chat/completions"] == 2
             await engine.stop()
+
+
+# -- regressions found in review ------------------------------------------------------------------
+
+
+async def test_half_open_backend_that_stays_unreachable_reopens_with_a_longer_cooldown(state):
+    sb = SimBackend("dead", fault="reset")
+    async with Simulator([sb]) as sim:
+        config = make_config(sim, [sb], consecutive_failures=1, cooldown_s=0.3)
+        async with Engine(config, state) as engine:
+            await engine.run_round()
+            tracker = engine.trackers["dead"]
+            assert tracker.breaker.state == "open"
+            await asyncio.sleep(0.35)
+            assert tracker.breaker.state == "half_open"
+            await engine.run_round()  # the poll is the trial: no probe goes to a server that resets
+            assert tracker.breaker.state == "open" and tracker.breaker.cooldown_s == pytest.approx(0.6)
+            assert sb.requests["/v1/chat/completions"] == 0
+
+
+def test_breaker_events_keep_coming_after_fifty_transitions(tmp_path):
+    from llmtop.health import CircuitBreaker
+
+    clock = [0.0]
+    config = Config(breaker=BreakerSettings(consecutive_failures=1, cooldown_s=1, max_cooldown_s=1),
+                    backends=(BackendConfig("b", "vllm", "http://127.0.0.1:9"),))
+    engine = Engine(config, StateStore(tmp_path / "s.json"), clock=lambda: clock[0], wall=lambda: clock[0])
+    tracker = engine.trackers["b"]
+    for _ in range(40):  # closed -> open -> half_open -> open ... 80 transitions
+        tracker.breaker.record(False)
+        tracker.update()
+        clock[0] += 1
+        tracker.update()
+    events = [e for e in engine.events if e.kind == "breaker"]
+    assert tracker.breaker.transition_count == 80 and len(events) == 80
+    assert isinstance(tracker.breaker, CircuitBreaker)
+
+
+async def test_reload_applies_a_new_timeout_to_requests(state):
+    sb = SimBackend("slow", fault="slow_headers", fault_arg=1.0)
+    async with Simulator([sb]) as sim:
+        async with Engine(make_config(sim, [sb], timeout_s=0.4), state) as engine:
+            await engine.run_round(probe=False)
+            assert "within 0.4s" in engine.snapshot().backends[0].error
+            engine.reload(make_config(sim, [sb], timeout_s=3))
+            await engine.run_round(probe=False)
+            b = engine.snapshot().backends[0]
+            assert b.error is None and b.latency_ms > 900  # waited for the slow answer this time
+
+
+def test_two_processes_draining_at_once_lose_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "state.json"
+    code = "import sys; from llmtop.state import StateStore; StateStore(sys.argv[1]).set_admin(sys.argv[2], 'draining')"
+    for round_ in range(5):
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(path), f"b{round_}-{i}"]) for i in range(6)]
+        assert all(p.wait(timeout=30) == 0 for p in procs)
+    assert len(StateStore(path)._admin) == 30

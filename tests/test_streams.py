@@ -179,3 +179,103 @@ async def test_ollama_stream_cut_before_done():
     async with RawServer([(0, lines[0])], content_type="application/x-ndjson") as server:
         result = await probe("ollama", server, model="llama3.2")
     assert not result.ok and "without the final done:true" in result.error
+
+
+@pytest.mark.parametrize(
+    "provider, body",
+    [
+        ("vllm", b'data: {"choices": ["x"]}\n\n'),
+        ("vllm", b'data: {"choices": [{"delta": {"content": "a"}}], "usage": {"completion_tokens": "n/a"}}\n\ndata: [DONE]\n\n'),
+        ("vllm", b"data: [1, 2]\n\n"),
+        ("anthropic", b"event: content_block_delta\ndata: [1]\n\n"),
+        ("anthropic", b'event: content_block_delta\ndata: {"delta": "x"}\n\nevent: message_stop\ndata: {}\n\n'),
+        ("ollama", b'{"message": "hi", "done": false}\n{"done": true, "eval_count": "many"}\n'),
+        ("vllm", b"data: " + b"[" * 100_000 + b"\n\n"),
+    ],
+)
+async def test_wrongly_shaped_json_is_a_failed_probe_never_an_exception(provider, body):
+    ctype = "application/x-ndjson" if provider == "ollama" else "text/event-stream"
+    async with RawServer([(0, body)], content_type=ctype) as server:
+        result = await probe(provider, server, model="llama3.2" if provider == "ollama" else "m")
+    # Either a clear failure, or (for harmless oddities) a success that did not invent numbers.
+    assert result.error is None or result.error.startswith("POST ")
+    assert result.ok is (result.error is None)
+
+
+async def test_openai_stream_that_ends_early_without_done_is_truncated():
+    pieces = [(0, chunk(role=True) + b"\n\n"), (0.01, chunk("a") + b"\n\n"), (0.01, chunk("b") + b"\n\n")]
+    async with RawServer(pieces, chunked=True) as server:
+        result = await probe("vllm", server)
+    assert not result.ok and "stream ended before [DONE]" in result.error and result.ttft_ms is not None
+
+
+async def test_endless_stream_is_cut_at_the_cap_not_buffered():
+    pieces = [(0, b"data: " + b"x" * (6 * 1024 * 1024))]
+    async with RawServer(pieces) as server:
+        result = await probe("vllm", server, timeout=10)
+    assert not result.ok and "stream over 4 MiB" in result.error
+
+
+async def test_huge_error_body_reports_the_status_not_a_timeout():
+    class ErrorServer(RawServer):
+        async def handle(self, reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")
+            try:
+                for _ in range(2000):
+                    writer.write(b"oops " * 2000)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            writer.close()
+
+    async with ErrorServer([]) as server:
+        start = time.perf_counter()
+        result = await probe("vllm", server, timeout=5)
+    assert not result.ok and "HTTP 500" in result.error and time.perf_counter() - start < 2
+
+
+async def test_key_with_trailing_newline_is_trimmed_and_never_shown(monkeypatch):
+    from llmtop.simulator import SimBackend, Simulator
+
+    monkeypatch.setenv("K", "sk-SECRET123456\r\n")
+    sb = SimBackend("b", api_key="sk-SECRET123456")
+    async with Simulator([sb]) as sim:
+        async with httpx.AsyncClient() as client:
+            cfg = BackendConfig("b", "vllm", sim.url("b"), ("meta-llama/Llama-3.1-8B-Instruct",), api_key_env="K")
+            adapter = adapter_class("vllm")(cfg, client, 3, 8)
+            result = await adapter.probe("meta-llama/Llama-3.1-8B-Instruct")
+            assert result.ok, result.error
+            assert "SECRET" not in adapter.redact("Illegal header value b'Bearer sk-SECRET123456\\r\\n'")
+
+
+async def test_anthropic_key_is_not_carried_across_a_redirect(monkeypatch):
+    monkeypatch.setenv("AK", "sk-ant-SECRET-123456")
+    seen = []
+
+    async def other_origin(reader, writer):
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"data\":[]}")
+        await writer.drain()
+        writer.close()
+
+    other = await asyncio.start_server(other_origin, "127.0.0.1", 0)
+    target = f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}/v1/models"
+
+    async def redirector(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    first = await asyncio.start_server(redirector, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{first.sockets[0].getsockname()[1]}"
+    try:
+        async with httpx.AsyncClient(follow_redirects=False) as client:
+            adapter = adapter_class("anthropic")(BackendConfig("a", "anthropic", url, ("m",), api_key_env="AK"), client, 3, 8)
+            result = await adapter.poll()
+    finally:
+        first.close()
+        other.close()
+    assert not seen  # nothing, and so no key, reached the other origin
+    assert "redirect to" in result.health.error and "SECRET" not in result.health.error

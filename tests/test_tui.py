@@ -291,7 +291,7 @@ async def test_s_cycles_the_sort_and_the_cursor_stays_on_its_backend(sim, files)
         assert seen == ["ttft", "tps", "queue", "name", "status"]
         await pilot.press("s")  # TTFT, slowest first
         await pilot.pause()
-        assert row_names(app) == ["gamma", "beta", "alpha"]
+        assert row_names(app) == ["gamma", "beta", "alpha"], [(b.name, b.probe) for b in app.view.fleet.backends]
         assert "sort: TTFT, slowest first" in screen_text(app)
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from httpx_sse import EventSource, SSEError
 
 from llmtop.probe import ProbeError, ProbeResult, StreamMeter
 from llmtop.providers import register
-from llmtop.providers.base import PROBE_PROMPT, Adapter
+from llmtop.providers.base import PROBE_PROMPT, Adapter, CappedStream
 
 API_VERSION = "2023-06-01"
 _TEXT_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
@@ -44,7 +43,7 @@ class Anthropic(Adapter):
         }
         return await self.stream_probe("/v1/messages", body, model, self.read_stream)
 
-    async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
+    async def read_stream(self, response: CappedStream, meter: StreamMeter) -> dict[str, Any]:
         try:
             async for event in EventSource(response).aiter_sse():
                 if not event.data.strip() or meter.finished:
@@ -52,13 +51,17 @@ class Anthropic(Adapter):
                 data = self.json_event(event.data, "POST /v1/messages")
                 kind = event.event if event.event != "message" else data.get("type")
                 if kind == "content_block_delta":
-                    delta = data.get("delta") or {}
-                    meter.text(delta.get(_TEXT_FIELDS.get(delta.get("type"), "text")))
+                    delta = data.get("delta")
+                    if isinstance(delta, dict):
+                        text = delta.get(_TEXT_FIELDS.get(delta.get("type"), "text"))
+                        meter.text(text if isinstance(text, str) else None)
                 elif kind == "message_delta":
                     # output_tokens here is cumulative: the last one is the total.
-                    meter.usage((data.get("usage") or {}).get("output_tokens"))
+                    usage = data.get("usage")
+                    if isinstance(usage, dict) and isinstance(usage.get("output_tokens"), int):
+                        meter.usage(usage["output_tokens"])
                 elif kind == "error":
-                    err = data.get("error") or {}
+                    err = data.get("error") if isinstance(data.get("error"), dict) else {}
                     raise ProbeError(f"POST /v1/messages: error in stream: {err.get('type')}: {err.get('message')}")
                 elif kind == "message_stop":
                     meter.finished = True

@@ -19,6 +19,8 @@ from llmtop.probe import HealthResult, ModelsResult, ProbeError, ProbeResult, St
 from llmtop.snapshot import Metrics
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_STREAM_BYTES = 4 * 1024 * 1024
+MAX_ERROR_BYTES = 64 * 1024
 PROBE_PROMPT = "Count from 1 to 50, separated by spaces."
 
 
@@ -40,8 +42,8 @@ class Response:
     def json(self, what: str) -> Any:
         try:
             return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProbeError(f"bad JSON from {what}: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ProbeError(f"bad JSON from {what}: {str(exc)[:120]}") from None
 
     @property
     def text(self) -> str:
@@ -109,17 +111,25 @@ class Adapter:
     # -- plumbing ---------------------------------------------------------------------------
 
     def api_key(self) -> str | None:
+        """The key from the environment, trimmed: a key pasted from a CRLF .env file ends in \\r."""
         if not self.backend.api_key_env:
             return None
-        return os.environ.get(self.backend.api_key_env) or None
+        key = os.environ.get(self.backend.api_key_env, "").strip()
+        if key and not key.isascii():
+            raise ProbeError(f"${self.backend.api_key_env} holds non-ASCII characters; an API key never does")
+        return key or None
 
     def headers(self) -> dict[str, str]:
         key = self.api_key()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def redact(self, message: str) -> str:
-        key = self.api_key()
-        return message.replace(key, "***") if key and len(key) >= 4 else message
+        """Never let a key reach the screen, also in the forms an error message may quote it."""
+        raw = os.environ.get(self.backend.api_key_env or "", "") if self.backend.api_key_env else ""
+        for form in {raw, raw.strip(), repr(raw)[1:-1], repr(raw.strip())[1:-1]}:
+            if len(form) >= 4:
+                message = message.replace(form, "***")
+        return message
 
     def describe_exception(self, exc: BaseException, what: str) -> str:
         if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
@@ -164,6 +174,11 @@ class Adapter:
         return response
 
     def raise_for_status(self, response: Response, what: str) -> None:
+        if 300 <= response.status < 400:
+            # Redirects are not followed: httpx would carry a custom auth header (x-api-key) to
+            # another origin. Point the config at the final address instead.
+            where = response.headers.get("location", "?")
+            raise ProbeError(f"{what}: HTTP {response.status} redirect to {where}; put that address in the config")
         retry = retry_after_seconds(response.headers.get("retry-after")) if response.status in (429, 503) else None
         if response.status == 429:
             hint = f", retry after {retry:.0f}s" if retry is not None else ""
@@ -189,21 +204,30 @@ class Adapter:
         what = f"POST {path}"
 
         async def run() -> ProbeResult:
+            headers = self.headers()
             meter.begin()
-            async with self.client.stream("POST", self.base + path, json=body, headers=self.headers()) as resp:
+            async with self.client.stream("POST", self.base + path, json=body, headers=headers) as resp:
                 if resp.status_code != 200:
-                    raw = await resp.aread()
-                    self.raise_for_status(Response(resp.status_code, resp.headers, raw[:MAX_BODY_BYTES], 0.0), what)
-                server = await read_events(resp, meter) or {}
-            return ProbeResult.from_meter(model, meter, **server)
+                    raw = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        raw += chunk
+                        if len(raw) > MAX_ERROR_BYTES:
+                            break  # an error page needs no more than its first lines
+                    self.raise_for_status(Response(resp.status_code, resp.headers, bytes(raw[:MAX_ERROR_BYTES]), 0.0), what)
+                server = await read_events(CappedStream(resp, what), meter) or {}
+            return ProbeResult.from_meter(model, meter, what, **server)
 
         try:
             return await bounded(run(), self.timeout_s)
         except ProbeError as exc:
             return self._failed(model, meter, self.redact(str(exc)), exc.retry_after_s)
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as exc:
+            # JSON that parsed but is not shaped like this protocol's chunks.
+            message = f"{what}: unexpected stream content ({type(exc).__name__}: {exc})"
+            return self._failed(model, meter, self.redact(message[:300]), None)
         except (asyncio.TimeoutError, httpx.HTTPError, OSError) as exc:
             if meter.finished:  # everything was measured; only the tail after the end marker failed
-                return ProbeResult.from_meter(model, meter)
+                return ProbeResult.from_meter(model, meter, what)
             message = self.describe_exception(exc, what)
             if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) and meter.text_chunks:
                 message = f"{what}: stream truncated after {meter.text_chunks} text chunks ({type(exc).__name__})"
@@ -222,11 +246,14 @@ class Adapter:
         )
 
     @staticmethod
-    def json_event(data: str, what: str) -> Any:
+    def json_event(data: str, what: str) -> dict:
         try:
-            return json.loads(data)
-        except ValueError as exc:
+            obj = json.loads(data)
+        except (ValueError, RecursionError) as exc:
             raise ProbeError(f"{what}: bad JSON in stream: {exc}: {data[:60]!r}") from None
+        if not isinstance(obj, dict):
+            raise ProbeError(f"{what}: unexpected stream chunk {data[:60]!r}")
+        return obj
 
     # -- what each protocol answers ---------------------------------------------------------
 
@@ -284,6 +311,8 @@ class Adapter:
     async def _health_outcome(self) -> HealthResult:
         try:
             return await self.health()
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+            return HealthResult(ok=False, error=self.redact(f"{self.health_path}: unexpected answer ({type(exc).__name__}: {exc})"[:300]))
         except ProbeError as exc:
             return HealthResult(
                 ok=False, error=str(exc), retry_after_s=exc.retry_after_s, unreachable=exc.transport
@@ -295,6 +324,8 @@ class Adapter:
             result = await self.models()
         except ProbeError as exc:
             return ModelsResult(None, error=str(exc), extra={"retry_after_s": exc.retry_after_s, "unreachable": exc.transport})
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+            return ModelsResult(None, error=self.redact(f"{self.models_path}: unexpected answer ({type(exc).__name__}: {exc})"[:300]))
         result.extra.setdefault("latency_ms", (time.perf_counter() - start) * 1000.0)
         return result
 
@@ -308,7 +339,32 @@ class Adapter:
         raise NotImplementedError
 
 
-async def iter_ndjson(response: httpx.Response) -> AsyncIterator[str]:
-    async for line in response.aiter_lines():
-        if line.strip():
-            yield line
+class CappedStream:
+    """The parts of a streamed response the stream readers use, failing past MAX_STREAM_BYTES.
+
+    A probe asks for a handful of tokens; a server that streams megabytes, or one endless line,
+    is misbehaving, and must not be buffered until the timeout.
+    """
+
+    def __init__(self, response: httpx.Response, what: str):
+        self._response = response
+        self.headers = response.headers
+        self.what = what
+
+    async def aiter_text(self) -> AsyncIterator[str]:
+        async for text in self._response.aiter_text():
+            if self._response.num_bytes_downloaded > MAX_STREAM_BYTES:
+                raise ProbeError(f"{self.what}: stream over {MAX_STREAM_BYTES // (1024 * 1024)} MiB, not read further")
+            yield text
+
+
+async def iter_ndjson(stream: CappedStream) -> AsyncIterator[str]:
+    buffer = ""
+    async for text in stream.aiter_text():
+        buffer += text
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                yield line
+    if buffer.strip():
+        yield buffer

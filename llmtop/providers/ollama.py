@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 
 from llmtop.probe import HealthResult, ModelsResult, ProbeError, ProbeResult, StreamMeter
 from llmtop.providers import register
-from llmtop.providers.base import PROBE_PROMPT, Adapter, iter_ndjson
+from llmtop.providers.base import PROBE_PROMPT, Adapter, CappedStream, iter_ndjson
 
 
 @register
@@ -53,18 +52,18 @@ class Ollama(Adapter):
         }
         return await self.stream_probe("/api/chat", body, model, self.read_stream)
 
-    async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
+    async def read_stream(self, response: CappedStream, meter: StreamMeter) -> dict[str, Any]:
         server: dict[str, Any] = {}
         async for line in iter_ndjson(response):
             if meter.finished:
                 continue
             obj = self.json_event(line, "POST /api/chat")
-            if not isinstance(obj, dict):
-                raise ProbeError(f"POST /api/chat: unexpected stream line {line[:60]!r}")
             if obj.get("error"):
                 raise ProbeError(f"POST /api/chat: error in stream: {obj['error']}")
-            message = obj.get("message") or {}
-            meter.text(message.get("content") or message.get("thinking"))
+            message = obj.get("message")
+            if isinstance(message, dict):
+                text = message.get("content") or message.get("thinking")
+                meter.text(text if isinstance(text, str) else None)
             if obj.get("done"):
                 meter.finished = True
                 server = self._server_timings(obj, meter)
@@ -74,7 +73,8 @@ class Ollama(Adapter):
 
     @staticmethod
     def _server_timings(final: dict, meter: StreamMeter) -> dict[str, Any]:
-        meter.usage(final.get("eval_count"))
+        if isinstance(final.get("eval_count"), int):
+            meter.usage(final["eval_count"])
         out: dict[str, Any] = {}
         eval_count, eval_ns = final.get("eval_count"), final.get("eval_duration")
         if isinstance(eval_count, int) and isinstance(eval_ns, (int, float)) and eval_ns > 0 and eval_count > 1:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from httpx_sse import EventSource, SSEError
 
 from llmtop.probe import ProbeError, ProbeResult, StreamMeter
 from llmtop.providers import register
-from llmtop.providers.base import PROBE_PROMPT, Adapter
+from llmtop.providers.base import PROBE_PROMPT, Adapter, CappedStream
 
 
 def chunk_text(chunk: dict) -> str | None:
     """Generated text in one chat.completion.chunk: content, or reasoning text from reasoning models."""
     for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") or {}
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
         for key in ("content", "reasoning_content", "reasoning"):
             value = delta.get(key)
             if isinstance(value, str) and value:
@@ -32,15 +33,19 @@ class OpenAICompatible(Adapter):
         body = {
             "model": model,
             "messages": [{"role": "user", "content": PROBE_PROMPT}],
-            "max_tokens": self.max_tokens,
-            "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **self.limits(),
         }
         return await self.stream_probe("/v1/chat/completions", body, model, self.read_stream)
 
-    async def read_stream(self, response: httpx.Response, meter: StreamMeter) -> dict[str, Any]:
+    def limits(self) -> dict[str, Any]:
+        """Servers imitating OpenAI know max_tokens; OpenAI itself deprecated it (see OpenAI)."""
+        return {"max_tokens": self.max_tokens, "temperature": 0}
+
+    async def read_stream(self, response: CappedStream, meter: StreamMeter) -> dict[str, Any]:
         server: dict[str, Any] = {}
+        finish_reason = None
         try:
             async for event in EventSource(response).aiter_sse():
                 data = event.data.strip()
@@ -57,14 +62,20 @@ class OpenAICompatible(Adapter):
                     message = err.get("message") if isinstance(err, dict) else err
                     raise ProbeError(f"POST /v1/chat/completions: error in stream: {message}")
                 meter.text(chunk_text(chunk))
+                for choice in chunk.get("choices") or ():
+                    if isinstance(choice, dict) and choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
                 usage = chunk.get("usage")
-                if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                     meter.usage(usage["completion_tokens"])
                 server.update(self.server_timings(chunk))
         except SSEError as exc:
             raise ProbeError(f"POST /v1/chat/completions: not an event stream ({exc})") from None
-        if not meter.finished and meter.usage_tokens is None and meter.text_chunks == 0:
-            raise ProbeError("POST /v1/chat/completions: stream ended before any data")
+        if not (meter.finished or finish_reason or meter.usage_tokens is not None):
+            # Neither [DONE], nor a finish_reason, nor usage: the body ended mid-answer.
+            raise ProbeError(
+                f"POST /v1/chat/completions: stream ended before [DONE] (truncated after {meter.text_chunks} text chunks)"
+            )
         return server
 
     def server_timings(self, chunk: dict) -> dict[str, Any]:
@@ -75,3 +86,8 @@ class OpenAICompatible(Adapter):
 @register
 class OpenAI(OpenAICompatible):
     provider = "openai"
+
+    def limits(self) -> dict[str, Any]:
+        # OpenAI's reasoning models refuse max_tokens and any temperature but the default;
+        # max_completion_tokens is accepted by every current chat model.
+        return {"max_completion_tokens": self.max_tokens}
