@@ -53,9 +53,9 @@ async def _try(client: httpx.AsyncClient, host: str, provider: str, port: int, p
     return Found(provider, url, models)
 
 
-async def discover(host: str = "127.0.0.1", timeout_s: float = 1.0) -> list[Found]:
+async def discover(host: str = "127.0.0.1", timeout_s: float = 1.0, known=KNOWN_PORTS) -> list[Found]:
     async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
-        results = await asyncio.gather(*(_try(client, host, *spec) for spec in KNOWN_PORTS))
+        results = await asyncio.gather(*(_try(client, host, *spec) for spec in known))
     return [r for r in results if r is not None]
 
 
