@@ -291,7 +291,12 @@ async def test_s_cycles_the_sort_and_the_cursor_stays_on_its_backend(sim, files)
         assert seen == ["ttft", "tps", "queue", "name", "status"]
         await pilot.press("s")  # TTFT, slowest first
         await pilot.pause()
-        assert row_names(app) == ["gamma", "beta", "alpha"], [(b.name, b.probe) for b in app.view.fleet.backends]
+        # Slowest first, by the TTFTs the probes measured (30/80/150 ms configured; a probe that
+        # failed on a loaded machine has none and sorts last).
+        ttft = {b.name: b.probe.ttft_ms if b.probe and b.probe.ttft_ms is not None else -1 for b in app.view.fleet.backends}
+        assert row_names(app) == sorted(ttft, key=lambda n: -ttft[n])
+        if min(ttft.values()) > 0:
+            assert row_names(app) == ["gamma", "beta", "alpha"]
         assert "sort: TTFT, slowest first" in screen_text(app)
 
 
@@ -507,3 +512,28 @@ def test_theme_files_can_be_named_by_file_name(tmp_path):
     loaded = load_themes((tmp_path,))
     assert loaded.resolve("night-shift") == loaded.resolve("My Night Shift") == "My Night Shift"
     assert loaded.resolve("nope") is None
+
+
+async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files):
+    from test_gpu import FakeGpu, FakeNvml
+
+    from llmtop.gpu import GpuReader
+
+    config_path, state_path = files
+    config_path.write_text(config_text(sim, list(sim.backends.values())))
+    gpu = FakeGpu(gpu_util=87, temperature=61, power_mw=312_500)
+    engine = Engine(load_config(config_path), StateStore(state_path), gpu=GpuReader(nvml=FakeNvml([gpu]), cache_s=0.1))
+    app = LlmtopApp(engine, config_path=config_path)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await wait_for(pilot, lambda: app.view is not None and app.view.fleet.gpu.gpus, what="a GPU reading")
+        app.refresh_fleet()
+        await pilot.pause()
+        text = screen_text(app)
+        assert "H100" in text and "87%" in text and "61°C" in text and "312" in text
+        gpu.gpu_util = 12
+        await pilot.pause(1.3)
+        app.refresh_fleet()
+        await pilot.pause()
+        assert "12%" in screen_text(app)
+        history = list(app.screen.query_one(GpuPanel)._util[0])
+        assert 87.0 in history and history[-1] == 12.0
