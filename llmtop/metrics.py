@@ -23,6 +23,8 @@ class MetricNames:
     kv_cache_usage: tuple[str, ...] = ()
     kv_cache_scale: float = 1.0  # multiply to get a 0..1 fraction
     ttft_histogram: tuple[str, ...] = ()  # histogram base names, in seconds
+    tpot_histogram: tuple[str, ...] = ()  # seconds per output token after the first (its inverse is the decode rate)
+    tokens_per_s_gauge: tuple[str, ...] = ()  # engines that export the decode rate itself
 
 
 _SAMPLE_START = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*[{ ]")
@@ -69,6 +71,8 @@ def wanted_series(names: "MetricNames", extra: tuple[str, ...] = ()) -> set[str]
         *names.requests_waiting,
         *names.kv_cache_usage,
         *names.ttft_histogram,
+        *names.tpot_histogram,
+        *names.tokens_per_s_gauge,
         *extra,
     }
 
@@ -107,21 +111,10 @@ def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
     return None
 
 
-def map_metrics(
-    text: str, names: MetricNames, previous: Metrics | None = None, extra: tuple[str, ...] = ()
-) -> Metrics:
-    """Common fields from one scrape, plus the `extra` series alert rules name. Server TTFT is the
-    mean over the interval since `previous` when requests happened in between, else since start."""
-    if not text.strip():
-        return Metrics()
-    first = text.lstrip().split("\n", 1)[0]
-    if not (first.startswith("#") or _SAMPLE_START.match(first)):
-        raise MetricsParseError(f"metrics page is not Prometheus text (starts {first[:40]!r})")
-    values, maxima = parse_samples(select_series(text, wanted_series(names, extra)), names.kv_cache_usage)
-    kv_raw = _first(maxima, names.kv_cache_usage)
-    kv = None if kv_raw is None else kv_raw * names.kv_cache_scale
-    server_ttft = None
-    for base in names.ttft_histogram:
+def _histogram_mean(values: dict[str, float], bases: tuple[str, ...], previous: Metrics | None) -> float | None:
+    """Mean of the first histogram present: over the interval since `previous` when it saw new
+    observations (what the server does now), else since the server started."""
+    for base in bases:
         total, count = values.get(f"{base}_sum"), values.get(f"{base}_count")
         if total is None or count is None:
             continue
@@ -129,16 +122,31 @@ def map_metrics(
             prev_total = previous.raw.get(f"{base}_sum")
             prev_count = previous.raw.get(f"{base}_count")
             if prev_total is not None and prev_count is not None and count > prev_count:
-                server_ttft = (total - prev_total) / (count - prev_count) * 1000.0
-                break
-        if count > 0:
-            server_ttft = total / count * 1000.0
-        break
+                return (total - prev_total) / (count - prev_count)
+        return total / count if count > 0 else None
+    return None
+
+
+def map_metrics(
+    text: str, names: MetricNames, previous: Metrics | None = None, extra: tuple[str, ...] = ()
+) -> Metrics:
+    """Common fields from one scrape, plus the `extra` series alert rules name. The server's TTFT
+    and decode rate are means over the interval since `previous` (see _histogram_mean)."""
+    if not text.strip():
+        return Metrics()
+    first = text.lstrip().split("\n", 1)[0]
+    if not (first.startswith("#") or _SAMPLE_START.match(first)):
+        raise MetricsParseError(f"metrics page is not Prometheus text (starts {first[:40]!r})")
+    values, maxima = parse_samples(select_series(text, wanted_series(names, extra)), names.kv_cache_usage)
+    kv_raw = _first(maxima, names.kv_cache_usage)
+    server_ttft = _histogram_mean(values, names.ttft_histogram, previous)
+    tpot = _histogram_mean(values, names.tpot_histogram, previous)
     return Metrics(
         requests_running=_first(values, names.requests_running),
         requests_waiting=_first(values, names.requests_waiting),
-        kv_cache_usage=kv,
-        server_ttft_ms=server_ttft,
+        kv_cache_usage=None if kv_raw is None else kv_raw * names.kv_cache_scale,
+        server_ttft_ms=None if server_ttft is None else server_ttft * 1000.0,
+        server_tokens_per_s=1.0 / tpot if tpot else _first(values, names.tokens_per_s_gauge),
         raw=values,
     )
 

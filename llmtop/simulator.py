@@ -60,6 +60,7 @@ _LITELLM_TTFT_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 420.0, 600.0,
 )  # fmt: skip
 _ENGINE_TTFT_HELP = "Histogram of time to first token in seconds."
+_TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
 
 
 class _Histogram:
@@ -106,11 +107,13 @@ class SimBackend:
     kv_cache: float = 0.3
     wander: random.Random | None = None  # when set, the three gauges take a random step on every scrape
     requests: Counter[str] = field(default_factory=Counter)  # per path, relative to the backend base
+    tpot_histogram: _Histogram = field(init=False, repr=False)  # mean seconds per output token after the first, per request
     ttft_histogram: _Histogram = field(init=False, repr=False)  # TTFTs served; buckets follow the first provider
 
     def __post_init__(self) -> None:
         bounds = _LITELLM_TTFT_BUCKETS if self.provider == "litellm" else _ENGINE_TTFT_BUCKETS
         self.ttft_histogram = _Histogram(bounds)
+        self.tpot_histogram = _Histogram(_TPOT_BUCKETS)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Validated on every assignment, not just in __init__, because tests switch faults at runtime
@@ -294,6 +297,8 @@ async def _tokens(backend: SimBackend, timing: _Timing, n: int) -> AsyncIterator
             timing.first = now
             backend.ttft_histogram.observe(now - timing.received)
         timing.last = now
+        if i == n - 1 and n > 1:
+            backend.tpot_histogram.observe((timing.last - timing.first) / (n - 1))
         yield _WORDS[i % len(_WORDS)]
 
 
@@ -494,6 +499,7 @@ def _vllm_metrics(b: SimBackend) -> str:
         _gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", b.waiting, labels),
         _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", b.kv_cache, labels),
         b.ttft_histogram.render("vllm:time_to_first_token_seconds", _ENGINE_TTFT_HELP, labels),
+        b.tpot_histogram.render("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.", labels),
     ))  # fmt: skip
 
 
@@ -511,6 +517,7 @@ def _tgi_metrics(b: SimBackend) -> str:
     return "".join((
         _gauge("tgi_queue_size", "Number of requests waiting in the queue.", b.waiting),
         _gauge("tgi_batch_current_size", "Current batch size.", b.running),
+        b.tpot_histogram.render("tgi_request_mean_time_per_token_duration", "Mean time per token per request", {}),
     ))  # fmt: skip
 
 

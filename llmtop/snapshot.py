@@ -32,6 +32,7 @@ class Metrics:
     requests_waiting: float | None = None
     kv_cache_usage: float | None = None  # fraction 0..1
     server_ttft_ms: float | None = None  # mean over the last scrape interval (else since start)
+    server_tokens_per_s: float | None = None  # the server's own decode rate, same window
     raw: dict[str, float] = field(default_factory=dict, compare=False)  # every unlabelled-sum series, for alert rules
 
     def common(self) -> dict[str, float]:
@@ -40,6 +41,7 @@ class Metrics:
             "requests_waiting": self.requests_waiting,
             "kv_cache_usage": self.kv_cache_usage,
             "server_ttft_ms": self.server_ttft_ms,
+            "server_tokens_per_s": self.server_tokens_per_s,
         }
         return {k: v for k, v in out.items() if v is not None}
 

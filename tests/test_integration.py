@@ -368,3 +368,16 @@ def test_two_processes_draining_at_once_lose_nothing(tmp_path):
         procs = [subprocess.Popen([sys.executable, "-c", code, str(path), f"b{round_}-{i}"]) for i in range(6)]
         assert all(p.wait(timeout=30) == 0 for p in procs)
     assert len(StateStore(path)._admin) == 30
+
+
+@pytest.mark.parametrize("provider", ["tgi", "vllm"])
+async def test_server_side_decode_rate_beside_the_probes(provider, state):
+    sb = SimBackend("s", provider=provider, gap_ms=20)
+    async with Simulator([sb]) as sim:
+        async with Engine(make_config(sim, [sb]), state) as engine:
+            await engine.run_round()
+            await engine.run_round(probe=False)  # the next scrape sees the probe's tokens
+            b = engine.snapshot().backends[0]
+    assert b.metrics.server_tokens_per_s == pytest.approx(50, rel=0.1)
+    assert b.probe.tokens_per_s == pytest.approx(50, rel=0.1)
+    assert b.to_json()["metrics"]["server_tokens_per_s"] == pytest.approx(50, rel=0.1)

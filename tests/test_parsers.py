@@ -161,3 +161,18 @@ def test_retry_after_and_error_messages():
     assert error_message(b'{"error":{"message":"model x not found","type":"invalid_request_error"}}') == "model x not found"
     assert error_message(b'{"error":"model \\"x\\" not found, try pulling it first"}').startswith("model")
     assert error_message(b"<html>\n  Bad   gateway</html>") == "<html> Bad gateway</html>"
+
+
+def test_server_decode_rate_from_tpot_histograms_and_gauges():
+    m = map_metrics(read("vllm-metrics.prom"), adapter_class("vllm").metric_names)
+    full, _ = parse_samples(read("vllm-metrics.prom"))
+    tpot = full["vllm:request_time_per_output_token_seconds_sum"] / full["vllm:request_time_per_output_token_seconds_count"]
+    assert m.server_tokens_per_s == pytest.approx(1 / tpot)
+    llama = map_metrics(read("llama-server-metrics.prom"), adapter_class("llamacpp").metric_names)
+    assert llama.server_tokens_per_s == pytest.approx(83.5043)
+    tgi = adapter_class("tgi").metric_names
+    h = "# TYPE tgi_request_mean_time_per_token_duration histogram\n"
+    first = map_metrics(h + "tgi_request_mean_time_per_token_duration_sum 0.2\ntgi_request_mean_time_per_token_duration_count 10\n", tgi)
+    assert first.server_tokens_per_s == pytest.approx(50.0)
+    later = map_metrics(h + "tgi_request_mean_time_per_token_duration_sum 0.3\ntgi_request_mean_time_per_token_duration_count 20\n", tgi, first)
+    assert later.server_tokens_per_s == pytest.approx(100.0)  # the last interval's 10 requests at 10 ms

@@ -19,6 +19,7 @@ class LlamaCpp(OpenAICompatible):
         requests_running=("llamacpp:requests_processing",),
         requests_waiting=("llamacpp:requests_deferred",),
         kv_cache_usage=("llamacpp:kv_cache_usage_ratio",),
+        tokens_per_s_gauge=("llamacpp:predicted_tokens_seconds",),
     )
 
     async def health(self) -> HealthResult:

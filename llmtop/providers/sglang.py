@@ -23,6 +23,7 @@ class SGLang(OpenAICompatible):
         requests_waiting=("sglang:num_queue_reqs",),
         kv_cache_usage=("sglang:token_usage",),
         ttft_histogram=("sglang:time_to_first_token_seconds",),
+        tpot_histogram=("sglang:time_per_output_token_seconds",),
     )
     _seen_ready = False
     _starting_since: float | None = None

@@ -1,4 +1,4 @@
-"""Hugging Face TGI: /health, /info (the one model it serves, its version) and tgi_ metrics."""
+"""Hugging Face TGI: /health, /info (the one model it serves, its version) and tgi_ metrics, incl. its own per-token time."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ class TGI(OpenAICompatible):
     metric_names = MetricNames(
         requests_running=("tgi_batch_current_size",),
         requests_waiting=("tgi_queue_size",),
+        # TGI times each request's tokens itself: its decode rate, beside the probe's.
+        tpot_histogram=("tgi_request_mean_time_per_token_duration",),
     )
 
     async def models(self) -> ModelsResult:

@@ -18,4 +18,5 @@ class VLLM(OpenAICompatible):
         # vLLM V1 renamed gpu_cache_usage_perc to kv_cache_usage_perc; both are 0..1 fractions.
         kv_cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         ttft_histogram=("vllm:time_to_first_token_seconds",),
+        tpot_histogram=("vllm:request_time_per_output_token_seconds", "vllm:time_per_output_token_seconds"),
     )

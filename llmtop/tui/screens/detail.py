@@ -249,6 +249,7 @@ class DetailScreen(Screen):
             ("waiting", _styled(fmt.queue_cell(b))),
             ("KV cache", _styled(fmt.kv_cell(b))),
             ("server TTFT", fmt.ms(m.server_ttft_ms)),
+            ("server tok/s", fmt.NONE.text if m.server_tokens_per_s is None else f"{m.server_tokens_per_s:.1f}"),
         ]
         for name in sorted(m.raw)[:RAW_METRICS_SHOWN]:
             rows.append((name, f"{m.raw[name]:g}"))
