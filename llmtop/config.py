@@ -140,7 +140,12 @@ class _Checker:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            raise self.fail(where, f"expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
+            hint = ""
+            if expected is list and isinstance(value, str):
+                hint = f'; write it as ["{value}"]'
+            elif expected in (float, int, (int, float)) and isinstance(value, str):
+                hint = f"; write it without quotes: {where.rsplit('.', 1)[-1]} = {value}"
+            raise self.fail(where, f"expected {_type_name(expected)}, got {type(value).__name__} {value!r}{hint}")
         return value
 
     def dataclass_table(self, cls: type, table: Any, where: str, positive: bool = True) -> Any:

@@ -63,7 +63,7 @@ def test_sample_config_is_valid():
         ('[[backend]]\nname="a"\nprovider="vllm"\nurl="http://x:1"\n[[backend]]\nname="a"\nprovider="vllm"\nurl="http://y:1"', "duplicate backend name 'a'"),
         ('[[backend]]\nname="a"\nprovider="vllm"\nurl="10.0.0.5:8000"', "backend 'a'.url: '10.0.0.5:8000' is not an http(s) URL"),
         ('[[backend]]\nname="a"\nprovider="vllm"\nurl="http://x:99999"', "bad port"),
-        ('[settings]\ntimeout_s = "10"', "settings.timeout_s: expected a number, got str '10'"),
+        ('[settings]\ntimeout_s = "10"', "settings.timeout_s: expected a number, got str '10'; write it without quotes: timeout_s = 10"),
         ('[settings]\ntimeout_s = true', "settings.timeout_s: expected a number"),
         ('[settings]\nprobe_intervall_s = 3', "settings.probe_intervall_s: unknown key (did you mean 'probe_interval_s'?)"),
         ('[setting]\nx=1', "setting: unknown key (did you mean 'settings'?)"),
