@@ -89,8 +89,8 @@ def main() -> int:
     parser.add_argument("--backends", type=int, default=500)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
-        "--probe-concurrency", type=int, nargs="+", default=[64, 512],
-        help="settings.probe_concurrency values to compare (default: llmtop's default 64, and all at once)",
+        "--probe-concurrency", type=int, nargs="+", default=[512, 64],
+        help="settings.probe_concurrency caps to compare (default: llmtop's own 512, and a cap of 64)",
     )
     args = parser.parse_args()
     spec = fleet(args.backends)

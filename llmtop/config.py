@@ -43,7 +43,7 @@ class Settings:
     probe_max_tokens: int = 8
     timeout_s: float = 10.0
     max_concurrency: int = 512
-    probe_concurrency: int = 64
+    probe_concurrency: int = 512
     slow_ttft_ms: float = 5000.0
     degraded_error_rate: float = 0.2
     history: int = 120

@@ -12,6 +12,7 @@ import anyio
 import httpx
 
 from llmtop.config import BackendConfig, Config
+from llmtop.governor import ProbeGovernor
 from llmtop.health import OPEN, CircuitBreaker, StatusInputs, derive_status, missing_models, tripped_alerts
 from llmtop.metrics import alert_values
 from llmtop.probe import HealthResult, ProbeResult
@@ -346,7 +347,7 @@ class Engine:
         self.trackers: dict[str, BackendTracker] = {}
         self.config_error: str | None = None
         self._poll_slots = asyncio.Semaphore(config.settings.max_concurrency)
-        self._probe_slots = asyncio.Semaphore(config.settings.probe_concurrency)
+        self._probe_gate = ProbeGovernor(config.settings.probe_concurrency)
         self._pacer = Pacer(0.002)
         self._tasks: dict[str, asyncio.Task] = {}
         self._gpu_task: asyncio.Task | None = None
@@ -395,6 +396,7 @@ class Engine:
 
     async def close(self) -> None:
         await self.stop()
+        await self._probe_gate.close()
         clients = [t.client for t in self.trackers.values() if t.client is not None]
         for tracker in self.trackers.values():
             tracker.client = tracker.adapter = None
@@ -433,11 +435,9 @@ class Engine:
         return tracker.may_probe()[0]
 
     async def _probe(self, tracker: BackendTracker) -> None:
-        # Probes have slots of their own, fewer than polls: a probe's TTFT and decode rate are only
-        # true while this process reads each chunk as it arrives. With hundreds of streams at once
-        # the event loop falls behind and every figure grows (measured: +140 ms median TTFT at 500
-        # concurrent probes on 2 cores, +3 ms at 64; see benchmarks/bench_check_fleet.py).
-        async with self._probe_slots:
+        # Probes pass a gate of their own: their figures are only true while this process reads
+        # each chunk as it arrives (see governor.py).
+        async with self._probe_gate:
             if not self._probe_wanted(tracker):  # the breaker or admin state may have moved while queued
                 return
             await self._pacer.wait()
@@ -586,10 +586,10 @@ class Engine:
         self.config = config
         self.config_error = None
         s = config.settings
-        if (s.max_concurrency, s.probe_concurrency) != (before.max_concurrency, before.probe_concurrency):
+        if s.max_concurrency != before.max_concurrency:
             # Requests in flight finish under the slots they took; new ones take these.
             self._poll_slots = asyncio.Semaphore(s.max_concurrency)
-            self._probe_slots = asyncio.Semaphore(s.probe_concurrency)
+        self._probe_gate.cap = s.probe_concurrency
         for name, tracker in old.items():
             if self.trackers.get(name) is not tracker:
                 task = self._tasks.pop(name, None)

@@ -15,7 +15,7 @@ SETTING_NOTES = {
     "probe_max_tokens": "output tokens per probe",
     "timeout_s": "bound on any one request, connect to last byte",
     "max_concurrency": "backends polled at once (a poll is up to 3 requests in a row)",
-    "probe_concurrency": "completion probes at once; more and this process times them late",
+    "probe_concurrency": "cap on probes at once (fewer are admitted when timing would suffer)",
     "slow_ttft_ms": "a probe TTFT above this marks the backend degraded",
     "degraded_error_rate": "a window error rate at or above this marks it degraded",
     "history": "points kept per sparkline",

@@ -1,0 +1,74 @@
+"""Admits completion probes only as fast as this process can still time them truthfully.
+
+A probe's TTFT and decode rate are stamped when this process reads each chunk. When hundreds of
+streams arrive at once, the event loop falls behind and every stamp is late: measured on 2 cores,
+500 probes at once inflated the median TTFT by 140 ms. A fixed cap trades that against wall time
+blindly (fast-token fleets need a low one, slow-token fleets could take far more), so the
+governor measures the loop's own lateness and opens or closes the gate on it (additive
+increase, multiplicative decrease), up to the hard cap `probe_concurrency`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+PERIOD_S = 0.005  # how often the loop's lateness is sampled while probes run
+TARGET_LAG_S = 0.002  # lateness that still keeps a TTFT within a couple of milliseconds
+ADJUST_EVERY = 20  # samples (100 ms) between two decisions
+IDLE_STOP_S = 1.0  # stop sampling this long after the last probe
+
+
+class ProbeGovernor:
+    def __init__(self, cap: int, start: int = 32, target_lag_s: float = TARGET_LAG_S):
+        self.cap = max(1, cap)
+        self.allowed = min(start, self.cap)
+        self.target_lag_s = target_lag_s
+        self.in_flight = 0
+        self._lags: deque[float] = deque(maxlen=ADJUST_EVERY)
+        self._changed = asyncio.Event()
+        self._sampler: asyncio.Task | None = None
+        self._last_busy = 0.0
+
+    async def __aenter__(self) -> "ProbeGovernor":
+        while self.in_flight >= self.allowed:
+            self._changed.clear()
+            self._ensure_sampler()
+            await self._changed.wait()
+        self.in_flight += 1
+        self._ensure_sampler()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.in_flight -= 1
+        self._last_busy = time.monotonic()
+        self._changed.set()
+
+    def _ensure_sampler(self) -> None:
+        if self._sampler is None or self._sampler.done():
+            self._sampler = asyncio.create_task(self._sample(), name="llmtop:probe-governor")
+
+    async def _sample(self) -> None:
+        n = 0
+        while self.in_flight or time.monotonic() - self._last_busy < IDLE_STOP_S:
+            start = time.perf_counter()
+            await asyncio.sleep(PERIOD_S)
+            self._lags.append(time.perf_counter() - start - PERIOD_S)
+            n += 1
+            if n % ADJUST_EVERY == 0:
+                self.adjust(sorted(self._lags)[int(len(self._lags) * 0.9)])
+
+    def adjust(self, lag_p90: float) -> None:
+        """One decision from the loop's recent lateness (its 90th percentile)."""
+        if lag_p90 > 2.5 * self.target_lag_s:
+            self.allowed = max(4, int(self.allowed * 0.7))
+        elif lag_p90 < self.target_lag_s and self.in_flight >= self.allowed * 0.9:
+            self.allowed = min(self.cap, self.allowed + max(4, self.allowed // 2))
+            self._changed.set()
+
+    async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None

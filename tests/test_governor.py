@@ -1,0 +1,65 @@
+"""The probe governor: opens on a punctual event loop, closes on a late one, never past its cap."""
+
+import asyncio
+
+from llmtop.governor import ProbeGovernor
+
+
+async def test_grows_while_the_loop_is_punctual_and_saturated():
+    gov = ProbeGovernor(cap=100, start=8)
+    gov.in_flight = 8
+    gov.adjust(0.0005)
+    assert gov.allowed == 12
+    gov.in_flight = 12
+    for _ in range(20):
+        gov.in_flight = gov.allowed
+        gov.adjust(0.0005)
+    assert gov.allowed == 100  # never past the cap
+
+
+async def test_does_not_grow_when_not_using_what_it_has():
+    gov = ProbeGovernor(cap=100, start=32)
+    gov.in_flight = 3
+    gov.adjust(0.0001)
+    assert gov.allowed == 32
+
+
+async def test_shrinks_when_the_loop_runs_late_but_keeps_a_floor():
+    gov = ProbeGovernor(cap=500, start=100)
+    gov.adjust(0.010)
+    assert gov.allowed == 70
+    for _ in range(30):
+        gov.adjust(0.050)
+    assert gov.allowed == 4
+
+
+async def test_admits_no_more_than_allowed_and_releases_waiters():
+    gov = ProbeGovernor(cap=2, start=2)
+    running, peak = 0, 0
+
+    async def probe():
+        nonlocal running, peak
+        async with gov:
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+
+    await asyncio.wait_for(asyncio.gather(*(probe() for _ in range(7))), 2)
+    assert peak == 2 and gov.in_flight == 0
+    await gov.close()
+
+
+async def test_a_busy_loop_closes_the_gate():
+    gov = ProbeGovernor(cap=64, start=64)
+
+    async def hog():
+        end = asyncio.get_running_loop().time() + 0.4
+        while asyncio.get_running_loop().time() < end:
+            sum(range(200_000))  # ~10 ms without yielding: every timer fires late
+            await asyncio.sleep(0)
+
+    async with gov:
+        await hog()
+    assert gov.allowed < 64
+    await gov.close()
