@@ -89,7 +89,7 @@ async def test_vllm_server_ttft_histogram_reaches_metrics(state):
             await engine.run_round()
             await engine.run_round(probe=False)  # the next scrape sees the probe's TTFT
             b = engine.snapshot().backends[0]
-    assert b.metrics.server_ttft_ms == pytest.approx(30, abs=15)
+    assert b.metrics.server_ttft_ms == pytest.approx(30, abs=25)
 
 
 # -- faults: each is shown as what it is, and never delays the others ------------------------------
@@ -114,7 +114,8 @@ async def test_fault_is_reported_and_others_unaffected(fault, arg, status, words
         elapsed = time.perf_counter() - start
     b, g = snap.backends
     assert b.status == status and words in (b.error or ""), b.error
-    assert g.status == "healthy" and g.probe.ttft_ms == pytest.approx(50, abs=20)
+    # Loose on purpose: a shared CI core adds tens of ms; a hang next door would add 600.
+    assert g.status == "healthy" and g.probe.ttft_ms == pytest.approx(50, abs=100)
     assert elapsed < 0.6 + 0.5  # bounded by timeout_s, not by the sum of requests
 
 
@@ -131,7 +132,7 @@ async def test_truncated_stream_is_a_failed_probe_with_partial_ttft(state):
     async with Simulator([sb]) as sim:
         b = (await one_round(sim, [sb], state)).backends[0]
     assert b.probe.error and "truncated" in b.probe.error
-    assert b.probe.ttft_ms == pytest.approx(30, abs=20)
+    assert b.probe.ttft_ms == pytest.approx(30, abs=60)
     assert b.status == "degraded"
 
 

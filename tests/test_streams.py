@@ -81,15 +81,15 @@ async def test_split_crlf_comments_and_coalesced_chunks():
         (0, b": keep-alive comment\r\n\r\n"),
         (0.05, first[:9]),  # the first token's line arrives in two reads...
         (0.05, first[9:] + b"\r\n\r\n"),  # ...and only counts once it is whole
-        (0.02, chunk(" wor") + b"\r\n\r\n" + chunk("ld") + b"\r\n\r\n"),  # two events in one read
-        (0.02, chunk(" !") + b"\r\n\r\n" + chunk(usage=4) + b"\r\n\r\ndata: [DONE]\r\n\r\n"),
+        (0.1, chunk(" wor") + b"\r\n\r\n" + chunk("ld") + b"\r\n\r\n"),  # two events in one read
+        (0.1, chunk(" !") + b"\r\n\r\n" + chunk(usage=4) + b"\r\n\r\ndata: [DONE]\r\n\r\n"),
     ]
     async with RawServer(pieces, chunked=True) as server:
         result = await probe("vllm", server)
     assert result.ok, result.error
-    assert result.ttft_ms == pytest.approx(100, abs=25)  # not 50: half a line is not a token
+    assert 98 <= result.ttft_ms < 300  # not 50: half a line is not a token
     assert result.output_tokens == 4 and not result.tokens_estimated
-    assert result.tokens_per_s == pytest.approx(3 / 0.04, rel=0.35)
+    assert result.tokens_per_s == pytest.approx(3 / 0.2, rel=0.25)
 
 
 async def test_stream_without_usage_counts_chunks_and_says_so():
@@ -127,7 +127,7 @@ async def test_stream_that_stalls_is_bounded_by_timeout():
         result = await probe("vllm", server, timeout=0.5)
     assert time.perf_counter() - start < 1.0
     assert not result.ok and "timeout" in result.error
-    assert result.ttft_ms == pytest.approx(20, abs=15)  # what was seen before the stall is kept
+    assert 15 <= result.ttft_ms < 400  # what was seen before the stall is kept
 
 
 async def test_anthropic_events_thinking_ping_and_cumulative_usage():
@@ -139,7 +139,7 @@ async def test_anthropic_events_thinking_ping_and_cumulative_usage():
         (0, ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})),
         (0, ev("ping", {"type": "ping"})),
         (0.06, ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me"}})),
-        (0.02, ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "abc"}})),
+        (0.2, ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "abc"}})),
         (0, ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "1 2"}})),
         (0.02, ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": " 3"}})),
         (0, ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 3}})),
@@ -149,9 +149,9 @@ async def test_anthropic_events_thinking_ping_and_cumulative_usage():
     async with RawServer(pieces) as server:
         result = await probe("anthropic", server)
     assert result.ok, result.error
-    assert result.ttft_ms == pytest.approx(60, abs=20)  # the thinking text is the first token
+    assert 55 <= result.ttft_ms < 200  # the thinking text at 60 ms is the first token, not the text at 260
     assert result.output_tokens == 5 and not result.tokens_estimated
-    assert result.tokens_per_s == pytest.approx(4 / 0.04, rel=0.35)
+    assert result.tokens_per_s == pytest.approx(4 / 0.22, rel=0.35)
 
 
 async def test_anthropic_overloaded_error_event():
