@@ -1,4 +1,4 @@
-"""Admits completion probes only as fast as this process can still time them truthfully.
+"""Admits probes and polls only as fast as this process can still time them truthfully.
 
 A probe's TTFT and decode rate are stamped when this process reads each chunk. When hundreds of
 streams arrive at once, the event loop falls behind and every stamp is late: measured on 2 cores,
@@ -20,7 +20,7 @@ ADJUST_EVERY = 20  # samples (100 ms) between two decisions
 IDLE_STOP_S = 1.0  # stop sampling this long after the last probe
 
 
-class ProbeGovernor:
+class Governor:
     def __init__(self, cap: int, start: int = 32, target_lag_s: float = TARGET_LAG_S):
         self.cap = max(1, cap)
         self.allowed = min(start, self.cap)
@@ -31,7 +31,7 @@ class ProbeGovernor:
         self._sampler: asyncio.Task | None = None
         self._last_busy = 0.0
 
-    async def __aenter__(self) -> "ProbeGovernor":
+    async def __aenter__(self) -> "Governor":
         while self.in_flight >= self.allowed:
             self._changed.clear()
             self._ensure_sampler()
@@ -47,7 +47,7 @@ class ProbeGovernor:
 
     def _ensure_sampler(self) -> None:
         if self._sampler is None or self._sampler.done():
-            self._sampler = asyncio.create_task(self._sample(), name="llmtop:probe-governor")
+            self._sampler = asyncio.create_task(self._sample(), name="llmtop:governor")
 
     async def _sample(self) -> None:
         n = 0

@@ -2,11 +2,11 @@
 
 import asyncio
 
-from llmtop.governor import ProbeGovernor
+from llmtop.governor import Governor
 
 
 async def test_grows_while_the_loop_is_punctual_and_saturated():
-    gov = ProbeGovernor(cap=100, start=8)
+    gov = Governor(cap=100, start=8)
     gov.in_flight = 8
     gov.adjust(0.0005)
     assert gov.allowed == 12
@@ -18,14 +18,14 @@ async def test_grows_while_the_loop_is_punctual_and_saturated():
 
 
 async def test_does_not_grow_when_not_using_what_it_has():
-    gov = ProbeGovernor(cap=100, start=32)
+    gov = Governor(cap=100, start=32)
     gov.in_flight = 3
     gov.adjust(0.0001)
     assert gov.allowed == 32
 
 
 async def test_shrinks_when_the_loop_runs_late_but_keeps_a_floor():
-    gov = ProbeGovernor(cap=500, start=100)
+    gov = Governor(cap=500, start=100)
     gov.adjust(0.010)
     assert gov.allowed == 70
     for _ in range(30):
@@ -34,7 +34,7 @@ async def test_shrinks_when_the_loop_runs_late_but_keeps_a_floor():
 
 
 async def test_admits_no_more_than_allowed_and_releases_waiters():
-    gov = ProbeGovernor(cap=2, start=2)
+    gov = Governor(cap=2, start=2)
     running, peak = 0, 0
 
     async def probe():
@@ -51,7 +51,7 @@ async def test_admits_no_more_than_allowed_and_releases_waiters():
 
 
 async def test_a_busy_loop_closes_the_gate():
-    gov = ProbeGovernor(cap=64, start=64)
+    gov = Governor(cap=64, start=64)
 
     async def hog():
         end = asyncio.get_running_loop().time() + 0.4
