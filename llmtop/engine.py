@@ -559,18 +559,22 @@ class Engine:
 
     # -- operator actions -------------------------------------------------------------------
 
-    def set_admin(self, name: str, admin: str) -> None:
-        tracker = self.trackers[name]
-        before = tracker.admin
-        self.state.set_admin(name, admin)
+    async def set_admin(self, name: str, admin: str) -> None:
+        """Persist an operator's choice. The file work (a lock, a write, an fsync) runs in a
+        thread: another llmtop holding the lock, or a slow disk, must not freeze the event loop."""
+        before = self.trackers[name].admin
+        await asyncio.to_thread(self.state.set_admin, name, admin)
+        tracker = self.trackers.get(name)
+        if tracker is None:  # a reload removed it meanwhile; the file still says what was asked
+            return
         if tracker.admin != before:
             self.emit(Event(self.wall(), name, "admin", f"{before} -> {tracker.admin}"))
         tracker.update()
         tracker.wake.set()
 
-    def refresh_state(self) -> None:
-        """Pick up admin changes another llmtop wrote to the state file."""
-        if self.state.refresh():
+    async def refresh_state(self) -> None:
+        """Pick up admin changes another llmtop wrote to the state file (read in a thread)."""
+        if await asyncio.to_thread(self.state.refresh):
             for tracker in self.trackers.values():
                 tracker.update()
 

@@ -537,3 +537,65 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files):
         assert "12%" in screen_text(app)
         history = list(app.screen.query_one(GpuPanel)._util[0])
         assert 87.0 in history and history[-1] == 12.0
+
+
+# -- regressions found in review ------------------------------------------------------------------
+
+
+async def test_markup_like_text_in_a_name_or_error_is_shown_not_parsed(sim, files):
+    config_path, _ = files
+    backends = list(sim.backends.values())
+    config_path.write_text(config_text(sim, backends).replace('name = "alpha"', 'name = "gpu[/rack]"'))
+    async with running(sim, files) as (app, pilot):
+        await wait_for(pilot, lambda: app.view is not None and "gpu[/rack]" in row_names(app), what="the row")
+        await select(pilot, app, "gpu[/rack]")
+        await pilot.press("t")  # the notice quotes the name: it used to crash the app
+        await wait_for(pilot, lambda: app.view.fleet.backend("gpu[/rack]").admin == "disabled", what="disabled")
+        assert any("gpu[/rack]" in str(n.message) for n in app._notifications)
+        # Shown as markup, "[/rack]" raised MarkupError when the toast rendered and ended the app.
+        assert all(n.markup is False for n in app._notifications)
+
+
+async def test_enter_in_the_drain_question_means_no(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "alpha")
+        await pilot.press("d", "enter")
+        await pilot.pause(0.2)
+        assert StateStore(files[1]).admin("alpha") == "active"
+
+
+async def test_keys_do_nothing_while_the_screen_is_too_small(sim, files):
+    async with running(sim, files, size=(50, 12)) as (app, pilot):
+        await wait_for(pilot, lambda: app.view is not None and all(b.probe for b in app.view.fleet.backends))
+        await pilot.press("t", "d", "y")
+        await pilot.pause(0.2)
+        assert StateStore(files[1])._admin == {}
+        assert "terminal too small" in screen_text(app)
+
+
+async def test_a_stuck_state_file_lock_does_not_freeze_the_screen(sim, files):
+    import fcntl
+
+    state_path = files[1]
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "alpha")
+        with open(state_path.with_name(state_path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another llmtop, mid-write
+            await pilot.press("t")
+            start = time.monotonic()
+            await pilot.press("s")  # the UI still answers while the write waits for the lock
+            await pilot.pause()
+            assert time.monotonic() - start < 1.0
+            assert StateStore(state_path)._admin == {}
+        await wait_for(pilot, lambda: StateStore(state_path).admin("alpha") == "disabled", what="the write after the lock")
+
+
+async def test_probe_all_on_an_empty_fleet_leaves_no_timer_running(sim, files):
+    config_path, _ = files
+    config_path.write_text("[settings]\nhealth_interval_s = 0.5\n")
+    async with running(sim, files) as (app, pilot):
+        await pilot.press("P")
+        await pilot.pause(0.3)
+        assert app._round_timer is None

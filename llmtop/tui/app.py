@@ -116,6 +116,11 @@ class LlmtopApp(App):
         self._config_stamp: Stamp = _stamp(config_path) if config_path else None
         self._state_error: str | None = None
 
+    def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
+        """Plain text unless asked: messages quote backend names, config errors and theme files,
+        where a "[/x]" read as markup crashed the app."""
+        super().notify(message, markup=markup, **kwargs)
+
     def get_default_screen(self) -> Screen:
         return FleetScreen()
 
@@ -170,9 +175,12 @@ class LlmtopApp(App):
         )
 
     def _refresh_state(self) -> None:
-        """Pick up a `llmtop drain X` run from another shell."""
+        """Pick up a `llmtop drain X` run from another shell (the file is read off the loop)."""
+        self.run_worker(self._read_state(), group="state-read", exclusive=True, exit_on_error=False)
+
+    async def _read_state(self) -> None:
         try:
-            self.engine.refresh_state()
+            await self.engine.refresh_state()
         except StateError as exc:
             if str(exc) != self._state_error:
                 self.notify(str(exc), severity="error", timeout=10)
@@ -194,6 +202,8 @@ class LlmtopApp(App):
                 return
             if b.admin == "draining":
                 self.notify(f"{b.name} is draining: health, models and metrics only, no completion probe")
+        if not names:
+            return  # nothing to probe (an empty fleet, or a backend a reload removed)
         if not self._round:
             self._round_total = 0
         for name in names:
@@ -213,6 +223,9 @@ class LlmtopApp(App):
     def _round_progress(self, fleet: FleetSnapshot) -> frozenset[str]:
         """Drop the backends that answered since they were asked; what is left is still probing."""
         if not self._round:
+            if self._round_timer is not None:
+                self._round_timer.stop()
+                self._round_timer = None
             return frozenset()
         for name, (health_at, probe) in list(self._round.items()):
             b = fleet.backend(name)
@@ -259,14 +272,19 @@ class LlmtopApp(App):
         self.push_screen(ConfirmScreen(question), answered)
 
     def _set_admin(self, name: str, state: str) -> None:
+        self.run_worker(self._write_admin(name, state), group="state-write", exit_on_error=False)
+
+    async def _write_admin(self, name: str, state: str) -> None:
         if self.engine.snapshot().backend(name) is None:
             return  # a reload removed it while the question was open
         try:
-            self.engine.set_admin(name, state)
+            await self.engine.set_admin(name, state)
         except StateError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
-        self.notify(f"{name}: {self.engine.snapshot().backend(name).admin}")
+        b = self.engine.snapshot().backend(name)
+        if b is not None:
+            self.notify(f"{name}: {b.admin}")
         self.refresh_fleet()
 
     # -- config reload ----------------------------------------------------------------------

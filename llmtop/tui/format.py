@@ -170,6 +170,12 @@ def spark(values: Iterable[float], width: int, low: float | None = None, high: f
         return ""
     low = min(points) if low is None else low
     high = max(points) if high is None else high
+    # Scaled to its own min..max, 602 -> 603 ms would draw as a cliff: the scale spans at least
+    # a fifth of the values' size, so a small change looks small.
+    min_span = abs(high) * 0.2
+    if high - low < min_span:
+        middle = (high + low) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
     if high - low < 1e-9:
         return SPARK_BARS[len(SPARK_BARS) // 2] * len(points)
     top = len(SPARK_BARS) - 1

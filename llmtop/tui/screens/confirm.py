@@ -8,15 +8,17 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
-from llmtop.tui.widgets.too_small import TooSmall
+from llmtop.tui.widgets.too_small import BlindKeysOff, TooSmall
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class ConfirmScreen(BlindKeysOff, ModalScreen[bool]):
     BINDINGS = [
         Binding("y", "answer(True)", "Yes"),
         Binding("n", "answer(False)", "No"),
         Binding("escape", "answer(False)", "No", show=False),
     ]
+
+    AUTO_FOCUS = "#no"  # Enter, the details key, must not answer yes out of habit
 
     def __init__(self, question: str) -> None:
         super().__init__()
@@ -29,6 +31,9 @@ class ConfirmScreen(ModalScreen[bool]):
             with Horizontal(id="confirm-buttons"):
                 yield Button("Yes (y)", id="yes", variant="warning")
                 yield Button("No (n)", id="no")
+
+    def allowed_when_hidden(self, action: str, parameters: tuple) -> bool:
+        return action == "answer" and parameters == (False,)  # saying no blind is harmless
 
     def action_answer(self, yes: bool) -> None:
         self.dismiss(yes)

@@ -14,7 +14,7 @@ from llmtop.snapshot import BackendSnapshot
 from llmtop.tui import format as fmt
 from llmtop.tui.messages import AdminRequested, ProbeRequested
 from llmtop.tui.view import FleetView
-from llmtop.tui.widgets.too_small import TooSmall
+from llmtop.tui.widgets.too_small import BlindKeysOff, TooSmall
 
 _CHARTS = (
     ("ttft", "TTFT (ms)", lambda b: b.ttft_history),
@@ -23,6 +23,7 @@ _CHARTS = (
 )
 _LEVEL_COLOUR = {fmt.OK: "$text-success", fmt.WARN: "$text-warning", fmt.BAD: "$text-error", fmt.MUTED: "$foreground-muted"}
 RAW_METRICS_SHOWN = 8
+CHART_DRIFT_S = 5.0  # redraw the charts at least this often, so "seconds ago" stays true
 ERRORS_SHOWN = 8
 
 
@@ -44,7 +45,7 @@ def _rows(pairs: list[tuple[str, str | Content | tuple[str, str]]]) -> Content:
     return Content("\n").join(lines)
 
 
-class DetailScreen(Screen):
+class DetailScreen(BlindKeysOff, Screen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("p", "probe", "Probe"),
@@ -58,6 +59,7 @@ class DetailScreen(Screen):
         self._view: FleetView | None = None
         self._seq: int | None = None
         self._plotted: dict[str, tuple] = {}  # chart key -> history_mark of what it shows
+        self._plotted_at = 0.0  # the "now" the x axes were last drawn against
         self._ready = False
 
     def compose(self) -> ComposeResult:
@@ -96,6 +98,7 @@ class DetailScreen(Screen):
         self.backend = backend
         self._seq = None
         self._plotted.clear()
+        self._plotted_at = 0.0
         if self._ready:
             self.query_one("#detail-body").scroll_home(animate=False)
         self.show_fleet(view)
@@ -112,19 +115,27 @@ class DetailScreen(Screen):
             return
         self.query_one("#detail-head", Static).update(self._head(b, view))
         self.query_one("#fact-probe", Static).update(self._probe(b, view))  # holds the ticking "ago"
+        self._plot(b, view.fleet.at)
         if b.seq == self._seq:
             return
         self._seq = b.seq
-        for key, _title, history in _CHARTS:
-            points = history(b)
-            # Plotting is the expensive part: only when a point was added.
-            if self._plotted.get(key) != (mark := fmt.history_mark(points)):
-                self._plotted[key] = mark
-                self._chart(key, points, view.fleet.at)
         self.query_one("#fact-models", Static).update(self._models(b))
         self.query_one("#fact-breaker", Static).update(self._breaker(b))
         self.query_one("#fact-metrics", Static).update(self._metrics(b))
         self.query_one("#fact-errors", Static).update(self._errors(b))
+
+    def _plot(self, b: BackendSnapshot, now: float) -> None:
+        """Plotting is the expensive part: only when a point was added, or when the x axis
+        ("seconds ago") has drifted by more than a few seconds since it was drawn."""
+        drifted = now - self._plotted_at >= CHART_DRIFT_S
+        if drifted:
+            self._plotted_at = now
+        for key, _title, history in _CHARTS:
+            points = history(b)
+            mark = fmt.history_mark(points)
+            if drifted or self._plotted.get(key) != mark:
+                self._plotted[key] = mark
+                self._chart(key, points, now)
 
     # -- keys -------------------------------------------------------------------------------
 

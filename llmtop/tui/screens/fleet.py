@@ -16,11 +16,11 @@ from llmtop.tui.widgets.filter_bar import FilterBar
 from llmtop.tui.widgets.fleet_table import FleetTable
 from llmtop.tui.widgets.gpu_panel import GpuPanel
 from llmtop.tui.widgets.summary import FleetSummary
-from llmtop.tui.widgets.too_small import TooSmall
+from llmtop.tui.widgets.too_small import BlindKeysOff, TooSmall
 from llmtop.tui.widgets.trends import Trends
 
 
-class FleetScreen(Screen):
+class FleetScreen(BlindKeysOff, Screen):
     AUTO_FOCUS = "#fleet"
     BINDINGS = [
         Binding("p", "probe", "Probe"),

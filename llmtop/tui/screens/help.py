@@ -20,7 +20,7 @@ KEYS = (
     ("P", "probe every backend now; progress shows in the header", False),
     ("d", "drain / undrain the selected backend (asks; survives restarts)", True),
     ("t", "disable / enable the selected backend (survives restarts)", True),
-    ("r", "reload the config (also on SIGHUP and when the file changes)", True),
+    ("r", "reload the config (SIGHUP and edits to the file reload it too, also in --read-only)", True),
     ("/", "filter by name, provider or status", False),
     ("s", "cycle the sort: name, status, TTFT, tok/s, queue", False),
     ("g", "show or hide the GPU panel", False),

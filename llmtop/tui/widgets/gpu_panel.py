@@ -40,6 +40,8 @@ class GpuPanel(Widget):
             return
         if not status.gpus and status.message == self._status.message and not self._status.gpus:
             return  # still no GPU: nothing to redraw
+        # Only a change in the number of GPUs changes this panel's height; a re-layout costs a full screen.
+        relayout = len(status.gpus) != len(self._status.gpus) or bool(status.gpus) != bool(self._status.gpus)
         self._status = status
         for gpu in status.gpus:
             if gpu.utilization_pct is not None:
@@ -47,7 +49,7 @@ class GpuPanel(Widget):
         title = f"GPUs ({len(status.gpus)})" if status.gpus else "GPU"
         if title != self.border_title:
             self.border_title = title
-        self.refresh(layout=True)
+        self.refresh(layout=relayout)
 
     def render(self) -> Content:
         status = self._status

@@ -46,7 +46,14 @@ class Trends(Vertical):
             yield Sparkline([], id=f"trend-{series.key}", classes="trend")
 
     def show(self, b: BackendSnapshot | None) -> None:
-        if b is None:
+        if b is None:  # nothing selected (a filter hides every row): show nobody's trends
+            if self._name is not None:
+                self._name = None
+                self._shown.clear()
+                self.border_title = "trends"
+                for series in SERIES:
+                    self.query_one(f"#trend-{series.key}-label", Static).update(f"{series.title}: no backend selected")
+                    self.query_one(f"#trend-{series.key}", Sparkline).data = []
             return
         if b.name != self._name:
             self._name = b.name
