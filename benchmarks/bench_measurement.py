@@ -62,7 +62,7 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=20)
     args = parser.parse_args()
     spec = []
-    for i, (provider, ttft, gap, tokens) in enumerate(CASES):
+    for i, (provider, ttft, gap, _tokens) in enumerate(CASES):
         models = ["llama3.2"] if provider == "ollama" else ["m"]
         spec.append({"name": f"case{i}", "provider": provider, "ttft_ms": ttft, "gap_ms": gap, "models": models})
     with SimProcess(spec) as base_url:

@@ -171,7 +171,7 @@ def _check_url(chk: _Checker, url: str, where: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise chk.fail(where, f"'{url}' is not an http(s) URL; write it like \"http://10.0.0.5:8000\"")
     try:
-        parts.port
+        _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise chk.fail(where, f"'{url}' has a bad port") from None
     return url.rstrip("/")

@@ -100,17 +100,15 @@ class BackendTracker:
             self.adapter = cls(self.config, self.client, s.timeout_s, s.probe_max_tokens)
         return self.adapter
 
-    def may_probe(self) -> tuple[bool, str | None]:
-        """Whether a completion probe may be sent now, and if not, why."""
-        if self.admin != "active":
-            return False, f"backend is {self.admin}"
-        if self.breaker.state == OPEN:
-            return False, "circuit open"
-        if self.rate_limited():
-            return False, "rate limited (Retry-After)"
-        if self.config.effective_probe_model is None:
-            return False, "no model to probe (set models or probe_model)"
-        return True, None
+    def may_probe(self) -> bool:
+        """Whether a completion probe may be sent now: active, circuit not open, no Retry-After
+        pending, and a model to ask."""
+        return (
+            self.admin == "active"
+            and self.breaker.allows_probe()
+            and not self.rate_limited()
+            and self.config.effective_probe_model is not None
+        )
 
     def rate_limited(self) -> bool:
         return self.retry_after_until is not None and self.engine.clock() < self.retry_after_until
@@ -197,7 +195,7 @@ class BackendTracker:
         """Recompute status, missing models and alerts, and turn changes into events."""
         self.seq += 1
         engine = self.engine
-        self.breaker.state  # reading it moves an open breaker whose cooldown ended to half-open
+        self.breaker.advance()
         new = min(self.breaker.transition_count - self._transitions_seen, len(self.breaker.transitions))
         for t in self.breaker.transitions[len(self.breaker.transitions) - new :]:
             level = "error" if t.to_state == OPEN else "warning" if t.to_state == "half_open" else "info"
@@ -436,7 +434,7 @@ class Engine:
         health = tracker.health
         if health is not None and (health.unreachable or health.loading):
             return False
-        return tracker.may_probe()[0]
+        return tracker.may_probe()
 
     async def _probe(self, tracker: BackendTracker) -> None:
         # Probes pass a gate of their own: their figures are only true while this process reads

@@ -91,6 +91,10 @@ class CircuitBreaker:
                 self._half_open_successes = 0
         return self._state
 
+    def advance(self) -> str:
+        """Apply what time alone changes (open -> half-open once the cooldown passed); the state."""
+        return self.state
+
     def retry_at(self) -> float | None:
         """Clock time when an open breaker will let a trial through."""
         if self._state == OPEN and self.opened_at is not None:

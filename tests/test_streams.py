@@ -125,7 +125,7 @@ async def test_stream_that_stalls_is_bounded_by_timeout():
     async with RawServer(pieces) as server:
         start = time.perf_counter()
         result = await probe("vllm", server, timeout=0.5)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0  # timeout 0.5 s against a 5 s stall
     assert not result.ok and "timeout" in result.error
     assert 15 <= result.ttft_ms < 400  # what was seen before the stall is kept
 
