@@ -331,7 +331,6 @@ class Engine:
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
         gpu=None,
-        on_event: Callable[[Event], None] | None = None,
     ):
         self.config = config
         self.state = state
@@ -339,7 +338,6 @@ class Engine:
         self.wall = wall
         self.gpu = gpu
         self.gpu_status = GpuStatus(message="GPU not read yet")
-        self.on_event = on_event
         self.events: deque[Event] = deque(maxlen=500)
         self._ssl = None
         self.trackers: dict[str, BackendTracker] = {}
@@ -379,9 +377,9 @@ class Engine:
 
         One pool per backend rather than one for the fleet: httpcore's pool scans every connection
         on each request, which is quadratic in pool size and took seconds per round at 500 backends.
-        The fleet-wide bound is the engine's semaphore. A poll makes up to three requests at once
-        (health, models, metrics), so four connections mean a request never queues for one, which
-        would count against its timeout.
+        The fleet-wide bounds are the governors (governor.py). A backend has a poll (Ollama's asks
+        two things at once) or a probe in flight, so four connections mean a request never waits
+        for one, which would count against its timeout.
         """
         if self._ssl is None:
             self._ssl = httpx.create_ssl_context()
@@ -413,8 +411,6 @@ class Engine:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
-        if self.on_event is not None:
-            self.on_event(event)
 
     # -- one backend ------------------------------------------------------------------------
 

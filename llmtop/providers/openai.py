@@ -55,8 +55,6 @@ class OpenAICompatible(Adapter):
                     meter.finished = True
                     continue
                 chunk = self.json_event(data, "POST /v1/chat/completions")
-                if not isinstance(chunk, dict):
-                    raise ProbeError(f"POST /v1/chat/completions: unexpected stream chunk {data[:60]!r}")
                 if chunk.get("error"):
                     err = chunk["error"]
                     message = err.get("message") if isinstance(err, dict) else err
