@@ -31,4 +31,5 @@ def palette(variables: dict[str, str]) -> Palette:
 
 
 def styled(cell: Cell, styles: Palette, justify: str = "left") -> Text:
-    return Text(cell.text, style=styles.get(cell.level, Style()), justify=justify, no_wrap=True, end="")
+    # A cut-off name ends in "…", so vllm-fast and vllm-flaky do not both read "vllm-fla".
+    return Text(cell.text, style=styles.get(cell.level, Style()), justify=justify, no_wrap=True, overflow="ellipsis", end="")
