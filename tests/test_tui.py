@@ -343,9 +343,12 @@ async def test_T_cycles_the_theme(sim, files):
         assert app.theme == "llmtop-dark"
         assert {"llmtop-dark", "llmtop-light", "llmtop-high-contrast"} <= set(app.llmtop_themes)
         seen = set()
+        before = dict(table(app)._styles)
         for _ in app.llmtop_themes:
             await pilot.press("T")
             seen.add(app.theme)
+            if app.theme == "llmtop-light":  # the table's colours follow the theme, not just the chrome
+                assert table(app)._styles != before
         assert seen == set(app.llmtop_themes)
         assert app.theme == "llmtop-dark"
 

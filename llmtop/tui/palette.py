@@ -33,3 +33,20 @@ def palette(variables: dict[str, str]) -> Palette:
 def styled(cell: Cell, styles: Palette, justify: str = "left") -> Text:
     # A cut-off name ends in "…", so vllm-fast and vllm-flaky do not both read "vllm-fla".
     return Text(cell.text, style=styles.get(cell.level, Style()), justify=justify, no_wrap=True, overflow="ellipsis", end="")
+
+
+class ThemedPalette:
+    """Widget mixin: `self._styles` follows the running theme; `restyle()` redraws with the new one."""
+
+    _styles: Palette = {}
+
+    def on_mount(self) -> None:
+        self._styles = palette(self.app.theme_variables)
+        self.app.theme_changed_signal.subscribe(self, self._on_theme_changed)
+
+    def _on_theme_changed(self, _theme) -> None:
+        self._styles = palette(self.app.theme_variables)
+        self.restyle()
+
+    def restyle(self) -> None:
+        raise NotImplementedError

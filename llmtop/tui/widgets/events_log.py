@@ -7,26 +7,20 @@ from textual.widgets import RichLog
 
 from llmtop.snapshot import Event
 from llmtop.tui import format as fmt
-from llmtop.tui.palette import Palette, palette
+from llmtop.tui.palette import ThemedPalette
 
 MAX_LINES = 500  # as many as the engine keeps
 
 
-class EventsLog(RichLog):
+class EventsLog(ThemedPalette, RichLog):
     """Appends only the events it has not shown yet; at one line high it is the compact layout's ticker."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, max_lines=MAX_LINES, wrap=False, markup=False, highlight=False, auto_scroll=True)
         self._last: Event | None = None
         self._events: tuple[Event, ...] = ()
-        self._styles: Palette = {}
 
-    def on_mount(self) -> None:
-        self._styles = palette(self.app.theme_variables)
-        self.app.theme_changed_signal.subscribe(self, self._on_theme_changed)
-
-    def _on_theme_changed(self, _theme) -> None:
-        self._styles = palette(self.app.theme_variables)
+    def restyle(self) -> None:
         self.clear()
         for event in self._events:
             self._write(event)

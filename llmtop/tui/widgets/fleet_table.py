@@ -12,7 +12,7 @@ from llmtop.config import Settings
 from llmtop.snapshot import BackendSnapshot, FleetSnapshot
 from llmtop.tui import format as fmt
 from llmtop.tui.format import Cell
-from llmtop.tui.palette import Palette, palette, styled
+from llmtop.tui.palette import ThemedPalette, styled
 from llmtop.tui.view import FleetView
 
 
@@ -59,7 +59,7 @@ def _fixed_width(keys: tuple[str, ...]) -> int:
     return sum(COLUMNS[k].width for k in keys) + 2 * CELL_PADDING * len(keys) + SCROLLBAR
 
 
-class FleetTable(DataTable):
+class FleetTable(ThemedPalette, DataTable):
     """Shows a FleetSnapshot; picks the full or the compact column set from its own width."""
 
     BINDINGS = [
@@ -82,14 +82,8 @@ class FleetTable(DataTable):
         self._cache_keys: dict[str, tuple[int, bool]] = {}
         self._order: dict[str, int] = {}
         self._title = ""
-        self._styles: Palette = {}
 
-    def on_mount(self) -> None:
-        self._styles = palette(self.app.theme_variables)
-        self.app.theme_changed_signal.subscribe(self, self._on_theme_changed)
-
-    def _on_theme_changed(self, _theme) -> None:
-        self._styles = palette(self.app.theme_variables)
+    def restyle(self) -> None:
         self._rebuild()
 
     # -- what the screen calls ---------------------------------------------------------------
