@@ -21,7 +21,6 @@ class MetricNames:
     requests_running: tuple[str, ...] = ()
     requests_waiting: tuple[str, ...] = ()
     kv_cache_usage: tuple[str, ...] = ()
-    kv_cache_scale: float = 1.0  # multiply to get a 0..1 fraction
     ttft_histogram: tuple[str, ...] = ()  # histogram base names, in seconds
     tpot_histogram: tuple[str, ...] = ()  # seconds per output token after the first (its inverse is the decode rate)
     tokens_per_s_gauge: tuple[str, ...] = ()  # engines that export the decode rate itself
@@ -138,13 +137,13 @@ def map_metrics(
     if not (first.startswith("#") or _SAMPLE_START.match(first)):
         raise MetricsParseError(f"metrics page is not Prometheus text (starts {first[:40]!r})")
     values, maxima = parse_samples(select_series(text, wanted_series(names, extra)), names.kv_cache_usage)
-    kv_raw = _first(maxima, names.kv_cache_usage)
+    kv = _first(maxima, names.kv_cache_usage)
     server_ttft = _histogram_mean(values, names.ttft_histogram, previous)
     tpot = _histogram_mean(values, names.tpot_histogram, previous)
     return Metrics(
         requests_running=_first(values, names.requests_running),
         requests_waiting=_first(values, names.requests_waiting),
-        kv_cache_usage=None if kv_raw is None else kv_raw * names.kv_cache_scale,
+        kv_cache_usage=kv,  # every engine mapped here exports a 0..1 fraction
         server_ttft_ms=None if server_ttft is None else server_ttft * 1000.0,
         server_tokens_per_s=1.0 / tpot if tpot else _first(values, names.tokens_per_s_gauge),
         raw=values,

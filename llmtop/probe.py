@@ -118,7 +118,6 @@ class HealthResult:
     unreachable: bool = False  # no HTTP answer at all (timeout, refused, reset)
     retry_after_s: float | None = None
     version: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

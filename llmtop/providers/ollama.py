@@ -26,7 +26,7 @@ class Ollama(Adapter):
 
     async def models(self) -> ModelsResult:
         """Downloaded models are what it serves (it loads on demand); loaded ones come from /api/ps."""
-        tags, ps = await asyncio.gather(self.request("GET", "/api/tags"), self._loaded(), return_exceptions=False)
+        tags, ps = await asyncio.gather(self.request("GET", "/api/tags"), self._loaded())
         data = tags.json("/api/tags")
         try:
             names = tuple(str(m.get("name") or m["model"]) for m in data["models"])
