@@ -63,3 +63,58 @@ async def test_a_busy_loop_closes_the_gate():
         await hog()
     assert gov.allowed < 64
     await gov.close()
+
+
+async def test_waiters_are_admitted_in_arrival_order_one_wake_up_each():
+    gov = Governor(cap=1, start=1)
+    order = []
+    release = asyncio.Event()
+
+    async def holder():
+        async with gov:
+            await release.wait()
+
+    async def waiter(i):
+        async with gov:
+            order.append(i)
+            await asyncio.sleep(0)
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(waiter(i)) for i in range(20)]
+    await asyncio.sleep(0)
+    assert len(gov._waiters) == 20
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *tasks), 2)
+    assert order == list(range(20))
+    assert gov.in_flight == 0 and not gov._waiters
+    await gov.close()
+
+
+async def test_a_cancelled_waiter_does_not_keep_a_slot():
+    gov = Governor(cap=1, start=1)
+    release = asyncio.Event()
+
+    async def holder():
+        async with gov:
+            await release.wait()
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    queued = asyncio.create_task(gov.__aenter__())
+    await asyncio.sleep(0)
+    queued.cancel()
+    release.set()
+    await first
+    await asyncio.gather(queued, return_exceptions=True)
+    assert gov.in_flight == 0
+    async with gov:  # the slot is free again, at once
+        assert gov.in_flight == 1
+    await gov.close()
+
+
+async def test_a_lowered_cap_lowers_what_is_allowed():
+    gov = Governor(cap=64, start=32)
+    gov.set_cap(8)
+    assert gov.allowed == 8 and gov.cap == 8
+    await gov.close()
