@@ -8,7 +8,6 @@ import time
 from collections import deque
 from typing import Callable, Iterable
 
-import anyio
 import httpx
 
 from llmtop.config import BackendConfig, Config
@@ -20,6 +19,7 @@ from llmtop.providers import adapter_class
 from llmtop.providers.base import Adapter, PollResult
 from llmtop.snapshot import BackendSnapshot, Event, FleetSnapshot, GpuStatus, Metrics, ProbeSummary
 from llmtop.state import StateStore
+from llmtop.transport import backend_client
 
 Clock = Callable[[], float]
 
@@ -368,30 +368,18 @@ class Engine:
     async def open(self) -> None:
         # Loading the CA bundle costs milliseconds; every backend's client shares one context.
         self._ssl = httpx.create_ssl_context()
-        # httpcore imports anyio and its asyncio backend on the first connection (~20 ms), which
-        # would land inside the first health latency and TTFT we time. Pay for it here instead.
-        await anyio.sleep(0)
 
     def new_client(self) -> httpx.AsyncClient:
-        """A small connection pool for one backend.
+        """A small connection pool for one backend (transport.py).
 
-        One pool per backend rather than one for the fleet: httpcore's pool scans every connection
-        on each request, which is quadratic in pool size and took seconds per round at 500 backends.
-        The fleet-wide bounds are the governors (governor.py). A backend has a poll (Ollama's asks
-        two things at once) or a probe in flight, so four connections mean a request never waits
-        for one, which would count against its timeout.
+        One pool per backend rather than one for the fleet: the fleet-wide bounds are the
+        governors (governor.py). A backend has a poll (Ollama's asks two things at once) or a probe
+        in flight, so four connections mean a request never waits for one, which would count
+        against its timeout.
         """
         if self._ssl is None:
             self._ssl = httpx.create_ssl_context()
-        s = self.config.settings
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(s.timeout_s),
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
-            follow_redirects=False,  # see Adapter.raise_for_status
-            headers={"User-Agent": "llmtop"},
-            verify=self._ssl,
-            trust_env=False,  # a fleet on private addresses must not go through an HTTP(S)_PROXY
-        )
+        return backend_client(self.config.settings.timeout_s, self._ssl)
 
     async def close(self) -> None:
         await self.stop()
@@ -588,8 +576,8 @@ class Engine:
         self.config = config
         self.config_error = None
         s = config.settings
-        self._poll_gate.cap = s.max_concurrency
-        self._probe_gate.cap = s.probe_concurrency
+        self._poll_gate.set_cap(s.max_concurrency)
+        self._probe_gate.set_cap(s.probe_concurrency)
         for name, tracker in old.items():
             if self.trackers.get(name) is not tracker:
                 task = self._tasks.pop(name, None)
@@ -598,7 +586,7 @@ class Engine:
                 self._close_client(tracker)
         for tracker in self.trackers.values():
             if s.timeout_s != before.timeout_s:
-                self._close_client(tracker)  # httpx's own per-read timeout lives in the client
+                self._close_client(tracker)  # the connect timeout lives in the client
             if s.history != before.history:
                 for name in ("ttft_history", "tps_history", "latency_history", "queue_history"):
                     setattr(tracker, name, deque(getattr(tracker, name), maxlen=s.history))

@@ -15,6 +15,7 @@ import pytest
 
 from llmtop.config import BackendConfig
 from llmtop.providers import adapter_class
+from llmtop.transport import backend_client
 
 
 class RawServer:
@@ -55,7 +56,7 @@ class RawServer:
 
 
 async def probe(provider, server, model="m", timeout=3.0):
-    async with httpx.AsyncClient() as client:
+    async with backend_client(timeout) as client:
         adapter = adapter_class(provider)(BackendConfig("x", provider, server.url, (model,)), client, timeout, 8)
         return await adapter.probe(model)
 
@@ -241,7 +242,7 @@ async def test_key_with_trailing_newline_is_trimmed_and_never_shown(monkeypatch)
     monkeypatch.setenv("K", "sk-SECRET123456\r\n")
     sb = SimBackend("b", api_key="sk-SECRET123456")
     async with Simulator([sb]) as sim:
-        async with httpx.AsyncClient() as client:
+        async with backend_client(3) as client:
             cfg = BackendConfig("b", "vllm", sim.url("b"), ("meta-llama/Llama-3.1-8B-Instruct",), api_key_env="K")
             adapter = adapter_class("vllm")(cfg, client, 3, 8)
             result = await adapter.probe("meta-llama/Llama-3.1-8B-Instruct")

@@ -1,0 +1,197 @@
+"""The lean HTTP/1.1 transport under httpx, against raw servers on 127.0.0.1 that misbehave on cue.
+
+Each server counts its TCP connections, so keep-alive reuse and the dropping of spoilt
+connections are observed from the far side of the wire, not assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import ssl
+import subprocess
+
+import httpx
+import pytest
+
+from llmtop.transport import backend_client
+
+
+class Server:
+    """Answers each request with `respond(n)` bytes, n counting requests from 0; None closes at once."""
+
+    def __init__(self, respond, tls: ssl.SSLContext | None = None):
+        self.respond = respond
+        self.tls = tls
+        self.connections = 0
+        self.requests = 0
+
+    async def handle(self, reader, writer):
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+                )
+                if length:
+                    await reader.readexactly(length)
+                n, self.requests = self.requests, self.requests + 1
+                answer = self.respond(n)
+                if answer is None:
+                    return
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.lower():
+                    return
+        finally:
+            writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0, ssl=self.tls)
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def ok(body: bytes = b"hello", extra: str = "") -> bytes:
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+async def test_sequential_requests_share_one_keep_alive_connection():
+    async with Server(lambda n: ok(f"r{n}".encode())) as server, backend_client(3) as client:
+        bodies = [(await client.get(server.url + "/x")).text for _ in range(5)]
+    assert bodies == ["r0", "r1", "r2", "r3", "r4"]
+    assert server.connections == 1
+
+
+async def test_an_idle_connection_the_server_dropped_is_replaced_transparently():
+    async with Server(lambda n: ok(extra="Connection: keep-alive\r\n")) as server, backend_client(3) as client:
+        assert (await client.get(server.url)).status_code == 200
+        # The server now drops the connection the client holds idle, the way a keep-alive timeout does.
+        server.respond = lambda n: None if n == 1 else ok()
+        assert (await client.get(server.url)).status_code == 200
+    assert server.connections == 2
+
+
+async def test_a_new_connection_closed_without_an_answer_is_an_error():
+    async with Server(lambda n: None) as server, backend_client(3) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+            await client.get(server.url)
+
+
+async def test_connection_close_is_honoured_and_the_next_request_reconnects():
+    async with Server(lambda n: ok(extra="Connection: close\r\n")) as server, backend_client(3) as client:
+        for _ in range(3):
+            assert (await client.get(server.url)).text == "hello"
+    assert server.connections == 3
+
+
+async def test_a_body_left_unread_spoils_its_connection_but_frees_its_slot():
+    big = b"x" * 200_000
+    async with Server(lambda n: ok(big)) as server, backend_client(3, max_connections=1) as client:
+        for _ in range(3):  # with one slot, a leaked one would hang the second request
+            async with client.stream("GET", server.url) as resp:
+                async for _chunk in resp.aiter_bytes():
+                    break
+        assert (await asyncio.wait_for(client.get(server.url), 2)).content == big
+    assert server.connections == 4  # three spoilt mid-body, one for the full read
+
+
+async def test_gzip_bodies_are_decoded_once():
+    data = b'{"data": [{"id": "m"}]}'
+    packed = gzip.compress(data)
+    async with Server(lambda n: ok(packed, "Content-Encoding: gzip\r\n")) as server, backend_client(3) as client:
+        resp = await client.get(server.url)
+    assert resp.json() == {"data": [{"id": "m"}]}
+    assert "content-encoding" not in resp.headers
+
+
+async def test_chunked_bodies_stream_piece_by_piece():
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    async with Server(lambda n: answer) as server, backend_client(3) as client:
+        async with client.stream("GET", server.url) as resp:
+            pieces = [c async for c in resp.aiter_bytes()]
+        again = await client.get(server.url)
+    assert b"".join(pieces) == b"hello world" and again.text == "hello world"
+    assert server.connections == 1
+
+
+async def test_a_body_shorter_than_its_content_length_is_a_protocol_error():
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly this"
+    async with Server(lambda n: answer) as server, backend_client(3) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get(server.url)
+
+
+async def test_garbage_instead_of_http_is_a_protocol_error():
+    async with Server(lambda n: b"SSH-2.0-OpenSSH_9.6\r\n\r\n") as server, backend_client(3) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="malformed"):
+            await client.get(server.url)
+
+
+async def test_refused_connections_say_so():
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    async with backend_client(3) as client:
+        with pytest.raises(httpx.ConnectError, match="(?i)refused"):
+            await client.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_post_bodies_and_headers_reach_the_server():
+    seen = []
+
+    class Echo(Server):
+        async def handle(self, reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1])
+            seen.append((head, await reader.readexactly(length)))
+            writer.write(ok(extra="Connection: close\r\n"))
+            await writer.drain()
+            writer.close()
+
+    async with Echo(None) as server, backend_client(3) as client:
+        await client.post(server.url + "/v1/chat/completions?x=1", json={"a": 1}, headers={"Authorization": "Bearer k"})
+    head, body = seen[0]
+    assert head.startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n")
+    assert b"authorization: bearer k" in head.lower() and b"user-agent: llmtop" in head.lower()
+    assert body == b'{"a":1}' or body == b'{"a": 1}'
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed: cannot make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    return d / "cert.pem", d / "key.pem"
+
+
+async def test_https_verifies_the_certificate(tls_files):
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with Server(lambda n: ok(b"secure"), tls=server_ctx) as server:
+        async with backend_client(3, trusting) as client:
+            assert (await client.get(server.url)).text == "secure"
+            assert (await client.get(server.url)).text == "secure"
+        assert server.connections == 1
+        async with backend_client(3, ssl.create_default_context()) as client:  # does not trust the self-signed cert
+            with pytest.raises(httpx.ConnectError, match="(?i)certificate"):
+                await client.get(server.url)
