@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import multiprocessing
+import os
+import sys
 
 from llmtop.config import Config
 from llmtop.engine import Engine
-from llmtop.snapshot import BackendSnapshot, FleetSnapshot
+from llmtop.snapshot import BackendSnapshot, FleetSnapshot, GpuStatus
 from llmtop.state import StateStore
+
+# Backends one event loop checks before another core is worth a process. One loop's CPU, not the
+# network, bounds a big check: every request costs ~0.3 ms of Python, and a probe's TTFT is only
+# true while the loop reading it is punctual (benchmarks/bench_check_fleet.py).
+BACKENDS_PER_WORKER = 128
+
+
+class CheckWorkerError(Exception):
+    """A check worker process failed; phrased for the operator."""
 
 
 async def run_check(config: Config, state: StateStore, rounds: int = 1, interval_s: float = 0.0, gpu=None) -> FleetSnapshot:
@@ -18,6 +31,77 @@ async def run_check(config: Config, state: StateStore, rounds: int = 1, interval
                 await asyncio.sleep(interval_s)
             await engine.run_round()
         return engine.snapshot()
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)  # pragma: no cover - macOS, Windows
+
+
+def worker_count(backends: int, requested: int | None = None) -> int:
+    """Processes for a check: what was asked for, else one per core the fleet can keep busy."""
+    if requested is not None:
+        return max(1, min(requested, backends))
+    return max(1, min(usable_cores(), -(-backends // BACKENDS_PER_WORKER)))
+
+
+def check_fleet(config: Config, state: StateStore, rounds: int = 1, interval_s: float = 0.0, gpu=None, workers: int = 1) -> FleetSnapshot:
+    """A check in this process, or split over `workers` processes, one event loop each."""
+    workers = max(1, min(workers, len(config.backends)))
+    if workers == 1:
+        return asyncio.run(run_check(config, state, rounds, interval_s, gpu))
+    # fork where there is one: the child starts with every import done, in milliseconds.
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    shards = []
+    for i in range(workers):
+        # Interleaved, so a run of slow backends in the config is spread over the workers too.
+        sub = dataclasses.replace(config, backends=config.backends[i::workers])
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(send, sub, state, rounds, interval_s), name=f"llmtop-check-{i}", daemon=True)
+        proc.start()
+        send.close()
+        shards.append((proc, receive))
+    try:
+        gpu_status = gpu.read() if gpu is not None else GpuStatus(message="GPU not read")
+        parts = [_result(proc, receive) for proc, receive in shards]
+    finally:
+        for proc, _ in shards:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    by_name = {b.name: b for part in parts for b in part.backends}
+    events = sorted((e for part in parts for e in part.events), key=lambda e: e.at)[-500:]
+    return FleetSnapshot(
+        at=max(part.at for part in parts),
+        backends=tuple(by_name[b.name] for b in config.backends),
+        gpu=gpu_status,
+        events=tuple(events),
+        config_path=parts[0].config_path,
+        config_error=parts[0].config_error,
+    )
+
+
+def _worker(send, config: Config, state: StateStore, rounds: int, interval_s: float) -> None:
+    try:
+        result = asyncio.run(run_check(config, state, rounds, interval_s))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent, as one line
+        result = CheckWorkerError(f"{type(exc).__name__}: {exc}")
+    send.send(result)
+    send.close()
+
+
+def _result(proc, receive) -> FleetSnapshot:
+    try:
+        result = receive.recv()
+    except EOFError:
+        proc.join()
+        code = proc.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        raise CheckWorkerError(f"check worker {proc.name} {how} before reporting; try --workers 1") from None
+    if isinstance(result, CheckWorkerError):
+        raise CheckWorkerError(f"check worker {proc.name} failed: {result}")
+    return result
 
 
 def exit_code(snapshot: FleetSnapshot) -> int:

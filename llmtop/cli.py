@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rounds", type=int, default=1, metavar="N", help="rounds to run (default 1)")
     check.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between rounds (default 1)")
     check.add_argument("--demo", action="store_true", help="check the built-in simulated fleet")
+    check.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="processes to split the fleet over (default: one per CPU core, for fleets big enough to need them)",
+    )
 
     for command, state in ADMIN_COMMANDS.items():
         p = sub.add_parser(command, parents=[common], help=f"set a backend's admin state to {state}")
@@ -63,13 +67,15 @@ def _state(args) -> StateStore:
 
 
 def cmd_check(args) -> int:
-    from llmtop.check import exit_code, render_table, run_check, to_json
+    from llmtop.check import check_fleet, exit_code, render_table, to_json, worker_count
     from llmtop.gpu import GpuReader
 
     if args.rounds < 1:
         raise UsageError("--rounds must be at least 1")
     if args.interval < 0:
         raise UsageError("--interval must not be negative")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
     state = _state(args)
     gpu = GpuReader()
     if args.demo:
@@ -77,10 +83,12 @@ def cmd_check(args) -> int:
 
         with DemoFleet() as demo_config:
             config = load_config(demo_config)
-            snapshot = asyncio.run(run_check(config, state, args.rounds, args.interval, gpu))
+            workers = worker_count(len(config.backends), args.workers)
+            snapshot = check_fleet(config, state, args.rounds, args.interval, gpu, workers)
     else:
         config = _load(args)
-        snapshot = asyncio.run(run_check(config, state, args.rounds, args.interval, gpu))
+        workers = worker_count(len(config.backends), args.workers)
+        snapshot = check_fleet(config, state, args.rounds, args.interval, gpu, workers)
     print(to_json(snapshot) if args.json else render_table(snapshot))
     return exit_code(snapshot)
 
@@ -137,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+        if type(exc).__name__ == "CheckWorkerError":  # llmtop.check, imported only for `check`
+            print(f"llmtop: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+            return 2
         if os.environ.get("LLMTOP_DEBUG"):
             raise
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

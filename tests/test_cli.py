@@ -150,3 +150,32 @@ def test_secret_never_printed(tmp_path, sim):
         assert r.returncode == 1
         assert secret not in r.stdout + r.stderr
         assert "401" in r.stdout
+
+
+def test_check_split_over_worker_processes_reports_every_backend_in_config_order(tmp_path, sim):
+    names = [f"b{i}" for i in range(7)]
+    for name in names:
+        sim.backends[name] = SimBackend(name, ttft_ms=30, gap_ms=5)
+    sim.backends["b3"].fault = "5xx"
+    path = tmp_path / "seven.toml"
+    path.write_text("[settings]\ntimeout_s = 3\n" + "".join(
+        f'[[backend]]\nname = "{n}"\nprovider = "vllm"\nurl = "{sim.url(n)}"\nmodels = ["meta-llama/Llama-3.1-8B-Instruct"]\n'
+        for n in names
+    ))
+    state = str(tmp_path / "s.json")
+    split = llmtop("check", "--json", "--workers", "3", "--config", str(path), "--state", state)
+    assert split.returncode == 1, split.stderr  # b3 is down
+    backends = json.loads(split.stdout)["backends"]
+    assert [b["name"] for b in backends] == names
+    for b in backends:
+        if b["name"] == "b3":
+            assert b["status"] == "down" and "HTTP 503" in b["error"]
+        else:
+            assert b["status"] == "healthy" and abs(b["probe"]["ttft_ms"] - 30) < 25, b
+    table = llmtop("check", "--workers", "2", "--config", str(path), "--state", state)
+    assert table.returncode == 1 and "b3: " in table.stdout and table.stdout.count("HEALTHY") == 6
+
+
+def test_workers_must_be_positive(config, tmp_path):
+    r = llmtop("check", "--workers", "0", "--config", str(config), "--state", str(tmp_path / "s.json"))
+    assert r.returncode == 2 and r.stderr.strip() == "llmtop: --workers must be at least 1"
