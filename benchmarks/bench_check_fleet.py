@@ -12,6 +12,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,21 +45,58 @@ def slowest_probe_ms(spec: list[dict]) -> float:
     return max(b["ttft_ms"] + (TOKENS - 1) * b["gap_ms"] for b in spec)
 
 
-def run_check(config: Path) -> tuple[float, int, float, dict]:
-    """(wall seconds, exit code, peak RSS MB, parsed JSON) of one `llmtop check --json` process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmtop", "check", "--json", "--config", str(config), "--state", str(config) + ".state"],
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - start
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _pss_mb(pids: list[int]) -> float:
+    """Proportional set size of the processes together: shared pages (a forked worker's) count once."""
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def run_check(config: Path, workers: str) -> tuple[float, int, float, float, dict]:
+    """(wall s, exit code, peak RSS MB of any one process, peak PSS MB of all together, parsed JSON)
+    of one `llmtop check --json`. PSS is sampled every 50 ms, where /proc has it."""
+    extra = [] if workers == "auto" else ["--workers", workers]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # a pipe would fill and stall it
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmtop", "check", "--json", "--config", str(config), "--state", str(config) + ".state", *extra],
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        peak_pss = 0.0
+        while proc.poll() is None:
+            peak_pss = max(peak_pss, _pss_mb(_tree(proc.pid)))
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        out, err = out.read(), err.read()
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if proc.returncode not in (0, 1):
-        print(proc.stderr, file=sys.stderr)
+        print(err, file=sys.stderr)
         raise SystemExit(f"llmtop check failed with exit code {proc.returncode}")
-    return wall, proc.returncode, max(peak_kb, before) / 1024, json.loads(proc.stdout)
+    return wall, proc.returncode, peak_kb / 1024, peak_pss, json.loads(out)
 
 
 latency: list[float] = []  # health latencies of the last report: the simulator answers in well under 1 ms
@@ -104,8 +142,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="fast", help="the fleet's timings (default fast)")
     parser.add_argument(
-        "--probe-concurrency", type=int, nargs="+", default=[512, 64],
-        help="settings.probe_concurrency caps to compare (default: llmtop's own 512, and a cap of 64)",
+        "--probe-concurrency", type=int, nargs="+", default=[512],
+        help="settings.probe_concurrency caps to compare (default: llmtop's own, 512)",
+    )
+    parser.add_argument(
+        "--workers", nargs="+", default=["auto", "1"],
+        help="`llmtop check --workers` values to compare (default: auto, one per core, and 1)",
     )
     args = parser.parse_args()
     spec = fleet(args.backends, profile=args.profile)
@@ -116,26 +158,31 @@ def main() -> int:
     with SimProcess(spec) as base_url:
         for concurrency in args.probe_concurrency:
             settings = {"probe_max_tokens": TOKENS, "timeout_s": 20, "probe_concurrency": concurrency}
+            config = write_config(base_url, spec, settings)
+            for workers in args.workers:
+                print()
+                print(f"probe_concurrency = {concurrency}, --workers {workers}")
+                measure(config, spec, args.runs, slowest, workers)
+            rounds = [run_round_in_process(config) for _ in range(args.runs)]
             print()
-            print(f"probe_concurrency = {concurrency}")
-            measure(write_config(base_url, spec, settings), spec, args.runs, slowest)
+            print(f"one engine round in one event loop, without start-up: median {median(rounds):.2f} s = {median(rounds) / slowest:.2f}x")
     return 0
 
 
-def measure(config: Path, spec: list[dict], runs: int, slowest: float) -> None:
-    walls, peaks, rounds, ttft_err, rate_err = [], [], [], [], []
+def measure(config: Path, spec: list[dict], runs: int, slowest: float, workers: str) -> None:
+    walls, peaks, psss, ttft_err, rate_err = [], [], [], [], []
     for _ in range(runs):
-        wall, code, peak, report = run_check(config)
+        wall, code, peak, pss, report = run_check(config, workers)
         walls.append(wall)
         peaks.append(peak)
+        psss.append(pss)
         t, r = accuracy(report, spec)
         ttft_err += t
         rate_err += r
-        rounds.append(run_round_in_process(config))
     print(f"  `llmtop check --json` wall time: median {median(walls):.2f} s  (min {min(walls):.2f}, max {max(walls):.2f})"
           f"  = {median(walls) / slowest:.2f}x the slowest probe (target < 2x)")
-    print(f"  engine round alone (no start-up): median {median(rounds):.2f} s = {median(rounds) / slowest:.2f}x")
-    print(f"  peak RSS of the check process: {max(peaks):.1f} MB (target < 150 MB)  [includes interpreter + imports]")
+    print(f"  peak memory: {max(psss):.1f} MB PSS of all its processes together (target < 150 MB);"
+          f" {max(peaks):.1f} MB RSS of the largest one  [interpreter and imports included]")
     print(f"  last exit code: {code} (0 = every backend healthy)")
     abs_rate = [abs(x) for x in rate_err]
     print(
