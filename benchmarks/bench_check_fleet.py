@@ -74,7 +74,7 @@ def _pss_mb(pids: list[int]) -> float:
 
 def run_check(config: Path, workers: str) -> tuple[float, int, float, float, dict]:
     """(wall s, exit code, peak RSS MB of any one process, peak PSS MB of all together, parsed JSON)
-    of one `llmtop check --json`. PSS is sampled every 50 ms, where /proc has it."""
+    of one `llmtop check --json`. PSS is sampled every 100 ms, where /proc has it."""
     extra = [] if workers == "auto" else ["--workers", workers]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # a pipe would fill and stall it
         start = time.perf_counter()
@@ -87,7 +87,7 @@ def run_check(config: Path, workers: str) -> tuple[float, int, float, float, dic
         peak_pss = 0.0
         while proc.poll() is None:
             peak_pss = max(peak_pss, _pss_mb(_tree(proc.pid)))
-            time.sleep(0.05)
+            time.sleep(0.1)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
