@@ -7,6 +7,7 @@ import random
 import time
 from collections import deque
 from typing import Callable, Iterable
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -22,6 +23,10 @@ from llmtop.state import StateStore
 from llmtop.transport import backend_client
 
 Clock = Callable[[], float]
+
+
+def uses_tls(url: str) -> bool:
+    return urlsplit(url).scheme.lower() == "https"  # the config accepts HTTPS:// too
 
 
 class Pacer:
@@ -98,7 +103,7 @@ class BackendTracker:
             s = self.engine.config.settings
             cls = adapter_class(self.config.provider)
             if self.client is None:
-                self.client = self.engine.new_client(tls=self.config.url.startswith("https:"))
+                self.client = self.engine.new_client(tls=uses_tls(self.config.url))
             self.adapter = cls(self.config, self.client, s.timeout_s, s.probe_max_tokens)
         return self.adapter
 
@@ -372,7 +377,7 @@ class Engine:
     async def open(self) -> None:
         # Loading the CA bundle blocks for ~20 ms: here, before anything is timed, and only for a
         # fleet that uses TLS. Every backend's client shares the one context.
-        if any(b.url.startswith("https:") for b in self.config.backends):
+        if any(uses_tls(b.url) for b in self.config.backends):
             self._ssl = httpx.create_ssl_context()
 
     def new_client(self, tls: bool = True) -> httpx.AsyncClient:

@@ -11,7 +11,8 @@ It does what a fleet monitor needs and no more: one backend's origin per transpo
 keep-alive connections, TLS with the caller's context, no proxies (the engine sets
 trust_env=False), no HTTP/2, no redirects (the engine does not follow them). Whole-request
 deadlines are the caller's (providers/base.py bounds every request end to end); the transport
-bounds connecting and each read by the client's timeout, so it is safe on its own too.
+bounds connecting, and each read when the client sets a read timeout. Bodies come through as
+sent: httpx decodes gzip and deflate itself, and a body that does not decode is its DecodingError.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import socket
 import ssl
 import sys
-import zlib
 from collections import deque
 from typing import AsyncIterator
 
@@ -33,17 +33,20 @@ READ_SIZE = 64 * 1024
 
 
 class _Connection:
-    __slots__ = ("reader", "writer", "h11", "reused")
+    __slots__ = ("reader", "writer", "h11", "reused", "answered")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.reused = False
+        self.answered = False  # a byte of the current response has arrived
 
     def usable(self) -> bool:
-        """An idle keep-alive connection the server has not closed (or written to) meanwhile."""
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        """An idle keep-alive connection the server has not closed, nor written to meanwhile: a
+        proxy's "408 Request Timeout" sent before it hangs up must not pass for the next answer.
+        (StreamReader has no public peek; at_eof() stays False while such bytes wait unread.)"""
+        return not self.writer.is_closing() and not self.reader.at_eof() and not getattr(self.reader, "_buffer", b"")
 
     def close(self) -> None:
         self.writer.close()
@@ -77,11 +80,10 @@ class _Body(httpx.AsyncByteStream):
     """A response body read from its connection as the caller iterates; the connection goes back
     to the pool only once the response has been read to its end."""
 
-    def __init__(self, transport: "LeanTransport", conn: _Connection, request: httpx.Request, decoder):
+    def __init__(self, transport: "LeanTransport", conn: _Connection, request: httpx.Request):
         self._transport = transport
         self._conn = conn
         self._request = request
-        self._decoder = decoder
         self._done = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -89,18 +91,10 @@ class _Body(httpx.AsyncByteStream):
         while not self._done:
             event = await self._transport._next_event(conn, self._request, read_timeout)
             if type(event) is h11.Data:
-                data = bytes(event.data)
-                if self._decoder is not None:
-                    data = self._decoder.decompress(data)
-                if data:
-                    yield data
+                yield bytes(event.data)
             elif type(event) is h11.EndOfMessage:
                 self._done = True
                 self._transport._release(conn, reusable=True)
-                if self._decoder is not None:
-                    tail = self._decoder.flush()
-                    if tail:
-                        yield tail
 
     async def aclose(self) -> None:
         if not self._done:  # left unread: the connection is mid-response and cannot be reused
@@ -116,6 +110,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: deque[_Connection] = deque()
         self._open: set[_Connection] = set()
+        self._closed = False
 
     # -- connections --------------------------------------------------------------------------
 
@@ -123,12 +118,18 @@ class LeanTransport(httpx.AsyncBaseTransport):
         url = request.url
         tls = url.scheme == "https"
         port = url.port or (443 if tls else 80)
+        if tls and self._ssl is None:
+            self._ssl = httpx.create_ssl_context()  # once; the engine normally hands one in
         opening = asyncio.open_connection(
             url.host,
             port,
-            ssl=(self._ssl or ssl.create_default_context()) if tls else None,
+            ssl=self._ssl if tls else None,
             server_hostname=url.host if tls else None,
             limit=READ_SIZE,
+            # A host with several addresses (IPv6 and IPv4, round-robin DNS): try the next one
+            # after 250 ms rather than spending the whole timeout on one that drops packets.
+            happy_eyeballs_delay=0.25,
+            interleave=1,
         )
         try:
             reader, writer = await _within(opening, _timeout(request, "connect"))
@@ -139,14 +140,25 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except OSError as exc:
             raise httpx.ConnectError(_reason(exc), request=request) from None
         conn = _Connection(reader, writer)
+        if self._closed:  # closed while this connection was being opened
+            conn.close()
+            raise httpx.ConnectError("the client was closed", request=request)
         self._open.add(conn)
         return conn
 
     def _release(self, conn: _Connection, reusable: bool) -> None:
         state = conn.h11
-        if reusable and state.our_state is h11.DONE and state.their_state is h11.DONE and not conn.writer.is_closing():
+        if (
+            reusable
+            and not self._closed
+            and state.our_state is h11.DONE
+            and state.their_state is h11.DONE
+            and not state.trailing_data[0]  # bytes past the end of the response: not ours to answer with
+            and not conn.writer.is_closing()
+        ):
             state.start_next_cycle()
             conn.reused = True
+            conn.answered = False
             self._idle.append(conn)
         else:
             self._open.discard(conn)
@@ -173,29 +185,37 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise httpx.ReadTimeout("timed out while reading", request=request) from None
             except ssl.SSLError as exc:
                 raise httpx.ReadError(f"TLS error: {exc.reason or exc}", request=request) from None
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                if state.their_state is h11.SEND_RESPONSE and not conn.answered:
+                    raise _ClosedBeforeResponse(_reason(exc), reset=True) from None
+                raise httpx.ReadError(_reason(exc), request=request) from None
             except OSError as exc:
                 raise httpx.ReadError(_reason(exc), request=request) from None
-            if not data and state.their_state is h11.SEND_RESPONSE:
+            if not data and state.their_state is h11.SEND_RESPONSE and not conn.answered:
                 # Closed before a single byte of the response: the mark of a keep-alive connection
-                # the server dropped while idle (or of a server that died on this request).
-                raise _ClosedBeforeResponse()
+                # the server dropped while idle (a reset, when our request reached it first), or
+                # of a server that died on this request.
+                raise _ClosedBeforeResponse("server closed the connection without answering")
+            conn.answered = conn.answered or bool(data)
             state.receive_data(data)
 
     # -- one request ----------------------------------------------------------------------------
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise httpx.ConnectError("the client was closed", request=request)
         await self._slots.acquire()
         try:
             try:
                 return await self._exchange(request, await self._checkout(request))
             except _ClosedBeforeResponse as exc:
-                if not exc.reused:
-                    raise httpx.RemoteProtocolError("server closed the connection without answering", request=request) from None
-            # A reused connection the server had closed: once more on a new one, as browsers do.
+                if not exc.reused or self._closed:
+                    raise exc.error(request) from None
+            # A reused connection the server had closed or reset: once more on a new one, as browsers do.
             try:
                 return await self._exchange(request, await self._connect(request))
-            except _ClosedBeforeResponse:
-                raise httpx.RemoteProtocolError("server closed the connection without answering", request=request) from None
+            except _ClosedBeforeResponse as exc:
+                raise exc.error(request) from None
         except BaseException:
             self._slots.release()
             raise
@@ -228,8 +248,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _send_and_read_head(self, request: httpx.Request, conn: _Connection) -> httpx.Response:
         state = conn.h11
         body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in (b"accept-encoding", b"connection")]
-        headers.append((b"Accept-Encoding", b"gzip, deflate"))
+        # httpx decodes what its Accept-Encoding asked for (Response.aiter_bytes), raising
+        # httpx.DecodingError on a body that does not decode; the transport passes bytes through.
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"connection"]
         try:
             data = state.send(h11.Request(method=request.method, target=request.url.raw_path, headers=headers))
             if body:
@@ -237,32 +258,22 @@ class LeanTransport(httpx.AsyncBaseTransport):
             data += state.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from None
-        try:
-            conn.writer.write(data)
-        except OSError as exc:
-            raise _ClosedBeforeResponse() from exc
+        conn.writer.write(data)  # asyncio reports a failed write on the next read, not here
         read_timeout = _timeout(request, "read")
         while True:
             event = await self._next_event(conn, request, read_timeout)
             if type(event) is h11.Response:
                 break
             # h11.InformationalResponse (100 Continue and the like): read on to the real one
-        decoder = None
-        encoding = dict(event.headers).get(b"content-encoding", b"").strip().lower()
-        if encoding in (b"gzip", b"x-gzip"):
-            decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
-        elif encoding == b"deflate":
-            decoder = zlib.decompressobj()
-        # httpx would decode the body again per Content-Encoding: the decoded body's headers must not claim one.
-        headers = [(k, v) for k, v in event.headers if decoder is None or k.lower() != b"content-encoding"]
         return httpx.Response(
             event.status_code,
-            headers=headers,
-            stream=_Body(self, conn, request, decoder),
+            headers=event.headers,
+            stream=_Body(self, conn, request),
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": event.reason},
         )
 
     async def aclose(self) -> None:
+        self._closed = True
         for conn in list(self._open):
             conn.close()
         self._open.clear()
@@ -270,7 +281,17 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
 
 class _ClosedBeforeResponse(Exception):
-    reused = False
+    """The connection ended (closed or reset) before any byte of the response."""
+
+    def __init__(self, reason: str, reset: bool = False):
+        super().__init__(reason)
+        self.reset = reset
+        self.reused = False
+
+    def error(self, request: httpx.Request) -> httpx.TransportError:
+        if self.reset:
+            return httpx.ReadError(str(self), request=request)
+        return httpx.RemoteProtocolError(str(self), request=request)
 
 
 class NoCookies(http.cookiejar.CookieJar):

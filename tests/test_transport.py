@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
+import zlib
 
 import httpx
 import pytest
@@ -106,13 +109,118 @@ async def test_a_body_left_unread_spoils_its_connection_but_frees_its_slot():
     assert server.connections == 4  # three spoilt mid-body, one for the full read
 
 
-async def test_gzip_bodies_are_decoded_once():
+async def test_gzip_and_raw_deflate_bodies_are_decoded():
     data = b'{"data": [{"id": "m"}]}'
-    packed = gzip.compress(data)
-    async with Server(lambda n: ok(packed, "Content-Encoding: gzip\r\n")) as server, backend_client(3) as client:
-        resp = await client.get(server.url)
-    assert resp.json() == {"data": [{"id": "m"}]}
-    assert "content-encoding" not in resp.headers
+    raw = zlib.compressobj(wbits=-15)
+    deflated = raw.compress(data) + raw.flush()  # no zlib header, as some servers send it
+    answers = [ok(gzip.compress(data), "Content-Encoding: gzip\r\n"), ok(deflated, "Content-Encoding: deflate\r\n")]
+    async with Server(lambda n: answers[n]) as server, backend_client(3) as client:
+        assert (await client.get(server.url)).json() == {"data": [{"id": "m"}]}
+        assert (await client.get(server.url)).json() == {"data": [{"id": "m"}]}
+
+
+async def test_a_body_that_does_not_decode_is_an_httpx_error():
+    async with Server(lambda n: ok(b"not gzip at all", "Content-Encoding: gzip\r\n")) as server, backend_client(3) as client:
+        with pytest.raises(httpx.DecodingError):
+            await client.get(server.url)
+        # and the adapters turn it into the backend's error, not a crash of the round
+        from llmtop.config import BackendConfig
+        from llmtop.providers import adapter_class
+
+        adapter = adapter_class("vllm")(BackendConfig("x", "vllm", server.url, ("m",)), client, 3, 8)
+        result = await adapter.poll()
+    assert not result.health.ok and "DecodingError" in result.health.error
+
+
+@pytest.mark.parametrize("pause", [0, 0.02], ids=["same-read", "later-read"])
+async def test_bytes_sent_on_an_idle_connection_are_not_the_next_answer(pause):
+    """A proxy that times an idle connection out writes 408 and hangs up; the next request must
+    go out on a new connection and get its own answer. The 408 may arrive in the same read as
+    the answer before it (left in h11's buffer) or later (left in the stream's)."""
+
+    class Proxy(Server):
+        async def handle(self, reader, writer):
+            self.connections += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(ok(b"first"))
+            await writer.drain()
+            if self.connections == 1:
+                await asyncio.sleep(pause)
+                writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)  # not yet closed when the client asks again
+            writer.close()
+
+    async with Proxy(None) as server, backend_client(3) as client:
+        assert (await client.get(server.url)).text == "first"
+        await asyncio.sleep(0.05)  # the 408 arrives while the connection sits idle
+        second = await client.get(server.url)
+    assert second.status_code == 200 and server.connections == 2
+
+
+async def test_a_reset_on_a_reused_connection_is_retried_once_on_a_new_one():
+    """The usual keep-alive race: the request reaches a server that is closing the idle
+    connection, and the kernel answers with a reset rather than a close."""
+
+    class Resetting(Server):
+        async def handle(self, reader, writer):
+            self.connections += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(ok(b"fine"))
+            await writer.drain()
+            if self.connections == 1:
+                await reader.readuntil(b"\r\n\r\n")  # the second request, unread by the app...
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()  # ...and an abortive close: RST
+
+    async with Resetting(None) as server, backend_client(3) as client:
+        assert (await client.get(server.url)).text == "fine"
+        assert (await client.get(server.url)).text == "fine"
+    assert server.connections == 2
+
+
+async def test_a_reset_before_any_answer_on_a_new_connection_is_a_read_error():
+    class Resetting(Server):
+        async def handle(self, reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+
+    async with Resetting(None) as server, backend_client(3) as client:
+        with pytest.raises(httpx.ReadError, match="(?i)reset"):
+            await client.get(server.url)
+
+
+async def test_closing_the_client_mid_request_neither_resends_nor_leaks():
+    seen = []
+
+    class Slow(Server):
+        async def handle(self, reader, writer):
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    seen.append(head.split(b" ")[1])
+                    if head.startswith(b"GET /slow"):
+                        await asyncio.sleep(5)
+                    writer.write(ok())
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+    async with Slow(None) as server:
+        client = backend_client(3)
+        await client.get(server.url + "/first")
+        slow = asyncio.create_task(client.get(server.url + "/slow"))
+        await asyncio.sleep(0.1)
+        await client.aclose()
+        with pytest.raises(httpx.HTTPError):
+            await asyncio.wait_for(slow, 2)
+        transport = client._transport
+        assert not transport._open and not transport._idle
+    assert seen == [b"/first", b"/slow"]
 
 
 async def test_chunked_bodies_stream_piece_by_piece():
