@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
+import threading
 
 from llmtop.config import Config
 from llmtop.engine import Engine
@@ -53,12 +55,20 @@ def check_fleet(config: Config, state: StateStore, rounds: int = 1, interval_s: 
         return asyncio.run(run_check(config, state, rounds, interval_s, gpu))
     # fork where there is one: the child starts with every import done, in milliseconds.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    # The concurrency caps are the fleet's: each worker gets its share.
+    settings = dataclasses.replace(
+        config.settings,
+        max_concurrency=-(-config.settings.max_concurrency // workers),
+        probe_concurrency=-(-config.settings.probe_concurrency // workers),
+    )
     shards = []
     for i in range(workers):
         # Interleaved, so a run of slow backends in the config is spread over the workers too.
-        sub = dataclasses.replace(config, backends=config.backends[i::workers])
+        sub = dataclasses.replace(config, settings=settings, backends=config.backends[i::workers])
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(send, sub, state, rounds, interval_s), name=f"llmtop-check-{i}", daemon=True)
+        proc = ctx.Process(
+            target=_worker, args=(send, sub, state, rounds, interval_s), name=f"llmtop-check-{i}", daemon=True
+        )
         proc.start()
         send.close()
         shards.append((proc, receive))
@@ -83,12 +93,27 @@ def check_fleet(config: Config, state: StateStore, rounds: int = 1, interval_s: 
 
 
 def _worker(send, config: Config, state: StateStore, rounds: int, interval_s: float) -> None:
+    _exit_with_parent()
     try:
         result = asyncio.run(run_check(config, state, rounds, interval_s))
     except BaseException as exc:  # noqa: BLE001 - reported by the parent, as one line
         result = CheckWorkerError(f"{type(exc).__name__}: {exc}")
     send.send(result)
     send.close()
+
+
+def _exit_with_parent() -> None:
+    """A worker whose parent died (SIGKILL, the OOM killer) stops too, rather than checking on
+    for nobody, or blocking forever on a result pipe no one reads."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # pragma: no cover - always set in a multiprocessing child
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="llmtop-parent-watch", daemon=True).start()
 
 
 def _result(proc, receive) -> FleetSnapshot:
