@@ -7,6 +7,13 @@ makes a TTFT true: measured on 2 cores, that overhead alone kept `llmtop check` 
 CPU-bound for a second and a half. httpx stays the API (requests, responses, errors, httpx-sse);
 only the wire underneath is this module.
 
+On Linux, plain-HTTP connections are read straight off the socket with recvmsg and
+SO_TIMESTAMPNS, so every read carries the time the kernel received its bytes: a TTFT and a
+health latency end when the answer reached this machine, not when a busy event loop read it.
+(When the loop is late by more than a token gap, several tokens come in one read, stamped with
+the last one's arrival: still no later than the loop's own stamp.) TLS and other platforms go
+through asyncio streams and are stamped when read.
+
 It does what a fleet monitor needs and no more: one backend's origin per transport, a few
 keep-alive connections, TLS with the caller's context, no proxies (the engine sets
 trust_env=False), no HTTP/2, no redirects (the engine does not follow them). Whole-request
@@ -23,7 +30,9 @@ import ipaddress
 import os
 import socket
 import ssl
+import struct
 import sys
+import time
 from collections import deque
 from typing import AsyncIterator
 
@@ -33,24 +42,171 @@ import httpx
 READ_SIZE = 64 * 1024
 
 
-class _Connection:
-    __slots__ = ("reader", "writer", "h11", "reused", "answered")
+# The kernel's receive time of each read (SO_TIMESTAMPNS: CLOCK_REALTIME, nanoseconds). Linux
+# has it (the constant is not in Python's socket module); elsewhere reads are stamped when read.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
+_ANCILLARY = socket.CMSG_SPACE(16) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+class _StreamIO:
+    """Bytes over asyncio streams: TLS, and plain TCP where the kernel stamps nothing."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(READ_SIZE)
+
+    def arrival(self) -> float:
+        return time.perf_counter()
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)  # asyncio reports a failed write on the next read, not here
+
+    def usable(self) -> bool:
+        # StreamReader has no public peek; at_eof() stays False while bytes wait unread.
+        return not self.writer.is_closing() and not self.reader.at_eof() and not getattr(self.reader, "_buffer", b"")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _RawIO:
+    """Plain TCP read straight off the socket with recvmsg, so every read carries the time the
+    kernel received its bytes. A TTFT then ends when the first token reached this machine, not
+    when a busy event loop got round to reading it: the figure stays true under load."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.fd = sock.fileno()
+        self.last_arrival: float | None = None  # perf_counter() time of the last read's bytes
+        self.closed = False
+        self._waiter: asyncio.Future | None = None
+
+    async def read(self) -> bytes:
+        while True:
+            if self.closed:
+                raise ConnectionAbortedError(103, "Software caused connection abort")
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(READ_SIZE, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+                continue
+            if data:
+                self.last_arrival = _kernel_time(ancillary)
+            return data
+
+    def arrival(self) -> float:
+        return self.last_arrival if self.last_arrival is not None else time.perf_counter()
+
+    async def _readable(self) -> None:
+        waiter = self._waiter = self.loop.create_future()
+        self.loop.add_reader(self.fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if not self.closed:
+                self.loop.remove_reader(self.fd)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            await self.loop.sock_sendall(self.sock, data[sent:])
+
+    def usable(self) -> bool:
+        """Idle and untouched: nothing to read (not even the end of the stream)."""
+        if self.closed:
+            return False
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return False  # bytes waiting, or b"": the server closed it
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.fd)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)  # the read wakes, sees `closed`, and fails
+        self.sock.close()
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _kernel_time(ancillary) -> float:
+    """perf_counter() time at which the kernel received the bytes just read."""
+    now = time.perf_counter()
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = struct.unpack("qq", data[:16])
+            age = time.time() - (sec + nsec / 1e9)
+            if 0 <= age < 60:  # a wall clock stepped mid-read is not believed
+                return now - age
+    return now
+
+
+async def _open_raw(host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket with receive timestamps on."""
+    loop = asyncio.get_running_loop()
+    if _is_ip(host):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        infos = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    else:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for i, (family, kind, proto, _name, address) in enumerate(infos):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            if i < len(infos) - 1:
+                # Several addresses: give each 250 ms before trying the next (happy eyeballs,
+                # one at a time), so one that drops packets does not use up the timeout.
+                await _within(loop.sock_connect(sock, address), 0.25)
+            else:
+                await loop.sock_connect(sock, address)
+            return sock
+        except asyncio.TimeoutError:
+            sock.close()
+            error = TimeoutError(110, f"no answer from {address[0]} within 250 ms")
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            error = exc
+    raise error or OSError(f"no address for {host}")
+
+
+class _Connection:
+    __slots__ = ("io", "h11", "reused", "answered")
+
+    def __init__(self, io: _StreamIO | _RawIO):
+        self.io = io
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.reused = False
         self.answered = False  # a byte of the current response has arrived
 
     def usable(self) -> bool:
         """An idle keep-alive connection the server has not closed, nor written to meanwhile: a
-        proxy's "408 Request Timeout" sent before it hangs up must not pass for the next answer.
-        (StreamReader has no public peek; at_eof() stays False while such bytes wait unread.)"""
-        return not self.writer.is_closing() and not self.reader.at_eof() and not getattr(self.reader, "_buffer", b"")
+        proxy's "408 Request Timeout" sent before it hangs up must not pass for the next answer."""
+        return self.io.usable()
 
     def close(self) -> None:
-        self.writer.close()
+        self.io.close()
 
 
 def _timeout(request: httpx.Request, kind: str) -> float | None:
@@ -127,6 +283,14 @@ class LeanTransport(httpx.AsyncBaseTransport):
         url = request.url
         tls = url.scheme == "https"
         port = url.port or (443 if tls else 80)
+        if not tls and SO_TIMESTAMPNS is not None:
+            try:
+                sock = await _within(_open_raw(url.host, port), _timeout(request, "connect"))
+            except asyncio.TimeoutError:
+                raise httpx.ConnectTimeout("timed out while connecting", request=request) from None
+            except OSError as exc:
+                raise httpx.ConnectError(_reason(exc), request=request) from None
+            return self._adopt(_RawIO(sock), request)
         if tls and self._ssl is None:
             self._ssl = httpx.create_ssl_context()  # once; the engine normally hands one in
         # A host name may have several addresses (IPv6 and IPv4, round-robin DNS): try the next
@@ -149,7 +313,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"TLS handshake failed: {exc.reason or exc}", request=request) from None
         except OSError as exc:
             raise httpx.ConnectError(_reason(exc), request=request) from None
-        conn = _Connection(reader, writer)
+        return self._adopt(_StreamIO(reader, writer), request)
+
+    def _adopt(self, io, request: httpx.Request) -> _Connection:
+        conn = _Connection(io)
         if self._closed:  # closed while this connection was being opened
             conn.close()
             raise httpx.ConnectError("the client was closed", request=request)
@@ -164,7 +331,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             and state.our_state is h11.DONE
             and state.their_state is h11.DONE
             and not state.trailing_data[0]  # bytes past the end of the response: not ours to answer with
-            and not conn.writer.is_closing()
+            and conn.usable()
         ):
             state.start_next_cycle()
             conn.reused = True
@@ -188,9 +355,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 return event
             try:
                 if read_timeout is None:
-                    data = await conn.reader.read(READ_SIZE)
+                    data = await conn.io.read()
                 else:
-                    data = await _within(conn.reader.read(READ_SIZE), read_timeout)
+                    data = await _within(conn.io.read(), read_timeout)
             except asyncio.TimeoutError:
                 raise httpx.ReadTimeout("timed out while reading", request=request) from None
             except ssl.SSLError as exc:
@@ -268,7 +435,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
             data += state.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from None
-        conn.writer.write(data)  # asyncio reports a failed write on the next read, not here
+        try:
+            await conn.io.write(data)
+        except (ConnectionResetError, BrokenPipeError) as exc:  # the keep-alive race, caught writing
+            raise _ClosedBeforeResponse(_reason(exc), reset=True) from None
+        except OSError as exc:
+            raise httpx.WriteError(_reason(exc), request=request) from None
         read_timeout = _timeout(request, "read")
         while True:
             event = await self._next_event(conn, request, read_timeout)
@@ -279,7 +451,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
             event.status_code,
             headers=event.headers,
             stream=_Body(self, conn, request),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": event.reason},
+            # llmtop.arrival: when the bytes of the latest read reached this machine (_RawIO).
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": event.reason, "llmtop.arrival": conn.io.arrival},
         )
 
     async def aclose(self) -> None:

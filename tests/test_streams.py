@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import httpx
@@ -280,3 +281,32 @@ async def test_anthropic_key_is_not_carried_across_a_redirect(monkeypatch):
         other.close()
     assert not seen  # nothing, and so no key, reached the other origin
     assert "redirect to" in result.health.error and "SECRET" not in result.health.error
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="kernel receive timestamps (SO_TIMESTAMPNS) are Linux's")
+async def test_a_busy_event_loop_does_not_make_the_ttft_or_the_latency_longer():
+    """The first token reaches this machine at 60 ms, while the event loop is blocked until
+    ~220 ms. The TTFT is the kernel's arrival time, so it stays ~60 ms; the same for a health
+    latency whose answer arrives while the loop is busy."""
+    from llmtop.simulator import SimBackend, Simulator
+
+    sim = Simulator([SimBackend("b", ttft_ms=60, gap_ms=300)])
+    sim.start_in_thread()  # its own thread: the blocked loop below is only the client's
+    try:
+        async with backend_client(5) as client:
+            cfg = BackendConfig("b", "vllm", sim.url("b"), ("meta-llama/Llama-3.1-8B-Instruct",))
+            adapter = adapter_class("vllm")(cfg, client, 5, 3)
+            await adapter.poll()  # a warm connection, as in a running monitor
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.02, time.sleep, 0.2)  # a callback that hogs the loop for 200 ms
+            started = time.perf_counter()
+            result = await adapter.probe("meta-llama/Llama-3.1-8B-Instruct")
+            assert result.ok, result.error
+            assert time.perf_counter() - started > 0.2  # the loop really was blocked past the first token
+            assert 55 <= result.ttft_ms < 90, result.ttft_ms  # a loop stamp would say ~220
+
+            loop.call_later(0.0, time.sleep, 0.15)
+            health = await adapter.health()
+            assert health.latency_ms < 50, health.latency_ms  # the server answers in ~1 ms
+    finally:
+        sim.stop_thread()

@@ -18,7 +18,19 @@ import zlib
 import httpx
 import pytest
 
+from llmtop import transport
 from llmtop.transport import backend_client
+
+
+@pytest.fixture(autouse=True, params=["raw-socket", "asyncio-streams"])
+def wire(request, monkeypatch):
+    """Every test runs over both ways of reading plain TCP: straight off the socket with kernel
+    timestamps (Linux), and asyncio streams (elsewhere, and under TLS everywhere)."""
+    if request.param == "asyncio-streams":
+        monkeypatch.setattr(transport, "SO_TIMESTAMPNS", None)
+    elif transport.SO_TIMESTAMPNS is None:
+        pytest.skip("no kernel receive timestamps on this platform")
+    return request.param
 
 
 class Server:

@@ -50,6 +50,11 @@ class Response:
         return self.body.decode("utf-8", errors="replace")
 
 
+def arrival_clock(response: httpx.Response):
+    """A clock reading when the response's latest bytes arrived (transport.py), else now."""
+    return response.extensions.get("llmtop.arrival") or time.perf_counter
+
+
 async def bounded(coro, seconds: float):
     """Run coro with a deadline. asyncio.timeout (3.11+) avoids the extra task wait_for creates per request."""
     if sys.version_info >= (3, 11):
@@ -167,7 +172,9 @@ class Adapter:
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
                     raise ProbeError(f"{what}: response body over {MAX_BODY_BYTES // (1024 * 1024)} MiB, not read further")
-            latency_ms = (time.perf_counter() - start) * 1000.0
+            # When the last byte reached this machine (the kernel's stamp, transport.py), not when
+            # the event loop got to it: a busy monitor must not make a backend look slow.
+            latency_ms = (arrival_clock(resp)() - start) * 1000.0
         response = Response(resp.status_code, resp.headers, bytes(body), latency_ms)
         if response.status not in ok_statuses:
             self.raise_for_status(response, what)
@@ -209,6 +216,7 @@ class Adapter:
             request = self.client.build_request("POST", self.base + path, json=body, headers=self.headers())
             meter.begin()
             resp = await self.client.send(request, stream=True)
+            meter.clock = arrival_clock(resp)  # token times as the kernel received them, where it says
             try:
                 if resp.status_code != 200:
                     raw = bytearray()
