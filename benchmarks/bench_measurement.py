@@ -29,11 +29,11 @@ CASES = [  # (provider, ttft_ms, gap_ms, tokens)
 
 
 async def measure(base_url: str, probes: int) -> list[tuple]:
-    import httpx
+    from llmtop.transport import backend_client
 
     rows = []
-    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-        for i, (provider, ttft, gap, tokens) in enumerate(CASES):
+    for i, (provider, ttft, gap, tokens) in enumerate(CASES):
+        async with backend_client(30) as client:  # what the engine gives each backend
             name = f"case{i}"
             model = "llama3.2" if provider == "ollama" else "m"
             cfg = BackendConfig(name=name, provider=provider, url=f"{base_url}/{name}", models=(model,))
