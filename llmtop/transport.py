@@ -25,6 +25,7 @@ sent: httpx decodes gzip and deflate itself, and a body that does not decode is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.cookiejar
 import ipaddress
 import os
@@ -33,6 +34,7 @@ import ssl
 import struct
 import sys
 import time
+from asyncio import staggered  # the stdlib's happy-eyeballs race, as asyncio's own connections use
 from collections import deque
 from typing import AsyncIterator
 
@@ -69,7 +71,12 @@ class _StreamIO:
         return not self.writer.is_closing() and not self.reader.at_eof() and not getattr(self.reader, "_buffer", b"")
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer.transport.get_write_buffer_size():
+            # A body still going out to a server that stopped reading: a graceful close would
+            # wait for it forever, and the request with it.
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
 
 
 class _RawIO:
@@ -82,8 +89,10 @@ class _RawIO:
         self.loop = asyncio.get_running_loop()
         self.fd = sock.fileno()
         self.last_arrival: float | None = None  # perf_counter() time of the last read's bytes
+        self.sent_at = 0.0  # perf_counter() time the last request went out
         self.closed = False
         self._waiter: asyncio.Future | None = None
+        self._write_waiter: asyncio.Future | None = None
 
     async def read(self) -> bytes:
         while True:
@@ -95,7 +104,9 @@ class _RawIO:
                 await self._readable()
                 continue
             if data:
-                self.last_arrival = _kernel_time(ancillary)
+                # Never before the request went out: a wall clock stepped forward between the
+                # kernel's stamp and this read would otherwise make an answer older than its question.
+                self.last_arrival = max(_kernel_time(ancillary), self.sent_at)
             return data
 
     def arrival(self) -> float:
@@ -112,12 +123,28 @@ class _RawIO:
                 self.loop.remove_reader(self.fd)
 
     async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        self.sent_at = time.perf_counter()
+        while view:
+            if self.closed:
+                raise ConnectionAbortedError(103, "Software caused connection abort")
+            try:
+                view = view[self.sock.send(view) :]
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+        self.sent_at = time.perf_counter()
+
+    async def _writable(self) -> None:
+        # Our own waiter, not loop.sock_sendall: close() must be able to unregister it, or the
+        # selector keeps the fd number for whichever socket gets it next.
+        waiter = self._write_waiter = self.loop.create_future()
+        self.loop.add_writer(self.fd, _wake, waiter)
         try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        if sent < len(data):
-            await self.loop.sock_sendall(self.sock, data[sent:])
+            await waiter
+        finally:
+            self._write_waiter = None
+            if not self.closed:
+                self.loop.remove_writer(self.fd)
 
     def usable(self) -> bool:
         """Idle and untouched: nothing to read (not even the end of the stream)."""
@@ -136,8 +163,10 @@ class _RawIO:
             return
         self.closed = True
         self.loop.remove_reader(self.fd)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)  # the read wakes, sees `closed`, and fails
+        self.loop.remove_writer(self.fd)
+        for waiter in (self._waiter, self._write_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)  # the read or write wakes, sees `closed`, and fails
         self.sock.close()
 
 
@@ -159,36 +188,42 @@ def _kernel_time(ancillary) -> float:
 
 
 async def _open_raw(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket with receive timestamps on."""
+    """A connected non-blocking TCP socket with receive timestamps on.
+
+    A host name with several addresses (IPv6 and IPv4, round-robin DNS) is raced the way
+    asyncio's own connections are: the next address starts 250 ms after the one before, which
+    goes on trying, and the first to connect wins."""
     loop = asyncio.get_running_loop()
     if _is_ip(host):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         infos = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
     else:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    error: OSError | None = None
-    for i, (family, kind, proto, _name, address) in enumerate(infos):
-        sock = socket.socket(family, kind, proto)
+    if not infos:
+        raise OSError(f"no address for {host}")
+    if len(infos) == 1:
+        return await _connect_one(infos[0])
+    winner, _index, errors = await staggered.staggered_race([functools.partial(_connect_one, i) for i in infos], 0.25)
+    if winner is None:
+        raise next((e for e in reversed(errors) if isinstance(e, OSError)), OSError(f"cannot connect to {host}"))
+    return winner
+
+
+async def _connect_one(info) -> socket.socket:
+    family, kind, proto, _name, address = info
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            if i < len(infos) - 1:
-                # Several addresses: give each 250 ms before trying the next (happy eyeballs,
-                # one at a time), so one that drops packets does not use up the timeout.
-                await _within(loop.sock_connect(sock, address), 0.25)
-            else:
-                await loop.sock_connect(sock, address)
-            return sock
-        except asyncio.TimeoutError:
-            sock.close()
-            error = TimeoutError(110, f"no answer from {address[0]} within 250 ms")
-        except BaseException as exc:
-            sock.close()
-            if not isinstance(exc, OSError):
-                raise
-            error = exc
-    raise error or OSError(f"no address for {host}")
+        except OSError:
+            pass  # no stamps from this kernel: reads are stamped when read (_kernel_time)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:  # also a cancelled loser of the race
+        sock.close()
+        raise
+    return sock
 
 
 class _Connection:

@@ -29,22 +29,27 @@ class RawServer:
         self.received_at: list[float] = []
 
     async def handle(self, reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        self.received_at.append(time.perf_counter())
-        enc = "Transfer-Encoding: chunked\r\n" if self.chunked else "Connection: close\r\n"
-        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\n{enc}\r\n".encode())
-        await writer.drain()
-        for delay, data in self.pieces:
-            if delay:
-                await asyncio.sleep(delay)
-            if self.chunked:
-                data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
-            writer.write(data)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.received_at.append(time.perf_counter())
+            enc = "Transfer-Encoding: chunked\r\n" if self.chunked else "Connection: close\r\n"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\n{enc}\r\n".encode())
             await writer.drain()
-        if self.chunked:
-            writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        writer.close()
+            for delay, data in self.pieces:
+                if delay:
+                    await asyncio.sleep(delay)
+                if self.chunked:
+                    data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+                writer.write(data)
+                await writer.drain()
+            if self.chunked:
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client hung up first, as some tests mean it to
+        finally:
+            writer.close()
 
     async def __aenter__(self):
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)

@@ -153,15 +153,17 @@ async def test_bytes_sent_on_an_idle_connection_are_not_the_next_answer(pause):
     class Proxy(Server):
         async def handle(self, reader, writer):
             self.connections += 1
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(ok(b"first"))
-            await writer.drain()
-            if self.connections == 1:
-                await asyncio.sleep(pause)
-                writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(ok(b"first"))
                 await writer.drain()
-                await asyncio.sleep(0.2)  # not yet closed when the client asks again
-            writer.close()
+                if self.connections == 1:
+                    await asyncio.sleep(pause)
+                    writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.2)  # not yet closed when the client asks again
+            finally:
+                writer.close()
 
     async with Proxy(None) as server, backend_client(3) as client:
         assert (await client.get(server.url)).text == "first"
@@ -315,3 +317,41 @@ async def test_https_verifies_the_certificate(tls_files):
         async with backend_client(3, ssl.create_default_context()) as client:  # does not trust the self-signed cert
             with pytest.raises(httpx.ConnectError, match="(?i)certificate"):
                 await client.get(server.url)
+
+
+async def test_closing_mid_upload_fails_the_upload_and_frees_the_socket_for_the_next_one():
+    """A request body stalled on a server that stopped reading, then the client is closed (a
+    reload does that): the upload must fail at once, and the selector must not keep the fd
+    number for the next socket that gets it."""
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1)  # accepts into the backlog, never reads
+    client = backend_client(10)
+    upload = asyncio.create_task(client.post(f"http://127.0.0.1:{stalled.getsockname()[1]}/", content=b"x" * 8_000_000))
+    await asyncio.sleep(0.3)
+    await client.aclose()
+    with pytest.raises(httpx.HTTPError):
+        await asyncio.wait_for(upload, 1)
+    stalled.close()
+    async with Server(lambda n: ok(b"next")) as server, backend_client(3) as fresh:
+        assert (await asyncio.wait_for(fresh.get(server.url), 2)).text == "next"
+
+
+async def test_a_wall_clock_stepped_forward_never_makes_an_answer_older_than_its_question(monkeypatch, wire):
+    import time as real_time
+
+    class Stepped:  # time.time() half a second ahead of where the kernel stamped the bytes
+        perf_counter = staticmethod(real_time.perf_counter)
+
+        @staticmethod
+        def time():
+            return real_time.time() + 0.5
+
+    monkeypatch.setattr(transport, "time", Stepped)
+    async with Server(lambda n: ok()) as server, backend_client(3) as client:
+        from llmtop.config import BackendConfig
+        from llmtop.providers import adapter_class
+
+        adapter = adapter_class("vllm")(BackendConfig("x", "vllm", server.url, ("m",)), client, 3, 8)
+        health = await adapter.health()
+    assert 0 <= health.latency_ms < 50
