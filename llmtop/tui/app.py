@@ -176,7 +176,8 @@ class LlmtopApp(App):
 
     def _refresh_state(self) -> None:
         """Pick up a `llmtop drain X` run from another shell (the file is read off the loop)."""
-        self.run_worker(self._read_state(), group="state-read", exclusive=True, exit_on_error=False)
+        # The method, not a coroutine: one never started (the app quitting) is never left unawaited.
+        self.run_worker(self._read_state, group="state-read", exclusive=True, exit_on_error=False)
 
     async def _read_state(self) -> None:
         try:
