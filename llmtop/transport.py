@@ -91,8 +91,7 @@ class _RawIO:
         self.last_arrival: float | None = None  # perf_counter() time of the last read's bytes
         self.sent_at = 0.0  # perf_counter() time the last request went out
         self.closed = False
-        self._waiter: asyncio.Future | None = None
-        self._write_waiter: asyncio.Future | None = None
+        self._waiters: dict[str, asyncio.Future] = {}  # "read" / "write": a task waiting for the socket
 
     async def read(self) -> bytes:
         while True:
@@ -101,7 +100,7 @@ class _RawIO:
             try:
                 data, ancillary, _flags, _addr = self.sock.recvmsg(READ_SIZE, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
-                await self._readable()
+                await self._ready("read")
                 continue
             if data:
                 # Never before the request went out: a wall clock stepped forward between the
@@ -112,39 +111,33 @@ class _RawIO:
     def arrival(self) -> float:
         return self.last_arrival if self.last_arrival is not None else time.perf_counter()
 
-    async def _readable(self) -> None:
-        waiter = self._waiter = self.loop.create_future()
-        self.loop.add_reader(self.fd, _wake, waiter)
+    async def _ready(self, what: str) -> None:
+        """Wait until the socket can be read or written. Our own waiters, not loop.sock_sendall
+        and the like: close() must unregister them, or the selector keeps the fd number for
+        whichever socket gets it next."""
+        if what == "read":
+            add, remove = self.loop.add_reader, self.loop.remove_reader
+        else:
+            add, remove = self.loop.add_writer, self.loop.remove_writer
+        waiter = self._waiters[what] = self.loop.create_future()
+        add(self.fd, _wake, waiter)
         try:
             await waiter
         finally:
-            self._waiter = None
+            del self._waiters[what]
             if not self.closed:
-                self.loop.remove_reader(self.fd)
+                remove(self.fd)
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
-        self.sent_at = time.perf_counter()
+        self.sent_at = time.perf_counter()  # no answer can arrive before this
         while view:
             if self.closed:
                 raise ConnectionAbortedError(103, "Software caused connection abort")
             try:
                 view = view[self.sock.send(view) :]
             except (BlockingIOError, InterruptedError):
-                await self._writable()
-        self.sent_at = time.perf_counter()
-
-    async def _writable(self) -> None:
-        # Our own waiter, not loop.sock_sendall: close() must be able to unregister it, or the
-        # selector keeps the fd number for whichever socket gets it next.
-        waiter = self._write_waiter = self.loop.create_future()
-        self.loop.add_writer(self.fd, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            self._write_waiter = None
-            if not self.closed:
-                self.loop.remove_writer(self.fd)
+                await self._ready("write")
 
     def usable(self) -> bool:
         """Idle and untouched: nothing to read (not even the end of the stream)."""
@@ -164,8 +157,8 @@ class _RawIO:
         self.closed = True
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
-        for waiter in (self._waiter, self._write_waiter):
-            if waiter is not None and not waiter.done():
+        for waiter in self._waiters.values():
+            if not waiter.done():
                 waiter.set_result(None)  # the read or write wakes, sees `closed`, and fails
         self.sock.close()
 
