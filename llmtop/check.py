@@ -48,9 +48,12 @@ def worker_count(backends: int, requested: int | None = None) -> int:
     return max(1, min(usable_cores(), -(-backends // BACKENDS_PER_WORKER)))
 
 
-def check_fleet(config: Config, state: StateStore, rounds: int = 1, interval_s: float = 0.0, gpu=None, workers: int = 1) -> FleetSnapshot:
-    """A check in this process, or split over `workers` processes, one event loop each."""
-    workers = max(1, min(workers, len(config.backends)))
+def check_fleet(
+    config: Config, state: StateStore, rounds: int = 1, interval_s: float = 0.0, gpu=None, workers: int | None = None
+) -> FleetSnapshot:
+    """A check in this process, or split over worker processes, one event loop each
+    (`workers`: how many; None picks by cores and fleet size, worker_count)."""
+    workers = worker_count(len(config.backends), workers)
     if workers == 1:
         return asyncio.run(run_check(config, state, rounds, interval_s, gpu))
     # fork where there is one: the child starts with every import done, in milliseconds.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def _state(args) -> StateStore:
 
 
 def cmd_check(args) -> int:
-    from llmtop.check import check_fleet, exit_code, render_table, to_json, worker_count
+    from llmtop.check import CheckWorkerError, check_fleet, exit_code, render_table, to_json
     from llmtop.gpu import GpuReader
 
     if args.rounds < 1:
@@ -78,17 +79,17 @@ def cmd_check(args) -> int:
         raise UsageError("--workers must be at least 1")
     state = _state(args)
     gpu = GpuReader()
-    if args.demo:
-        from llmtop.demo import DemoFleet
+    with contextlib.ExitStack() as stack:
+        if args.demo:
+            from llmtop.demo import DemoFleet
 
-        with DemoFleet() as demo_config:
-            config = load_config(demo_config)
-            workers = worker_count(len(config.backends), args.workers)
-            snapshot = check_fleet(config, state, args.rounds, args.interval, gpu, workers)
-    else:
-        config = _load(args)
-        workers = worker_count(len(config.backends), args.workers)
-        snapshot = check_fleet(config, state, args.rounds, args.interval, gpu, workers)
+            config = load_config(stack.enter_context(DemoFleet()))
+        else:
+            config = _load(args)
+        try:
+            snapshot = check_fleet(config, state, args.rounds, args.interval, gpu, args.workers)
+        except CheckWorkerError as exc:  # a worker process failed: one line, exit 2
+            raise UsageError(" ".join(str(exc).split())[:300]) from None
     print(to_json(snapshot) if args.json else render_table(snapshot))
     return exit_code(snapshot)
 
@@ -145,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
-        if type(exc).__name__ == "CheckWorkerError":  # llmtop.check, imported only for `check`
-            print(f"llmtop: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
-            return 2
         if os.environ.get("LLMTOP_DEBUG"):
             raise
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

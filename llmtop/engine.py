@@ -34,8 +34,9 @@ class Pacer:
 
     Where the kernel does not stamp arrivals (TLS, not Linux), everything this process times
     includes the time the event loop takes to get to it; and a burst of starts delays the
-    sends and the servers' own handling either way. Eleven polls started in the same instant measured 8 ms of latency each against
-    a server that answers in 0.7 ms: they queued behind each other's parsing. Starting them
+    sends and the servers' own handling either way. Eleven polls started in the same instant
+    measured 8 ms of latency each against a server that answers in 0.7 ms: they queued behind
+    each other's parsing. Starting them
     0.75 ms apart (a request costs this process about 0.3 ms of CPU, transport.py) keeps the
     figures the server's. Measured over 500 backends (benchmarks/bench_check_fleet.py, with
     kernel receive stamps): 1 ms apart, TTFT error +0.8 ms median and 1.96x the slowest probe;
