@@ -12,6 +12,7 @@ from pathlib import Path
 from llmtop import __version__
 from llmtop.config import Config, ConfigError, load_config, resolve_config_path
 from llmtop.paths import default_state_path
+from llmtop.sanitize import for_terminal
 from llmtop.state import StateError, StateStore
 
 ADMIN_COMMANDS = {"drain": "draining", "undrain": "active", "disable": "disabled", "enable": "active"}
@@ -141,13 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_init(args)
         return cmd_tui(args)
     except (ConfigError, StateError, UsageError) as exc:
-        print(f"llmtop: {exc}", file=sys.stderr)
+        # The message may quote the config's own text (a key, a value): printable, one line.
+        print(f"llmtop: {for_terminal(str(exc), 2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("LLMTOP_DEBUG"):
             raise
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        message = for_terminal(f"{type(exc).__name__}: {exc}", 300)
         print(f"llmtop: internal error, please report it (LLMTOP_DEBUG=1 shows where): {message}", file=sys.stderr)
         return 2

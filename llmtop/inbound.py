@@ -23,17 +23,17 @@ MAX_RETRY_AFTER_S = 600.0
 MAX_SERVER_DURATION_S = 3600.0
 
 
-class NotFinite(ValueError):
-    """JSON carried NaN or Infinity, which JSON does not allow."""
+def loads(data: str | bytes, notes: list[str] | None = None, what: str = "JSON") -> Any:
+    """json.loads where NaN, Infinity and -Infinity (which JSON does not allow, and Python's json
+    accepts) read as absent (None); each is noted in `notes`, so the engine can say why a figure
+    is missing."""
 
+    def absent(token: str) -> None:
+        if notes is not None and len(notes) < 20:
+            notes.append(f"{what}: {token} is not a number; read as absent")
+        return None
 
-def _reject_constant(name: str) -> Any:
-    raise NotFinite(f"{name} is not a JSON number")
-
-
-def loads(data: str | bytes) -> Any:
-    """json.loads that refuses NaN, Infinity and -Infinity (ValueError, as any bad JSON)."""
-    return json.loads(data, parse_constant=_reject_constant)
+    return json.loads(data, parse_constant=absent)
 
 
 def finite(value: Any) -> float | None:

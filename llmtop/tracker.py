@@ -145,6 +145,12 @@ class BackendTracker:
         if not self.recent_errors or self.recent_errors[-1][1] != message:
             self.recent_errors.append((self.engine.wall(), message))
 
+    def _take_notes(self) -> None:
+        """What the adapter read as absent (NaN, Infinity in JSON), recorded as the reason a figure is missing."""
+        if self.adapter is not None:
+            for note in self.adapter.take_notes():
+                self._error(self._keep(note))
+
     # -- results in -------------------------------------------------------------------------
 
     def apply_poll(self, result: PollResult) -> None:
@@ -172,6 +178,7 @@ class BackendTracker:
         self.metrics_error = self._keep(result.metrics_error)
         if self.metrics_error:
             self._error(self.metrics_error)
+        self._take_notes()
         self.update()
 
     def _apply_models(self, result: ModelsResult, health: HealthResult) -> None:
@@ -239,6 +246,7 @@ class BackendTracker:
             self._error(summary.error or "probe failed")
         if not result.rate_limited:
             self.breaker.record(result.ok, summary.error or "")
+        self._take_notes()
         self.update()
 
     # -- status -----------------------------------------------------------------------------

@@ -46,10 +46,11 @@ class Response:
     headers: httpx.Headers
     body: bytes
     latency_ms: float
+    notes: list[str] | None = None  # the adapter's: what was read as absent, and why
 
     def json(self, what: str) -> Any:
         try:
-            return inbound.loads(self.body)
+            return inbound.loads(self.body, self.notes, what)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ProbeError(f"bad JSON from {what}: {exc}") from None
 
@@ -124,6 +125,11 @@ class Adapter:
         self.max_tokens = max_tokens
         url = backend.url
         self.base = url[: -len("/v1")] if url.endswith("/v1") else url
+        self.notes: list[str] = []  # values read as absent (NaN, Infinity) since the engine last took them
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -185,7 +191,7 @@ class Adapter:
             # transport.py), not when the event loop got to it: a busy monitor must not make a
             # backend look slow.
             latency_ms = (arrival_clock(resp)() - sent_at(resp, start)) * 1000.0
-        response = Response(resp.status_code, resp.headers, bytes(body), latency_ms)
+        response = Response(resp.status_code, resp.headers, bytes(body), latency_ms, self.notes)
         if response.status not in ok_statuses:
             self.raise_for_status(response, what)
         return response
@@ -277,12 +283,11 @@ class Adapter:
             phases=phases,
         )
 
-    @staticmethod
-    def json_event(data: str, what: str) -> dict:
+    def json_event(self, data: str, what: str) -> dict:
         # The chunk is quoted last and uncut beyond ERROR_DETAIL_BYTES: a key it echoes is then
         # masked whole, or as a cut-off piece at the very end (redact.py).
         try:
-            obj = inbound.loads(data)
+            obj = inbound.loads(data, self.notes, what)
         except (ValueError, RecursionError) as exc:
             reason = getattr(exc, "msg", None) or str(exc)
             raise ProbeError(f"{what}: bad JSON in stream ({reason}): {data[:ERROR_DETAIL_BYTES]}") from None

@@ -37,12 +37,13 @@ class Ollama(Adapter):
     async def models(self) -> ModelsResult:
         """Downloaded models are what it serves (it loads on demand); loaded ones come from /api/ps."""
         tags, ps = await asyncio.gather(self.request("GET", "/api/tags"), self._loaded())
-        data = tags.json("/api/tags")
+        return ModelsResult(self.parse_models(tags.json("/api/tags")), extra={"loaded": ps})
+
+    def parse_models(self, data: Any) -> tuple[str, ...]:
         try:
-            names = tuple(str(m.get("name") or m["model"]) for m in data["models"])
+            return tuple(str(m.get("name") or m["model"]) for m in data["models"])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ProbeError(f"/api/tags: unexpected shape (no models[].name: {exc})") from None
-        return ModelsResult(names, extra={"loaded": ps})
 
     async def _loaded(self) -> list[str] | None:
         """The models in memory now, and when each will be unloaded (kept for the probe's keep_alive)."""

@@ -12,13 +12,14 @@ from llmtop.demo import DemoFleet
 from llmtop.engine import Engine
 from llmtop.gpu import GpuReader
 from llmtop.paths import default_config_path, default_state_path
+from llmtop.sanitize import for_terminal
 from llmtop.state import StateError, StateStore
 from llmtop.tui.app import LlmtopApp
 from llmtop.tui.themes import load_themes
 
 
 def _fail(message: str) -> int:
-    print(f"llmtop: {message}", file=sys.stderr)
+    print(f"llmtop: {for_terminal(message, 2000)}", file=sys.stderr)
     return 2
 
 
