@@ -18,6 +18,7 @@ from llmtop.tracker import BackendTracker, uses_tls
 from llmtop.transport import backend_client
 
 Clock = Callable[[], float]
+PROBES_AT_START = 64
 
 
 class Engine:
@@ -50,9 +51,10 @@ class Engine:
         # Both gates open only as far as the event loop stays punctual (governor.py): a health
         # latency is as easily inflated by our own queueing as a TTFT (500 polls at once measured
         # 55 ms median against a server answering in under 1 ms; gated, 7 ms).
-        # Probes start wide open: the pacer already spaces their starts, and a slow start (it was
-        # 32, growing by half every 100 ms) held a 500-backend check back by 0.4 s.
-        self._probe_gate = Governor(config.settings.probe_concurrency, start=config.settings.probe_concurrency)
+        # Probes start a modest number at once and grow by half every 100 ms while the loop reads
+        # on time: a wide-open start admitted hundreds before the first decision, and on a slower
+        # or busier CPU most of them came back untimed (their tokens read late).
+        self._probe_gate = Governor(config.settings.probe_concurrency, start=PROBES_AT_START)
         self._poll_gate = Governor(config.settings.max_concurrency, start=8, target_lag_s=0.001)
         self._pacer = Pacer(0.00075)
         self._tasks: dict[str, asyncio.Task] = {}
@@ -137,11 +139,15 @@ class Engine:
                 return
             await self._pacer.wait()
             result = await tracker.get_adapter().probe(tracker.probe_target().model)
+        if result.untimed:
+            self._probe_gate.note_untimed()
         if self.trackers.get(tracker.name) is tracker:
             s = self.config.settings
-            # A probe this process read too late to time (probe.StreamMeter) is tried again soon,
-            # not a whole probe interval later.
-            interval = min(s.health_interval_s, s.probe_interval_s) if result.untimed else s.probe_interval_s
+            # A probe this process read too late to time (probe.StreamMeter) is tried once more
+            # soon, not a whole probe interval later; a second one in a row waits its interval
+            # (probes cost tokens, and a loaded host would only be loaded again).
+            again = result.untimed and not (tracker.probe is not None and tracker.probe.untimed)
+            interval = min(s.health_interval_s, s.probe_interval_s) if again else s.probe_interval_s
             tracker.next_probe_at = self.clock() + self._jittered(interval)
             tracker.apply_probe(result)
 

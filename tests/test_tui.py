@@ -388,6 +388,24 @@ async def test_a_hung_backend_does_not_delay_keys(sim, files):
         assert app.view.fleet.backend("gamma").probe is None  # still hanging, and nothing else waited
 
 
+async def test_p_on_a_backend_that_does_not_answer_shows_it_down_once_its_timeout_passed(sim, files):
+    async with running(sim, files, timeout_s=2.0) as (app, pilot):
+        await settled(app, pilot)
+        sim.backends["gamma"].fault = "hang"
+        await select(pilot, app, "gamma")
+        # Pressed while a poll of it is already hanging: the key sets off another the moment
+        # that one fails, and the round used to wait for both.
+        await wait_for(pilot, lambda: app.engine.trackers["gamma"].busy, what="a poll of gamma in flight")
+        asked = time.monotonic()
+        await pilot.press("p")
+        await wait_for(pilot, lambda: app.view.fleet.backend("gamma").status == "down", timeout=10, what="gamma down")
+        await wait_for(pilot, lambda: app.view.progress is None, timeout=2, what="the round to end with it")
+        # One timeout (2 s), not one per poll the key set off (it took two or more, 4 s and up):
+        # the status is on screen, not "probing".
+        assert time.monotonic() - asked < 2 * 2.0 - 0.5
+        assert "✖ down" in screen_text(app)
+
+
 async def test_below_the_usable_size_it_says_so(sim, files):
     async with running(sim, files, size=(50, 12)) as (app, pilot):
         await pilot.pause()

@@ -242,9 +242,14 @@ class LlmtopApp(App):
             return frozenset()
         for name, (health_at, probe_at) in list(self._round.items()):
             b = fleet.backend(name)
-            answered = b is None or (
-                not b.in_flight and (b.last_health_at != health_at or (b.probe.at if b.probe else None) != probe_at)
-            )
+            answered = b is None or (b.probe.at if b.probe else None) != probe_at  # a completion came back
+            if not answered and b.last_health_at != health_at:
+                # A poll came back. When it says no completion can follow (down, loading, open
+                # circuit, nothing to probe), that is the answer: "down" shows as soon as the
+                # timeout has passed, not behind "probing" while the next poll hangs too.
+                answered = not b.in_flight or b.status in ("down", "loading") or b.circuit == "open" or (
+                    b.admin != "active" or b.probe_note is not None or b.retry_after_at is not None
+                )
             # A disabled or rate-limited backend is skipped by the engine, so it will never answer.
             if answered or b.admin == "disabled" or b.retry_after_at is not None:
                 del self._round[name]
