@@ -61,6 +61,20 @@ class BreakerSettings:
     max_cooldown_s: float = 600.0
 
 
+DEFAULT_LISTEN = "127.0.0.1:9850"  # llmtop serve's HTTP port (in Prometheus' exporter range)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`llmtop serve` and `--listen`: where to answer, and what readiness means."""
+
+    listen: str = DEFAULT_LISTEN
+    agent_listen: str | None = None  # HAProxy agent-check port; off unless set
+    ready_when: tuple[str, ...] = ("healthy", "degraded")  # statuses that take traffic
+    admin_token_env: str | None = None  # NAME of the env var holding the admin API's token; no admin API without it
+    log_format: str = "text"  # text | json
+
+
 @dataclass(frozen=True)
 class AlertRule:
     metric: str
@@ -84,6 +98,7 @@ class BackendConfig:
     enabled: bool = True
     alerts: tuple[AlertRule, ...] = ()
     probe_unloaded: bool = False  # Ollama: probe a model even when it is not loaded (loading it)
+    labels: tuple[tuple[str, str], ...] = ()  # extra exporter labels, e.g. team and region
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,7 @@ class Config:
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     backends: tuple[BackendConfig, ...] = ()
     path: Path | None = None
+    serve: ServeSettings = field(default_factory=ServeSettings)
 
     def backend(self, name: str) -> BackendConfig | None:
         return next((b for b in self.backends if b.name == name), None)
@@ -107,15 +123,21 @@ _BACKEND_KEYS = {
     "enabled": bool,
     "alert": list,
     "probe_unloaded": bool,
+    "labels": dict,
 }
 NAME_MAX = 64  # backend names fit a table column and a log line
 MODEL_MAX = 256  # longer than any model id a server uses
 _ALERT_KEYS = {"metric": str, "above": (int, float), "below": (int, float)}
-_TOP_KEYS = ("settings", "breaker", "backend")
+_TOP_KEYS = ("settings", "breaker", "backend", "serve")
+_SERVE_KEYS = {"listen": str, "agent_listen": str, "ready_when": list, "admin_token_env": str, "log_format": str}
+READY_STATUSES = ("healthy", "degraded")  # what ready_when may name: the rest never take traffic
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# Labels llmtop's exporters set themselves (and Prometheus' own): a config label must not shadow one.
+RESERVED_LABELS = frozenset(("backend", "provider", "model", "rule", "gpu", "name", "le", "job", "instance", "quantile"))
 
 
 def _type_name(t: Any) -> str:
-    names = {str: "a string", bool: "true or false", list: "a list", int: "an integer", float: "a number"}
+    names = {str: "a string", bool: "true or false", list: "a list", int: "an integer", float: "a number", dict: "a table"}
     if isinstance(t, tuple):
         return "a number"
     return names.get(t, t.__name__)
@@ -282,6 +304,66 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
         enabled=raw.get("enabled", True),
         alerts=tuple(alerts),
         probe_unloaded=raw.get("probe_unloaded", False),
+        labels=_labels(chk, raw.get("labels", {}), f"{where}.labels"),
+    )
+
+
+def _labels(chk: _Checker, table: dict, where: str) -> tuple[tuple[str, str], ...]:
+    """Extra labels for exporters: names Prometheus accepts and llmtop does not set itself."""
+    out = []
+    for name, value in table.items():
+        if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+            raise chk.fail(f"{where}.{for_terminal(name, 40)}", "is not a label name; use letters, digits and _ (like team or region)")
+        if name in RESERVED_LABELS or name.startswith("llmtop_"):
+            raise chk.fail(f"{where}.{name}", f"is a label llmtop sets itself; pick another name (reserved: {', '.join(sorted(RESERVED_LABELS))})")
+        chk.typed(value, str, f"{where}.{name}")
+        out.append((name, _check_name(chk, value, f"{where}.{name}", 128)))
+    return tuple(sorted(out))
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT) as (host, port); ValueError with the reason."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"'{for_terminal(value, 60)}' is not HOST:PORT; write it like \"127.0.0.1:9850\"")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"'{for_terminal(value, 60)}' has a bad port; write it like \"127.0.0.1:9850\"")
+    return host, int(port)
+
+
+def _serve(chk: _Checker, table) -> ServeSettings:
+    if not isinstance(table, dict):
+        raise chk.fail("serve", f"expected a table [serve], got {type(table).__name__}")
+    chk.unknown_keys(table, list(_SERVE_KEYS), "serve")
+    for key, expected in _SERVE_KEYS.items():
+        if key in table:
+            chk.typed(table[key], expected, f"serve.{key}")
+    for key in ("listen", "agent_listen"):
+        if key in table:
+            try:
+                split_address(table[key])
+            except ValueError as exc:
+                raise chk.fail(f"serve.{key}", str(exc)) from None
+    ready_when = table.get("ready_when", list(ServeSettings.ready_when))
+    for i, status in enumerate(ready_when):
+        if status not in READY_STATUSES:
+            raise chk.fail(
+                f"serve.ready_when[{i}]",
+                f"{for_terminal(repr(status), 40)} cannot take traffic; choose from {', '.join(READY_STATUSES)}",
+            )
+    env = table.get("admin_token_env")
+    if env is not None and not _looks_like_env_name(env):
+        raise chk.fail("serve.admin_token_env", 'must be the NAME of an environment variable (like "LLMTOP_TOKEN"), never the token itself')
+    log_format = table.get("log_format", "text")
+    if log_format not in ("text", "json"):
+        raise chk.fail("serve.log_format", f"{for_terminal(repr(log_format), 40)} is not one of text, json")
+    return ServeSettings(
+        listen=table.get("listen", DEFAULT_LISTEN),
+        agent_listen=table.get("agent_listen"),
+        ready_when=tuple(ready_when),
+        admin_token_env=env,
+        log_format=log_format,
     )
 
 
@@ -306,7 +388,8 @@ def parse_config(data: dict, source: str = "<config>", path: Path | None = None)
             raise chk.fail(f"backend[{i}].name", f"duplicate backend name '{backend.name}'; names must be unique")
         seen.add(backend.name)
         backends.append(backend)
-    return Config(settings=settings, breaker=breaker, backends=tuple(backends), path=path)
+    serve = _serve(chk, data.get("serve", {}))
+    return Config(settings=settings, breaker=breaker, backends=tuple(backends), path=path, serve=serve)
 
 
 def loads_config(text: str, source: str = "<config>", path: Path | None = None) -> Config:

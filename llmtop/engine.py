@@ -45,6 +45,7 @@ class Engine:
         self.gpu = gpu
         self.gpu_status = GpuStatus(message="GPU not read yet")
         self.events: deque[Event] = deque(maxlen=500)
+        self._listeners: list[Callable[[Event], None]] = []
         self._ssl = None
         self.trackers: dict[str, BackendTracker] = {}
         self.config_error: str | None = None
@@ -110,6 +111,14 @@ class Engine:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+        for listener in tuple(self._listeners):
+            listener(event)
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `listener` with every event as it happens (serve's log lines and event streams);
+        returns what unsubscribes it. A listener must not block: it runs on the engine's loop."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     # -- one backend ------------------------------------------------------------------------
 
@@ -255,6 +264,19 @@ class Engine:
         self._tasks.clear()
         self._gpu_task = None
 
+    def alive(self) -> str | None:
+        """None while the live loop runs every backend's task; else what stopped."""
+        if not self._running:
+            return "the engine is not running"
+        for name, task in self._tasks.items():
+            if task.done():
+                return f"the task of backend {name} ended"
+        return None
+
+    def first_round_pending(self) -> int:
+        """Backends not polled once yet (disabled ones are never polled and do not count)."""
+        return sum(1 for t in self.trackers.values() if t.last_health_at is None and t.admin != "disabled")
+
     def force_probe(self, names: Iterable[str] | None = None) -> None:
         """Ask the live loop to do a full round (poll + probe) now for these backends."""
         for name in names if names is not None else list(self.trackers):
@@ -265,16 +287,17 @@ class Engine:
 
     # -- operator actions -------------------------------------------------------------------
 
-    async def set_admin(self, name: str, admin: str) -> None:
-        """Persist an operator's choice. The file work (a lock, a write, an fsync) runs in a
-        thread: another llmtop holding the lock, or a slow disk, must not freeze the event loop."""
+    async def set_admin(self, name: str, admin: str, by: str | None = None) -> None:
+        """Persist an operator's choice (`by`: who, for the event log). The file work (a lock, a
+        write, an fsync) runs in a thread: another llmtop holding the lock, or a slow disk, must
+        not freeze the event loop."""
         before = self.trackers[name].admin
         await asyncio.to_thread(self.state.set_admin, name, admin)
         tracker = self.trackers.get(name)
         if tracker is None:  # a reload removed it meanwhile; the file still says what was asked
             return
         if tracker.admin != before:
-            self.emit(Event(self.wall(), name, "admin", f"{before} -> {tracker.admin}"))
+            self.emit(Event(self.wall(), name, "admin", f"{before} -> {tracker.admin}" + (f" ({by})" if by else "")))
         tracker.update()
         tracker.wake.set()
 
@@ -329,6 +352,9 @@ class Engine:
             self._closing.add(asyncio.ensure_future(tracker.client.aclose()))
             self._closing = {t for t in self._closing if not t.done()}
             tracker.client = tracker.adapter = None
+
+    def note_state_error(self, message: str) -> None:
+        self.emit(Event(self.wall(), None, "state", f"the state file cannot be read: {message}", "error"))
 
     def note_config_error(self, message: str) -> None:
         self.config_error = message

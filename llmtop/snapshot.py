@@ -14,6 +14,27 @@ CIRCUITS = ("closed", "open", "half_open")
 ADMIN_STATES = ("active", "draining", "disabled")
 
 
+# Bucket bounds of the probe histograms (blackbox_exporter-like spreads, in base units).
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TPS_BUCKETS = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What a backend's probes have cost and measured since llmtop started, cumulative, for
+    exporters (Prometheus counters and histograms) read straight off the snapshot."""
+
+    probes: int = 0  # completion probes sent (and answered, failed or refused)
+    probe_failures: int = 0
+    probe_tokens: int = 0  # output tokens the probes were given (usage, or counted chunks)
+    breaker_transitions: int = 0
+    ttft_buckets: tuple[int, ...] = (0,) * (len(TTFT_BUCKETS_S) + 1)  # per bound, not cumulative; last: +Inf
+    ttft_sum_s: float = 0.0
+    tps_buckets: tuple[int, ...] = (0,) * (len(TPS_BUCKETS) + 1)
+    tps_sum: float = 0.0
+    last_success_at: float | None = None  # wall time of the last probe that measured a TTFT
+
+
 @dataclass(frozen=True)
 class ProbeSummary:
     model: str | None
@@ -117,6 +138,9 @@ class BackendSnapshot:
     last_ok_probe: ProbeSummary | None = None  # the last probe that measured a TTFT
     probe_note: str | None = None  # why no completion probe is sent ("not probed: ...")
     stale_after_s: float = float("inf")  # probe figures older than this are shown as old
+    counters: Counters = field(default_factory=Counters, compare=False)
+    labels: tuple[tuple[str, str], ...] = ()  # the config's extra labels for exporters (team, region)
+    alert_rules: tuple[str, ...] = ()  # the configured metric rules, as `alerts` names them when tripped
     version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # Ring-buffer copies (tuples) of recent points: (wall time, value)

@@ -17,7 +17,10 @@ from llmtop.providers import adapter_class
 from llmtop.providers.base import Adapter, PollResult, ProbeChoice
 from llmtop.redact import Redactor
 from llmtop.sanitize import clip
-from llmtop.snapshot import BackendSnapshot, Event, Metrics, ProbeSummary
+import bisect
+import dataclasses
+
+from llmtop.snapshot import TPS_BUCKETS, TTFT_BUCKETS_S, BackendSnapshot, Counters, Event, Metrics, ProbeSummary
 
 if TYPE_CHECKING:
     from llmtop.engine import Engine
@@ -77,6 +80,7 @@ class BackendTracker:
         self.latency_history: deque = deque(maxlen=n)
         self.queue_history: deque = deque(maxlen=n)
         self.recent_errors: deque = deque(maxlen=20)
+        self.counters = Counters()
         self._transitions_seen = 0
         self.seq = 0
         self._snapshot: BackendSnapshot | None = None
@@ -235,6 +239,7 @@ class BackendTracker:
             rate_limited=result.rate_limited,
         )
         self.probe = summary
+        self._count(result, wall)
         if result.ok:
             if result.ttft_ms is not None:
                 self.ttft_history.append((wall, result.ttft_ms))
@@ -248,6 +253,23 @@ class BackendTracker:
             self.breaker.record(result.ok, summary.error or "")
         self._take_notes()
         self.update()
+
+    def _count(self, result: ProbeResult, wall: float) -> None:
+        c = self.counters
+        changes: dict = {
+            "probes": c.probes + 1,
+            "probe_failures": c.probe_failures + (not result.ok),
+            "probe_tokens": c.probe_tokens + (result.output_tokens or 0),
+        }
+        if result.ttft_ms is not None and result.ok:
+            buckets = list(c.ttft_buckets)
+            buckets[bisect.bisect_left(TTFT_BUCKETS_S, result.ttft_ms / 1000.0)] += 1
+            changes.update(ttft_buckets=tuple(buckets), ttft_sum_s=c.ttft_sum_s + result.ttft_ms / 1000.0, last_success_at=wall)
+        if result.tokens_per_s is not None and result.ok:
+            buckets = list(c.tps_buckets)
+            buckets[bisect.bisect_left(TPS_BUCKETS, result.tokens_per_s)] += 1
+            changes.update(tps_buckets=tuple(buckets), tps_sum=c.tps_sum + result.tokens_per_s)
+        self.counters = dataclasses.replace(c, **changes)
 
     # -- status -----------------------------------------------------------------------------
 
@@ -391,6 +413,9 @@ class BackendTracker:
             probe_tokens_per_hour=(3600.0 / settings.probe_interval_s) * tokens if probing else 0.0,
             # Figures older than this are shown as old: two missed probe rounds and a timeout.
             stale_after_s=2 * settings.probe_interval_s + settings.timeout_s,
+            counters=dataclasses.replace(self.counters, breaker_transitions=self.breaker.transition_count),
+            labels=self.config.labels,
+            alert_rules=tuple(rule.describe() for rule in self.config.alerts),
             version=(health.version if health else None) or self.version,
             extra=extra,
             ttft_history=tuple(self.ttft_history),

@@ -1,0 +1,77 @@
+"""HAProxy's agent-check: one line in (the backend's name, from `agent-send`), one line out, from the latest snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from llmtop.config import ServeSettings, split_address
+from llmtop.engine import Engine
+from llmtop.sanitize import for_terminal
+from llmtop.serve.readiness import agent_reply
+from llmtop.snapshot import Event
+
+NAME_MAX = 256  # longer than any backend name; a longer line is not an agent-send
+READ_S = 2.0  # HAProxy sends its line at once; a connection that does not is let go
+UNKNOWN_EVERY_S = 60.0  # an unknown name is logged at most this often
+
+
+class AgentServer:
+    """Answers HAProxy's `agent-check` on a TCP port of its own (`--agent-listen`).
+
+    HAProxy connects every `agent-inter`, sends what `agent-send` says (configure it as the
+    backend's name and a newline, "gpu1\\n"), and reads one line back: `ready up`, `drain up`,
+    `maint` or `ready down`, with `# why` (readiness.agent_reply). For a name llmtop does not
+    know, or a backend not polled yet, it answers nothing: HAProxy keeps the state it had (a
+    restart of llmtop must not take a fleet out of service); the unknown name is logged."""
+
+    def __init__(self, engine: Engine, listen: str, settings: Callable[[], ServeSettings] | None = None):
+        self.engine = engine
+        self.listen = listen
+        self._settings = settings or (lambda: engine.config.serve)
+        self._server: asyncio.Server | None = None
+        self._unknown_logged: dict[str, float] = {}
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        host, port = split_address(self.listen)
+        try:
+            self._server = await asyncio.start_server(self._answer, host, port, limit=NAME_MAX + 2)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {self.listen} for HAProxy's agent-check: {exc.strerror}") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), READ_S)
+            name = line.decode("utf-8", "replace").strip()
+            b = self.engine.snapshot().backend(name)
+            if b is None:
+                self._unknown(name)
+                return
+            reply = agent_reply(b, self._settings().ready_when)
+            if reply is not None:
+                writer.write(reply.encode())
+                await writer.drain()
+        except (asyncio.TimeoutError, ValueError, ConnectionError):
+            pass  # too slow, too long (LimitOverrunError is a ValueError), or gone: nothing to answer
+        finally:
+            writer.close()
+
+    def _unknown(self, name: str) -> None:
+        now = time.monotonic()
+        if now - self._unknown_logged.get(name, -UNKNOWN_EVERY_S) >= UNKNOWN_EVERY_S:
+            self._unknown_logged[name] = now
+            del_old = [n for n, at in self._unknown_logged.items() if now - at > UNKNOWN_EVERY_S]
+            for n in del_old[:100]:
+                self._unknown_logged.pop(n, None)
+            self.engine.emit(
+                Event(time.time(), None, "agent", f"HAProxy asked about {for_terminal(name, 64)!r}, which is not in the config; set agent-send to a backend's name", "warning")
+            )

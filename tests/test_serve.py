@@ -1,0 +1,313 @@
+"""llmtop serve's endpoints over real HTTP on 127.0.0.1, against an engine watching the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmtop.config import BackendConfig, Config, ServeSettings, Settings
+from llmtop.engine import Engine
+from llmtop.serve.agent import AgentServer
+from llmtop.serve.http import ServeSite, admin_target
+from llmtop.serve.log import format_event
+from llmtop.serve.readiness import agent_reply, readiness
+from llmtop.simulator import SimBackend, Simulator
+from llmtop.snapshot import Event
+from llmtop.state import StateStore
+
+TOKEN_ENV = "LLMTOP_TEST_TOKEN"
+
+
+def fleet() -> list[SimBackend]:
+    return [
+        SimBackend("ok", "vllm"),
+        SimBackend("dead", "vllm", fault="reset"),
+        SimBackend("partial", "vllm"),  # the config expects a model it does not serve
+    ]
+
+
+def config(sim: Simulator, backends, serve: ServeSettings | None = None) -> Config:
+    expected = {"partial": ("meta-llama/Llama-3.1-8B-Instruct", "not-served")}
+    return Config(
+        settings=Settings(timeout_s=2.0, health_interval_s=0.3, probe_interval_s=3600),
+        backends=tuple(
+            BackendConfig(b.name, b.provider, sim.url(b.name), expected.get(b.name, tuple(b.models)), labels=(("team", "ml"),))
+            for b in backends
+        ),
+        serve=serve or ServeSettings(admin_token_env=TOKEN_ENV),
+    )
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, serve: ServeSettings | None = None, backends=None, live=True):
+    backends = backends or fleet()
+    async with Simulator(backends) as sim:
+        engine = Engine(config(sim, backends, serve), StateStore(tmp_path / "state.json"))
+        await engine.open()
+        if live:
+            engine.start()
+        site = ServeSite(engine, "127.0.0.1:0")
+        agent = AgentServer(engine, "127.0.0.1:0")
+        await site.start()
+        await agent.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
+                yield engine, client, agent, sim
+        finally:
+            await site.stop()
+            await agent.stop()
+            await engine.close()
+
+
+async def until(condition, what: str, timeout: float = 20.0):
+    """Poll a condition the engine will reach (an outer bound only; it returns as soon as true)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await condition()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def first_round(engine: Engine):
+    await until(lambda: _ready(engine), "the first round")
+
+
+async def _ready(engine: Engine) -> bool:
+    return engine.first_round_pending() == 0 and all(
+        t.probe is not None or t.health is None or not t.health.ok for t in engine.trackers.values()
+    )
+
+
+# -- readiness ------------------------------------------------------------------------------------
+
+
+async def test_livez_and_readyz(tmp_path):
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        assert (await client.get("/livez")).status_code == 200
+        await first_round(engine)
+        r = await client.get("/readyz")
+        assert r.status_code == 200 and r.text == "ready\n"
+
+
+async def test_readyz_waits_for_the_first_round(tmp_path):
+    async with serving(tmp_path, live=False) as (engine, client, _agent, _sim):
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "3 backends not polled" in r.text
+        assert (await client.get("/livez")).status_code == 503  # no live loop: not live either
+
+
+async def test_backend_readiness_follows_health_and_the_operator(tmp_path):
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        ok = await client.get("/backends/ok/ready")
+        assert (ok.status_code, ok.text) == (200, "ready\n")
+        dead = await client.get("/backends/dead/ready")
+        assert dead.status_code == 503 and dead.text.startswith("down")
+        partial = await client.get("/backends/partial/ready")  # degraded takes traffic by default
+        assert partial.status_code == 200
+        assert (await client.get("/backends/nope/ready")).status_code == 404
+        StateStore(engine.state.path).set_admin("ok", "draining")  # `llmtop drain ok` in another shell
+        await engine.refresh_state()
+        drained = await client.get("/backends/ok/ready")
+        assert (drained.status_code, drained.text) == (503, "draining\n")
+
+
+async def test_ready_when_can_exclude_degraded(tmp_path):
+    async with serving(tmp_path, ServeSettings(ready_when=("healthy",))) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        r = await client.get("/backends/partial/ready")
+        assert r.status_code == 503 and "missing not-served" in r.text
+
+
+# -- the HAProxy agent ------------------------------------------------------------------------------
+
+
+async def ask_agent(agent: AgentServer, line: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    writer.write(line)
+    await writer.drain()
+    reply = await reader.read(1024)
+    writer.close()
+    return reply
+
+
+async def test_the_agent_answers_in_haproxys_grammar(tmp_path):
+    async with serving(tmp_path) as (engine, _client, agent, _sim):
+        await first_round(engine)
+        assert await ask_agent(agent, b"ok\n") == b"ready up\n"
+        assert (await ask_agent(agent, b"dead\n")).startswith(b"ready down # down")
+        await engine.set_admin("ok", "draining")
+        assert await ask_agent(agent, b"ok\n") == b"drain up # draining\n"
+        await engine.set_admin("ok", "disabled")
+        assert await ask_agent(agent, b"ok\n") == b"maint # disabled\n"
+        # Unknown names say nothing (HAProxy keeps its state) and are logged.
+        assert await ask_agent(agent, b"nobody\n") == b""
+        assert any(e.kind == "agent" and "nobody" in e.message for e in engine.events)
+        assert await ask_agent(agent, b"x" * 5000) == b""  # not a name: let go
+
+
+def test_readiness_rules_are_one_table():
+    from llmtop.snapshot import BackendSnapshot
+
+    def b(**kw):
+        base = dict(name="x", provider="vllm", url="http://h", status="healthy", status_reason=None, circuit="closed",
+                    admin="active", enabled=True, latency_ms=1.0, models=(), expected_models=(), missing_models=(),
+                    alerts=(), metrics=None, probe=None, error=None, error_rate=None, last_health_at=1.0,
+                    retry_after_at=None, probe_tokens_per_hour=0.0)
+        return BackendSnapshot(**{**base, **kw})
+
+    both = ("healthy", "degraded")
+    cases = [
+        (b(), True, "ready up\n"),
+        (b(status="degraded", status_reason="missing m"), True, "ready up\n"),
+        (b(admin="draining"), False, "drain up # draining\n"),
+        (b(admin="draining", status="down", status_reason="unreachable"), False, "drain down # draining\n"),
+        (b(admin="disabled"), False, "maint # disabled\n"),
+        (b(status="down", status_reason="refused"), False, "ready down # down: refused\n"),
+        (b(status="loading", status_reason="loading model"), False, "ready down # loading: loading model\n"),
+        (b(circuit="open", status="down", status_reason="circuit open"), False, "ready down # circuit open\n"),
+        (b(status="degraded", retry_after_at=5.0), False, "drain up # rate limited (429)\n"),
+    ]
+    for snap, ready, reply in cases:
+        assert readiness(snap, both).ready is ready, snap
+        assert agent_reply(snap, both) == reply
+    assert agent_reply(b(status="unknown", last_health_at=None), both) is None  # nothing to tell yet
+    assert readiness(b(status="degraded", status_reason="missing m"), ("healthy",)).ready is False
+    assert agent_reply(b(status="down", status_reason="a # b\nc"), both) == "ready down # down: a b c\n"  # one line, no second '#'
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+
+
+def samples(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_metrics_tell_the_truth_about_each_backend(tmp_path):
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        r = await client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        got = samples(r.text)
+    lab = lambda name, **kw: tuple(sorted({"backend": name, "provider": "vllm", "team": "ml", **kw}.items()))  # noqa: E731
+    assert got[("llmtop_backend_up", lab("ok"))] == 1 and got[("llmtop_backend_up", lab("dead"))] == 0
+    assert got[("llmtop_backend_ready", lab("dead"))] == 0
+    assert got[("llmtop_backend_status", lab("dead", llmtop_backend_status="down"))] == 1
+    assert got[("llmtop_backend_status", lab("dead", llmtop_backend_status="healthy"))] == 0
+    assert got[("llmtop_backend_model_missing", lab("partial", model="not-served"))] == 1
+    assert got[("llmtop_backend_model_missing", lab("partial", model="meta-llama/Llama-3.1-8B-Instruct"))] == 0
+    assert got[("llmtop_probes_total", lab("ok"))] == 1
+    assert got[("llmtop_probe_output_tokens_total", lab("ok"))] == 8
+    assert got[("llmtop_probe_ttft_seconds_count", lab("ok"))] == 1
+    assert 0 < got[("llmtop_probe_last_ttft_seconds", lab("ok"))] < 1
+    assert ("llmtop_build_info", (("version", __import__("llmtop").__version__),)) in got
+
+
+async def test_metrics_speak_openmetrics_when_asked(tmp_path):
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        r = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert "# TYPE llmtop_backend_status stateset" in r.text and r.text.rstrip().endswith("# EOF")
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (.ci/run installs it)")
+async def test_metrics_pass_promtools_lint(tmp_path):
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        text = (await client.get("/metrics")).text
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+# -- the fleet and its events -------------------------------------------------------------------------
+
+
+async def test_the_fleet_document_is_checks_json_with_a_schema(tmp_path):
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        doc = (await client.get("/api/v1/fleet")).json()
+    assert doc["schema"] == 1 and {b["name"] for b in doc["backends"]} == {"ok", "dead", "partial"}
+    assert set(doc) >= {"at", "time", "backends", "gpus", "gpu_message"}
+
+
+async def test_the_event_stream_sends_the_fleet_then_what_changes(tmp_path):
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        seen: list[tuple[str, dict]] = []
+        async with client.stream("GET", "/api/v1/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.aiter_lines()
+            kind = None
+            async for line in lines:
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    seen.append((kind, json.loads(line[6:])))
+                    if kind == "fleet":
+                        await engine.set_admin("ok", "draining", by="test")
+                    if kind == "backend" and seen[-1][1]["name"] == "ok" and seen[-1][1]["admin"] == "draining":
+                        break
+    kinds = [k for k, _ in seen]
+    assert kinds[0] == "fleet" and seen[0][1]["schema"] == 1
+    assert any(k == "event" and d["kind"] == "admin" and "draining" in d["message"] for k, d in seen)
+
+
+# -- admin ------------------------------------------------------------------------------------------------
+
+
+async def test_admin_needs_a_configured_token_and_the_right_one(tmp_path, monkeypatch):
+    async with serving(tmp_path, ServeSettings()) as (engine, client, _agent, _sim):
+        r = await client.post("/api/v1/backends/ok/drain")
+        assert r.status_code == 403 and "admin_token_env" in r.text
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-admin-token")
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        assert (await client.post("/api/v1/backends/ok/drain")).status_code == 401
+        wrong = await client.post("/api/v1/backends/ok/drain", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "s3cret" not in wrong.text
+        auth = {"Authorization": "Bearer s3cret-admin-token"}
+        r = await client.post("/api/v1/backends/ok/drain", headers=auth)
+        assert (r.status_code, r.text) == (200, "active -> draining\n")
+        assert StateStore(engine.state.path).admin("ok") == "draining"  # the same file the CLI and the TUI use
+        assert any(e.kind == "admin" and "127.0.0.1" in e.message for e in engine.events)  # who did it
+        await client.post("/api/v1/backends/ok/disable", headers=auth)
+        r = await client.post("/api/v1/backends/ok/undrain", headers=auth)
+        assert r.status_code == 409 and StateStore(engine.state.path).admin("ok") == "disabled"
+        assert (await client.post("/api/v1/backends/ok/explode", headers=auth)).status_code == 404
+        assert (await client.post("/api/v1/backends/nope/drain", headers=auth)).status_code == 404
+        big = await client.post("/api/v1/backends/ok/probe", headers=auth, content=b"x" * 200_000)
+        assert big.status_code == 413  # bounded request sizes
+
+
+def test_admin_actions_never_undo_another_state():
+    assert admin_target("active", "drain") == "draining"
+    assert admin_target("disabled", "undrain").startswith("!")
+    assert admin_target("draining", "enable").startswith("!")
+    assert admin_target("draining", "undrain") == admin_target("disabled", "enable") == "active"
+
+
+# -- the event log ------------------------------------------------------------------------------------------
+
+
+def test_log_lines_are_one_line_each_and_safe():
+    event = Event(1_800_000_000.5, "gpu1", "status", "healthy -> down: \x1b]0;x\x07evil\nFORGED", "error")
+    text = format_event(event, "text")
+    assert text.startswith("2027-01-15T08:00:00.500Z error   gpu1 status: healthy -> down:") and "\n" not in text
+    assert "\x1b" not in text and "FORGED" in text
+    data = json.loads(format_event(event, "json"))
+    assert data["message"] == event.message and "\x1b" not in format_event(event, "json")
