@@ -1,0 +1,146 @@
+"""`llmtop serve` watching 500 simulated backends: /metrics scrape time and size, readiness under
+1,000 requests/s, the probes' TTFT error with and without that load, and serve's memory.
+
+Targets (issue #9): scrape under 50 ms; readiness p99 under 5 ms at 1,000 requests/s; no change
+of TTFT error beyond noise; memory under 100 MB.
+Run: .venv/bin/python benchmarks/bench_serve.py [--backends 500] [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _simproc import SimProcess, cpu_reference, median, percentile, write_config  # noqa: E402
+
+from bench_check_fleet import _pss_mb, _tree, fleet  # noqa: E402
+
+PORT = 19850
+
+
+async def wait_ready(client, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (await client.get(url + "/readyz")).status_code == 200:
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit("serve did not become ready")
+
+
+async def readiness_load(host: str, port: int, path: str, rate: float, seconds: float, connections: int = 8) -> list[float]:
+    """`rate` GETs per second spread over keep-alive connections, each timed from its write to the
+    end of its answer (a plain asyncio client: cheap enough to keep the rate on one core)."""
+    latencies: list[float] = []
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    interval = connections / rate
+    end = time.perf_counter() + seconds
+
+    async def one_connection(offset: float) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        next_at = time.perf_counter() + offset
+        while next_at < end:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            start = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - start)
+            next_at += interval
+        writer.close()
+
+    await asyncio.gather(*(one_connection(i * interval / connections) for i in range(connections)))
+    return latencies
+
+
+def ttft_errors(doc: dict, spec: dict[str, dict]) -> list[float]:
+    out = []
+    for b in doc["backends"]:
+        p = b["probe"]
+        if p and p["ttft_ms"] is not None and b["probe_current"]:
+            out.append(p["ttft_ms"] - spec[b["name"]]["ttft_ms"])
+    return out
+
+
+async def run(base_url: str, config: Path, seconds: float, n: int, spec: list[dict]) -> None:
+    import httpx
+
+    state = Path(tempfile.mkdtemp(prefix="llmtop-bench-")) / "state.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtop", "serve", "--config", str(config), "--state", str(state), "--listen", f"127.0.0.1:{PORT}"],
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{PORT}"
+    by_name = {b["name"]: b for b in spec}
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            await wait_ready(client, url)
+            await asyncio.sleep(3)  # let the first probe round finish
+            scrapes, size = [], 0
+            for _ in range(20):
+                start = time.perf_counter()
+                r = await client.get(url + "/metrics")
+                scrapes.append(time.perf_counter() - start)
+                size = len(r.content)
+                await asyncio.sleep(0.2)
+            print(f"  /metrics over {n} backends: median {median(scrapes) * 1000:.1f} ms, p95 {percentile(scrapes, 95) * 1000:.1f} ms"
+                  f" (target < 50 ms); {size / 1024:.0f} KiB, {r.text.count(chr(10))} lines")
+            quiet_errors = []
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                quiet_errors += ttft_errors((await client.get(url + "/api/v1/fleet")).json(), by_name)
+                await asyncio.sleep(2)
+            latencies = []
+            loaded_errors = []
+
+            async def sample_ttft():
+                t_end = time.monotonic() + seconds
+                while time.monotonic() < t_end:
+                    await asyncio.sleep(2)
+                    loaded_errors.extend(ttft_errors((await client.get(url + "/api/v1/fleet")).json(), by_name))
+
+            load, _ = await asyncio.gather(readiness_load("127.0.0.1", PORT, "/backends/sim-0001/ready", 1000, seconds), sample_ttft())
+            latencies = load
+            achieved = len(latencies) / seconds
+            print(f"  readiness at {achieved:.0f} requests/s (asked 1,000): median {median(latencies) * 1000:.2f} ms,"
+                  f" p99 {percentile(latencies, 99) * 1000:.2f} ms (target p99 < 5 ms)")
+            print(f"  probe TTFT error, serve quiet: median {median(quiet_errors):+.1f} ms, p95 {percentile(quiet_errors, 95):+.1f} ms"
+                  f" ({len(quiet_errors)} readings)")
+            print(f"  probe TTFT error, under the readiness load: median {median(loaded_errors):+.1f} ms,"
+                  f" p95 {percentile(loaded_errors, 95):+.1f} ms ({len(loaded_errors)} readings)")
+            print(f"  serve's memory: {_pss_mb(_tree(proc.pid)):.1f} MB PSS (target < 100 MB)")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backends", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=15)
+    args = parser.parse_args()
+    print(cpu_reference())
+    spec = fleet(args.backends)
+    print(f"{args.backends} simulated vLLM backends (simulator in its own process), probes every 10 s, polls every 5 s")
+    with SimProcess(spec) as base_url:
+        config = write_config(base_url, spec, {"probe_max_tokens": 8, "timeout_s": 20, "probe_interval_s": 10, "health_interval_s": 5})
+        asyncio.run(run(base_url, config, args.seconds, args.backends, spec))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
