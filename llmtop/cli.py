@@ -63,8 +63,8 @@ def _load(args) -> Config:
     return load_config(path)
 
 
-def _state(args) -> StateStore:
-    return StateStore(Path(args.state).expanduser() if args.state else default_state_path())
+def _state(args, default: Path | None = None) -> StateStore:
+    return StateStore(Path(args.state).expanduser() if args.state else (default or default_state_path()))
 
 
 def cmd_check(args) -> int:
@@ -77,15 +77,16 @@ def cmd_check(args) -> int:
         raise UsageError("--interval must not be negative")
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
-    state = _state(args)
     gpu = GpuReader()
     with contextlib.ExitStack() as stack:
         if args.demo:
             from llmtop.demo import DemoFleet
 
-            config = load_config(stack.enter_context(DemoFleet()))
+            # The demo's drains live and die with the demo, never in the user's own state file.
+            demo = stack.enter_context(DemoFleet())
+            config, state = load_config(demo.config_path), _state(args, demo.state_path)
         else:
-            config = _load(args)
+            config, state = _load(args), _state(args)
         try:
             snapshot = check_fleet(config, state, args.rounds, args.interval, gpu, args.workers)
         except CheckWorkerError as exc:  # a worker process failed: one line, exit 2
