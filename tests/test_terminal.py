@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -334,3 +335,18 @@ def test_an_empty_config_says_how_to_add_a_backend(start, home):
     term.wait_for(b"add a [[backend]]")
     term.send(b"q")
     assert term.wait_exit(timeout=10) == 0
+
+
+def test_a_killed_check_demo_leaves_nothing_behind(home):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtop", "check", "--demo", "--rounds", "1000", "--interval", "1"],
+        env=environment(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert eventually(lambda: demo_left_behind(home)[0] != [], timeout=START_S)  # its simulator is up
+        proc.kill()
+        proc.wait()
+        assert_nothing_left(home)
+    finally:
+        proc.kill()
+        proc.wait()
