@@ -350,3 +350,15 @@ def test_a_killed_check_demo_leaves_nothing_behind(home):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_without_a_terminal_the_live_screen_says_so_instead_of_spinning(home):
+    """`ssh host llmtop` without -t, or `llmtop < /dev/null`: Textual drew escape codes into a pipe
+    for ever, its input thread spinning on end-of-file at most of a core."""
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtop", "--demo"], env=environment(home), cwd=home,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("llmtop: the live screen needs a terminal") and r.stderr.count("\n") == 1
+    assert_nothing_left(home)

@@ -17,6 +17,19 @@ from llmtop.tui.app import LlmtopApp, no_backends_hint
 from llmtop.tui.themes import LoadedThemes, load_saved_theme, load_themes
 
 
+NO_TERMINAL = (
+    "the live screen needs a terminal on stdin and stderr (over SSH: ssh -t HOST llmtop); "
+    "`llmtop check` prints a report without one"
+)
+
+
+def _on_a_terminal() -> bool:
+    """Whether Textual has a terminal to read keys from (stdin) and draw on (stderr). Without one
+    it drew escape codes into a pipe or file for ever, its input thread spinning on end-of-file."""
+    streams = (sys.__stdin__, sys.__stderr__)
+    return all(stream is not None and stream.isatty() for stream in streams)
+
+
 def _fail(message: str) -> int:
     print(f"llmtop: {message}", file=sys.stderr)
     return 2
@@ -84,6 +97,8 @@ def run_tui(args) -> int:
                     config, hint = _discovered(config_path)
                     config_path = None
             state = StateStore(state_path)
+            if not _on_a_terminal():
+                return _fail(NO_TERMINAL)
             engine = Engine(config, state, gpu=GpuReader())
             app = LlmtopApp(
                 engine, config_path=config_path, read_only=args.read_only, theme=theme, hint=hint, prefs_path=prefs_path
