@@ -48,6 +48,7 @@ class Terminal:
             argv = [sys.executable, "-c", self.LEADER, *argv]
         self.out = bytearray()
         self.closed = False
+        self.reaped = False
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: size the terminal before the program can ask, then become it
             try:
@@ -96,6 +97,7 @@ class Terminal:
         while True:
             done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:
+                self.reaped = True
                 while self._read(0):
                     pass
                 return os.waitstatus_to_exitcode(status)
@@ -109,17 +111,18 @@ class Terminal:
         self.closed = True
 
     def close(self) -> None:
-        for pid in {self.llmtop_pid, self.pid}:
+        if not self.reaped:
+            # The child leads a session and a process group of its own (pty.fork), llmtop with it
+            # under a leader; not yet reaped, so the group's id cannot belong to anyone else.
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        try:
             os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+            self.reaped = True
         if not self.closed:
             os.close(self.fd)
+            self.closed = True
 
 
 def alive(pid: int) -> bool:
