@@ -77,3 +77,37 @@ def wait_ready(base_url: str) -> None:
             return
         except httpx.HTTPError:
             time.sleep(0.05)
+
+
+def cpu_reference() -> str:
+    """One line that says how fast this machine runs Python: the median time of a fixed pure-Python
+    loop, so figures measured on different machines can be compared (a machine 2x slower shows
+    about twice the time here)."""
+    import time as _time
+
+    def loop() -> float:
+        start = _time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i * i % 7
+        return _time.perf_counter() - start
+
+    times = sorted(loop() for _ in range(5))
+    return f"CPU reference: a fixed pure-Python loop (2M multiply-mod-adds) took {times[2] * 1000:.0f} ms here (median of 5)"
+
+
+class CpuLoad:
+    """`with CpuLoad(n):` keeps n other processes spinning on the CPU: "another process loads the CPU"."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "CpuLoad":
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _simproc import SimProcess, median, percentile, write_config  # noqa: E402
+from _simproc import CpuLoad, SimProcess, cpu_reference, median, percentile, write_config  # noqa: E402
 
 TOKENS = 8
 
@@ -115,6 +115,7 @@ def run_check(config: Path, workers: str) -> tuple[float, int, float, float, dic
 
 
 latency: list[float] = []  # health latencies of the last report: the simulator answers in well under 1 ms
+untimed: list[int] = []  # per run: probes llmtop read too late to time, even after their retry
 
 
 def accuracy(report: dict, spec: list[dict]) -> tuple[list[float], list[float]]:
@@ -123,6 +124,7 @@ def accuracy(report: dict, spec: list[dict]) -> tuple[list[float], list[float]]:
     ttft, rate = [], []
     latency.clear()
     latency.extend(b["latency_ms"] for b in report["backends"] if b["latency_ms"] is not None)
+    untimed.append(sum(1 for b in report["backends"] if b["probe"] and b["probe"]["untimed"]))
     for b in report["backends"]:
         p, s = b["probe"], known[b["name"]]
         if p and p["ttft_ms"] is not None and p["tokens_per_s"] is not None:
@@ -164,7 +166,12 @@ def main() -> int:
         "--workers", nargs="+", default=["auto", "1"],
         help="`llmtop check --workers` values to compare (default: auto, one per core, and 1)",
     )
+    parser.add_argument("--load", type=int, default=0, help="busy processes loading the CPU meanwhile (default 0)")
     args = parser.parse_args()
+    print(cpu_reference())
+    load = CpuLoad(args.load).__enter__() if args.load else None
+    if load:
+        print(f"{args.load} busy processes load the CPU throughout")
     spec = fleet(args.backends, profile=args.profile)
     slowest = slowest_probe_ms(spec) / 1000
     print(f"{args.backends} simulated vLLM backends, profile {args.profile!r} {PROFILES[args.profile]}")
@@ -181,6 +188,8 @@ def main() -> int:
             rounds = [run_round_in_process(config) for _ in range(args.runs)]
             print()
             print(f"one engine round in one event loop, without start-up: median {median(rounds):.2f} s = {median(rounds) / slowest:.2f}x")
+    if load:
+        load.__exit__(None, None, None)
     return 0
 
 
@@ -204,6 +213,7 @@ def served_ttft(base_url: str, spec: list[dict]) -> dict[str, tuple[float, float
 
 def measure(config: Path, spec: list[dict], runs: int, slowest: float, workers: str, base_url: str) -> None:
     walls, peaks, psss, ttft_err, rate_err = [], [], [], [], []
+    untimed.clear()
     measured: dict[str, list[float]] = {}
     before = served_ttft(base_url, spec)
     for _ in range(runs):
@@ -241,6 +251,7 @@ def measure(config: Path, spec: list[dict], runs: int, slowest: float, workers: 
             f" llmtop's own: median {median(own):+.1f} ms, p95 {percentile(own, 95):+.1f} ms  (per-backend means)"
         )
     print(f"  health latency shown (server answers in < 1 ms): median {median(latency):.1f} ms, p95 {percentile(latency, 95):.1f} ms")
+    print(f"  probes not timed (read late, and again on their retry): {max(untimed)} at most in a run, of {len(spec)}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ import multiprocessing.connection
 import os
 import sys
 import threading
+import time
 
 from llmtop.config import Config
 from llmtop.engine import Engine
-from llmtop.snapshot import BackendSnapshot, FleetSnapshot, GpuStatus
+from llmtop.snapshot import BackendSnapshot, FleetSnapshot, GpuStatus, TerminalView
 from llmtop.state import StateStore
 
 # Backends one event loop checks before another core is worth a process. One loop's CPU, not the
@@ -139,20 +140,25 @@ def exit_code(snapshot: FleetSnapshot) -> int:
 
 
 def to_json(snapshot: FleetSnapshot) -> str:
-    return json.dumps(snapshot.to_json(), indent=2)
+    """Strict JSON (no NaN or Infinity tokens, which many parsers refuse) with the exact texts."""
+    return json.dumps(snapshot.to_json(), indent=2, allow_nan=False)
 
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _row(b: BackendSnapshot) -> list[str]:
-    p = b.probe
+def _row(b: BackendSnapshot, now: float) -> list[str]:
+    current = b.figures_current(now)
+    p = b.probe if current else b.last_ok_probe
     m = b.metrics
-    models = f"{len(b.expected_models) - len(b.missing_models)}/{len(b.expected_models)}" if b.expected_models else str(len(b.models))
-    tps = "-"
-    if p is not None and p.tokens_per_s is not None:
-        tps = f"{p.tokens_per_s:.1f}" + ("~" if p.tokens_estimated else "")
+    ttft = tps = "-"
+    if p is not None and p.ttft_ms is not None:
+        ttft = f"{p.ttft_ms:.1f}"
+        if p.tokens_per_s is not None:
+            tps = f"{p.tokens_per_s:.1f}" + ("~" if p.tokens_estimated else "")
+        if not current:  # the last good figures, from before the backend's present state
+            ttft, tps = f"({ttft})", f"({tps})" if tps != "-" else tps
     kv = "-" if m is None or m.kv_cache_usage is None else f"{m.kv_cache_usage:.0%}"
     queue = "-" if m is None or m.requests_waiting is None else f"{m.requests_waiting:g}"
     return [
@@ -161,11 +167,11 @@ def _row(b: BackendSnapshot) -> list[str]:
         b.provider,
         b.circuit.replace("_", "-"),
         _num(b.latency_ms, ".1f"),
-        _num(p.ttft_ms if p else None, ".1f"),
+        ttft,
         tps,
         queue,
         kv,
-        models,
+        b.models_summary(),
     ]
 
 
@@ -173,7 +179,10 @@ HEADERS = ["STATUS", "NAME", "PROVIDER", "CIRCUIT", "LAT ms", "TTFT ms", "TOK/s"
 
 
 def render_table(snapshot: FleetSnapshot) -> str:
-    rows = [HEADERS] + [_row(b) for b in snapshot.backends]
+    """The table for a terminal: every text from a backend or the config made safe to print first."""
+    snapshot = TerminalView()(snapshot)
+    now = snapshot.at
+    rows = [HEADERS] + [_row(b, now) for b in snapshot.backends]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     right = {4, 5, 6, 7, 8, 9}
     lines = []
@@ -182,17 +191,24 @@ def render_table(snapshot: FleetSnapshot) -> str:
         lines.append("  ".join(cells).rstrip())
     notes = []
     for b in snapshot.backends:
-        why = b.status_reason if b.status not in ("healthy",) else None
+        why = b.status_reason if b.status not in ("healthy",) else b.probe_note
         if b.admin != "active":
             why = f"{b.admin} by the operator"
+        elif b.retry_after_at is not None:
+            why = f"{why}; until {time.strftime('%H:%M:%S', time.localtime(b.retry_after_at))}"
         if why:
             notes.append(f"  {b.name}: {why}")
     if notes:
         lines.append("")
         lines.extend(notes)
+    legend = []
     if any(b.probe and b.probe.tokens_estimated and b.probe.tokens_per_s for b in snapshot.backends):
+        legend.append("  ~ token count estimated from stream chunks (the server sent no usage)")
+    if any(b.last_ok_probe is not None and not b.figures_current(now) for b in snapshot.backends):
+        legend.append("  (…) the last figures measured, older than the backend's present state")
+    if legend:
         lines.append("")
-        lines.append("  ~ token count estimated from stream chunks (the server sent no usage)")
+        lines.extend(legend)
     gpu = snapshot.gpu
     lines.append("")
     if gpu.gpus:

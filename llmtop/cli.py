@@ -12,6 +12,7 @@ from pathlib import Path
 from llmtop import __version__
 from llmtop.config import Config, ConfigError, load_config, resolve_config_path
 from llmtop.paths import default_state_path
+from llmtop.sanitize import for_terminal
 from llmtop.state import ADMIN_COMMANDS, LIFTS, StateError, StateStore
 
 # Beyond these a number is a typo (or inf), not a plan: an interval of a day, a million rounds, and
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None, *, program: bool = False) -> int:
             return cmd_init(args)
         return cmd_tui(args, program)
     except (ConfigError, StateError, UsageError) as exc:
-        _err(f"llmtop: {exc}")
+        # The message may quote the config's own text (a key, a value): printable, one line.
+        _err(f"llmtop: {for_terminal(str(exc), 2000)}")
         return 2
     except BrokenPipeError:  # `llmtop --help | head -1`: the reader has what it wanted
         _stdout_gone()
@@ -259,6 +261,6 @@ def main(argv: list[str] | None = None, *, program: bool = False) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("LLMTOP_DEBUG"):
             raise
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        message = for_terminal(f"{type(exc).__name__}: {exc}", 300)
         _err(f"llmtop: internal error, please report it (LLMTOP_DEBUG=1 shows where): {message}")
         return 2

@@ -18,6 +18,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 from llmtop.paths import default_config_path
+from llmtop.sanitize import for_terminal, is_clean_name
 
 PROVIDERS = (
     "openai",
@@ -82,10 +83,7 @@ class BackendConfig:
     api_key_env: str | None = None
     enabled: bool = True
     alerts: tuple[AlertRule, ...] = ()
-
-    @property
-    def effective_probe_model(self) -> str | None:
-        return self.probe_model or (self.models[0] if self.models else None)
+    probe_unloaded: bool = False  # Ollama: probe a model even when it is not loaded (loading it)
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,10 @@ _BACKEND_KEYS = {
     "api_key_env": str,
     "enabled": bool,
     "alert": list,
+    "probe_unloaded": bool,
 }
+NAME_MAX = 64  # backend names fit a table column and a log line
+MODEL_MAX = 256  # longer than any model id a server uses
 _ALERT_KEYS = {"metric": str, "above": (int, float), "below": (int, float)}
 _TOP_KEYS = ("settings", "breaker", "backend")
 
@@ -202,15 +203,42 @@ class _Checker:
         return cls(**values)
 
 
-def _check_url(chk: _Checker, url: str, where: str) -> str:
+def shown_url(url: str) -> str:
+    """A URL as it may be printed: any user:password replaced by ***, on one clean line."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise chk.fail(where, f"'{url}' is not an http(s) URL; write it like \"http://10.0.0.5:8000\"")
+    if "@" in parts.netloc:
+        url = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+    return for_terminal(url, 120)
+
+
+def _check_url(chk: _Checker, url: str, where: str) -> str:
+    shown = shown_url(url)
+    if not is_clean_name(url) or any(c.isspace() for c in url):
+        raise chk.fail(where, f"'{shown}' holds spaces or control characters; write it like \"http://10.0.0.5:8000\"")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise chk.fail(where, f"'{shown}' is not an http(s) URL; write it like \"http://10.0.0.5:8000\"")
+    if parts.username is not None or parts.password is not None:
+        # Credentials in a URL end up in logs, screens and shell histories; the config holds no secrets.
+        raise chk.fail(
+            where,
+            f"'{shown}' carries a user name or password; remove it and put the key in an environment "
+            "variable named by api_key_env",
+        )
     try:
         _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
-        raise chk.fail(where, f"'{url}' has a bad port") from None
+        raise chk.fail(where, f"'{shown}' has a bad port") from None
     return url.rstrip("/")
+
+
+def _check_name(chk: _Checker, value: str, where: str, limit: int) -> str:
+    """A name shown on screens and in logs: printable, one line, bounded."""
+    if not is_clean_name(value):
+        raise chk.fail(where, f"{for_terminal(value, 60)!r} holds control or invisible characters; use printable text")
+    if len(value) > limit:
+        raise chk.fail(where, f"is {len(value)} characters long; keep it to {limit}")
+    return value
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -229,7 +257,7 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
     if not isinstance(raw, dict):
         raise chk.fail(where, "each [[backend]] must be a table")
     label = raw.get("name") if isinstance(raw.get("name"), str) else None
-    if label:
+    if label and is_clean_name(label) and len(label) <= NAME_MAX:
         where = f"backend '{label}'"
     chk.unknown_keys(raw, list(_BACKEND_KEYS), where)
     for key in ("name", "provider", "url"):
@@ -238,7 +266,7 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
     for key, expected in _BACKEND_KEYS.items():
         if key in raw:
             chk.typed(raw[key], expected, f"{where}.{key}")
-    name = raw["name"].strip()
+    name = _check_name(chk, raw["name"].strip(), f"{where}.name", NAME_MAX)
     if not name:
         raise chk.fail(f"{where}.name", "must not be empty")
     provider = raw["provider"]
@@ -250,6 +278,11 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
     models = raw.get("models", [])
     for i, model in enumerate(models):
         chk.typed(model, str, f"{where}.models[{i}]")
+        _check_name(chk, model, f"{where}.models[{i}]", MODEL_MAX)
+    if "probe_model" in raw:
+        _check_name(chk, raw["probe_model"], f"{where}.probe_model", MODEL_MAX)
+    if "probe_unloaded" in raw and provider != "ollama":
+        raise chk.fail(f"{where}.probe_unloaded", "only applies to provider = \"ollama\"; remove it")
     api_key_env = raw.get("api_key_env")
     if api_key_env is not None and not _looks_like_env_name(api_key_env):
         # The value is not echoed: if it is a key, it must not reach a terminal or a log.
@@ -270,6 +303,10 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
                 chk.typed(rule[key], expected, f"{rwhere}.{key}")
         if ("above" in rule) == ("below" in rule):
             raise chk.fail(rwhere, "set exactly one of 'above' or 'below'")
+        _check_name(chk, rule["metric"], f"{rwhere}.metric", MODEL_MAX)
+        for key in ("above", "below"):
+            if key in rule and not math.isfinite(rule[key]):
+                raise chk.fail(f"{rwhere}.{key}", f"must be a finite number, got {rule[key]}")
         alerts.append(AlertRule(rule["metric"], rule.get("above"), rule.get("below")))
     return BackendConfig(
         name=name,
@@ -280,6 +317,7 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
         api_key_env=api_key_env,
         enabled=raw.get("enabled", True),
         alerts=tuple(alerts),
+        probe_unloaded=raw.get("probe_unloaded", False),
     )
 
 

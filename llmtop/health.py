@@ -189,7 +189,7 @@ def tripped_alerts(rules: Iterable[AlertRule], values: dict[str, float]) -> tupl
 class StatusInputs:
     probed: bool  # any health poll or probe has completed
     circuit: str
-    reachable: bool | None  # last health poll reached a healthy server
+    reachable: bool | None  # last health poll reached a server that answered (ready, loading or 429)
     loading: bool
     health_error: str | None
     probe_error: str | None
@@ -200,10 +200,17 @@ class StatusInputs:
     ttft_ms: float | None
     slow_ttft_ms: float
     rate_limited: bool
+    models_unknown: str | None = None  # why the model list could not be read
+    alerts_unknown: str | None = None  # why some alert rules could not be judged
+    not_probed: str | None = None  # why no completion probe can be sent
 
 
 def derive_status(i: StatusInputs) -> tuple[str, str | None]:
-    """(status, reason) following DESIGN.md: down beats loading beats degraded beats healthy."""
+    """(status, reason) following DESIGN.md: down beats loading beats degraded beats healthy.
+
+    The one place that decides: an input that could not be read (a model list, a metric an alert
+    rule needs, a probe that cannot be sent) is never read as good; it makes the backend degraded,
+    with the reason in words."""
     if not i.probed:
         return "unknown", "not yet probed"
     if i.circuit == OPEN:
@@ -213,12 +220,18 @@ def derive_status(i: StatusInputs) -> tuple[str, str | None]:
     if i.reachable is False:
         return "down", i.health_error or "unreachable"
     reasons = []
+    if i.rate_limited:
+        reasons.append("rate limited (429)")
+    elif i.models_unknown:
+        reasons.append(f"model list unknown: {i.models_unknown}")
     if i.missing:
         reasons.append("missing " + ", ".join(i.missing))
     if i.alerts:
         reasons.extend(i.alerts)
-    if i.rate_limited:
-        reasons.append("rate limited (429)")
+    if i.alerts_unknown:
+        reasons.append(i.alerts_unknown)
+    if i.not_probed and not i.rate_limited:
+        reasons.append(i.not_probed)
     if i.probe_error:
         reasons.append(f"probe failed: {i.probe_error}")
     if i.error_rate is not None and i.error_rate >= i.degraded_error_rate:

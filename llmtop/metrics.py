@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -76,9 +77,14 @@ def wanted_series(names: "MetricNames", extra: tuple[str, ...] = ()) -> set[str]
     }
 
 
-def parse_samples(text: str, max_of: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, float]]:
+def parse_samples(
+    text: str, max_of: tuple[str, ...] = (), ignored: list[str] | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
     """One pass over the page: every sample summed by name across its label sets (buckets and
     `_created` stamps dropped), and the maximum of the series named in `max_of`.
+
+    NaN and ±Inf (which Prometheus text allows) carry no reading: such a sample is left out, and
+    its series named in `ignored`, so the engine can say why a figure is absent.
 
     Summing is right for the gauges and counters we read (requests across engines or models);
     a histogram's `_sum` and `_count` sum too, so their ratio stays a true mean. KV-cache usage
@@ -93,13 +99,19 @@ def parse_samples(text: str, max_of: tuple[str, ...] = ()) -> tuple[dict[str, fl
                 if name.endswith("_bucket") or name.endswith("_created"):
                     continue
                 value = sample.value
-                if value != value:  # NaN carries no information and poisons sums
+                if not math.isfinite(value):  # NaN poisons sums; an infinite gauge is no reading
+                    if ignored is not None and name not in ignored:
+                        ignored.append(name)
                     continue
                 totals[name] = totals.get(name, 0.0) + value
                 if name in max_of:
                     maxima[name] = max(maxima.get(name, value), value)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise MetricsParseError(f"metrics page is not Prometheus text ({exc})") from None
+    for name in [n for n, v in totals.items() if not math.isfinite(v)]:  # finite values summed past the float range
+        del totals[name]
+        if ignored is not None and name not in ignored:
+            ignored.append(name)
     return totals, maxima
 
 
@@ -126,6 +138,11 @@ def _histogram_mean(values: dict[str, float], bases: tuple[str, ...], previous: 
     return None
 
 
+def _finite(value: float | None) -> float | None:
+    """A derived figure (a mean, a rate) that came out NaN or infinite is no figure."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def map_metrics(
     text: str, names: MetricNames, previous: Metrics | None = None, extra: tuple[str, ...] = ()
 ) -> Metrics:
@@ -136,17 +153,20 @@ def map_metrics(
     first = text.lstrip().split("\n", 1)[0]
     if not (first.startswith("#") or _SAMPLE_START.match(first)):
         raise MetricsParseError(f"metrics page is not Prometheus text (starts {first[:40]!r})")
-    values, maxima = parse_samples(select_series(text, wanted_series(names, extra)), names.kv_cache_usage)
+    ignored: list[str] = []
+    values, maxima = parse_samples(select_series(text, wanted_series(names, extra)), names.kv_cache_usage, ignored)
     kv = _first(maxima, names.kv_cache_usage)
     server_ttft = _histogram_mean(values, names.ttft_histogram, previous)
     tpot = _histogram_mean(values, names.tpot_histogram, previous)
+    rate = 1.0 / tpot if tpot and tpot > 0 else _first(values, names.tokens_per_s_gauge)
     return Metrics(
         requests_running=_first(values, names.requests_running),
         requests_waiting=_first(values, names.requests_waiting),
         kv_cache_usage=kv,  # every engine mapped here exports a 0..1 fraction
-        server_ttft_ms=None if server_ttft is None else server_ttft * 1000.0,
-        server_tokens_per_s=1.0 / tpot if tpot else _first(values, names.tokens_per_s_gauge),
+        server_ttft_ms=_finite(None if server_ttft is None else server_ttft * 1000.0),
+        server_tokens_per_s=_finite(rate),
         raw=values,
+        ignored=tuple(f"metric {name}: not a finite number, ignored" for name in ignored[:10]),
     )
 
 

@@ -19,13 +19,38 @@ class ProbeError(Exception):
         self.transport = transport  # no HTTP answer at all: timeout, refused, reset
 
 
+# A read that got the whole answer at once, this soon after its last byte arrived, was prompt:
+# the answer came in one piece (a buffering proxy), not llmtop reading late.
+PROMPT_READ_S = 0.001
+
+
+def _each_call_a_read(clock: Callable[[], float]) -> Callable[[], tuple[int, float, float]]:
+    """Read stamps for a meter fed by hand: every text chunk arrived alone, at clock()."""
+    n = 0
+
+    def read() -> tuple[int, float, float]:
+        nonlocal n
+        n += 1
+        now = clock()
+        return n, now, now
+
+    return read
+
+
 @dataclass
 class StreamMeter:
     """Turns the arrival times of stream events into the numbers of DESIGN.md.
 
-    TTFT runs from just before the request is sent (`start`) to the first chunk that carries
-    generated text; role-only or empty chunks, comments and pings are not tokens. The decode
-    rate is (tokens - 1) / (t_last - t_first), so it excludes TTFT.
+    TTFT runs from when the request's last byte was written (`start`; the transport says when,
+    transport.RequestTimings) to the first chunk that carries generated text; role-only or empty
+    chunks, comments and pings are not tokens. The decode rate is (tokens - 1) / (t_last - t_first),
+    so it excludes TTFT.
+
+    A chunk's arrival is that of the read that brought it (`reads`: its sequence number, the
+    kernel's receive time of its bytes, and when llmtop read them). Once llmtop reads late, the
+    kernel merges what arrived meanwhile, so a first token read together with later tokens is
+    stamped with the last one's arrival: its true time is lost. Such a probe is not timed at
+    all (`untimed`) rather than timed wrong; the engine retries it when it reads on time again.
     """
 
     clock: Callable[[], float] = time.perf_counter
@@ -38,6 +63,11 @@ class StreamMeter:
     # of the body afterwards lets the connection go back to the pool: a fresh connection per probe
     # put ~1.2 ms of TCP setup into every TTFT (benchmarks/bench_measurement.py).
     finished: bool = False
+    reads: Callable[[], tuple[int, float, float]] | None = None
+    first_read: int | None = None
+    first_lateness_s: float = 0.0  # how long after its bytes arrived the first token's read came
+    with_first: int = 0  # later text chunks that came in the first one's read
+    spread: bool = False  # some text chunk came in a later read than the first
 
     def begin(self) -> None:
         self.start = self.clock()
@@ -46,10 +76,16 @@ class StreamMeter:
         """Call on every chunk as it arrives, with the generated text it carries (may be empty)."""
         if not text:
             return
-        now = self.clock()
+        if self.reads is None:
+            self.reads = _each_call_a_read(self.clock)
+        seq, arrived, read_at = self.reads()
         if self.first_at is None:
-            self.first_at = now
-        self.last_at = now
+            self.first_at, self.first_read, self.first_lateness_s = arrived, seq, read_at - arrived
+        elif seq == self.first_read:
+            self.with_first += 1
+        else:
+            self.spread = True
+        self.last_at = arrived
         self.text_chunks += 1
 
     def usage(self, output_tokens: int | None) -> None:
@@ -57,8 +93,19 @@ class StreamMeter:
             self.usage_tokens = int(output_tokens)
 
     @property
+    def untimed(self) -> str | None:
+        """Why this stream's TTFT and decode rate are not true figures; None when they are."""
+        if not self.with_first:
+            return None
+        if self.spread or self.first_lateness_s > PROMPT_READ_S:
+            return f"not timed: llmtop read the first {self.with_first + 1} tokens together, late"
+        return None
+
+    @property
     def ttft_ms(self) -> float | None:
-        return None if self.first_at is None else (self.first_at - self.start) * 1000.0
+        if self.first_at is None or self.untimed:
+            return None
+        return (self.first_at - self.start) * 1000.0
 
     @property
     def output_tokens(self) -> int:
@@ -70,6 +117,8 @@ class StreamMeter:
 
     @property
     def tokens_per_s(self) -> float | None:
+        if self.untimed or (self.with_first and not self.spread):
+            return None  # not timed, or the whole answer came at once: no rate to see
         return decode_rate(self.output_tokens, self.first_at, self.last_at)
 
 
@@ -78,6 +127,16 @@ def decode_rate(tokens: int, t_first: float | None, t_last: float | None) -> flo
     if tokens is None or tokens < 2 or t_first is None or t_last is None or t_last <= t_first:
         return None
     return (tokens - 1) / (t_last - t_first)
+
+
+@dataclass
+class Phases:
+    """Where a probe's time went, like curl's -w timings; None where a phase did not happen
+    (a reused connection has no connect or TLS) or was not seen."""
+
+    connect_ms: float | None = None
+    tls_ms: float | None = None
+    ttfb_ms: float | None = None  # request written -> first byte of the answer (its head)
 
 
 @dataclass
@@ -93,11 +152,20 @@ class ProbeResult:
     server_ttft_ms: float | None = None
     server_tokens_per_s: float | None = None
     load_ms: float | None = None
+    status_code: int | None = None  # the HTTP status of a refused probe (429: rate limited)
+    phases: Phases = field(default_factory=Phases)
+    untimed: str | None = None  # why a probe that generated text has no TTFT or rate (probe.StreamMeter)
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.status_code == 429
 
     @classmethod
-    def from_meter(cls, model: str | None, meter: StreamMeter, what: str = "stream", **server) -> "ProbeResult":
+    def from_meter(
+        cls, model: str | None, meter: StreamMeter, what: str = "stream", phases: Phases | None = None, **server
+    ) -> "ProbeResult":
         if meter.first_at is None:
-            return cls(model, ok=False, error=f"{what}: the stream ended without any generated text")
+            return cls(model, ok=False, error=f"{what}: the stream ended without any generated text", phases=phases or Phases())
         return cls(
             model,
             ok=True,
@@ -105,6 +173,8 @@ class ProbeResult:
             tokens_per_s=meter.tokens_per_s,
             output_tokens=meter.output_tokens,
             tokens_estimated=meter.tokens_estimated,
+            phases=phases or Phases(),
+            untimed=meter.untimed,
             **server,
         )
 
@@ -112,12 +182,17 @@ class ProbeResult:
 @dataclass
 class HealthResult:
     ok: bool  # the server is up and ready to serve
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # request written -> last byte of the answer
     loading: bool = False  # up, but still loading a model (not down)
     error: str | None = None
     unreachable: bool = False  # no HTTP answer at all (timeout, refused, reset)
     retry_after_s: float | None = None
     version: str | None = None
+    status_code: int | None = None  # of a refused poll (429: rate limited, not down)
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.status_code == 429
 
 
 @dataclass

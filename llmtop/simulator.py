@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,15 @@ import tomli_w
 
 from llmtop.config import PROVIDERS
 
-FAULTS = ("5xx", "hang", "reset", "bad_json", "truncated", "flapping", "429", "slow_headers", "huge_body", "loading")
+FAULTS = (
+    "5xx", "hang", "reset", "bad_json", "truncated", "flapping", "429", "slow_headers", "huge_body", "loading",
+    # Hostile servers: non-finite numbers, a Retry-After for ever, a gzip bomb, a model list of any length.
+    "nan", "retry_forever", "gzip_bomb", "many_models",
+)  # fmt: skip
+
+# What a hostile server writes where text goes: an OSC that sets the terminal title, a screen
+# clear and cursor home, a bidi override, a newline that forges a row, and a C1 CSI.
+HOSTILE_TEXT = "pwned\x1b]0;owned\x07\x1b[2J\x1b[H\u202eevil\u202c\nFORGED ROW\r\x9b31mred\x1b[0m"
 
 _DEFAULT_OUTPUT_TOKENS = 8
 _WORDS = (" The", " fleet", " is", " up", " and", " every", " token", " is", " on", " time", ".")
@@ -108,6 +117,11 @@ class SimBackend:
     waiting: float = 0
     kv_cache: float = 0.3
     wander: random.Random | None = None  # when set, the three gauges take a random step on every scrape
+    hostile: bool = False  # every text it makes up (an extra model id, versions, errors) carries HOSTILE_TEXT
+    loaded: list[str] | None = None  # Ollama: the models /api/ps lists (None: every model)
+    keep_alive_s: float = 300.0  # Ollama: how long /api/ps says a loaded model stays (-1: for ever)
+    bodies: list[dict] = field(default_factory=list)  # the last completion requests' JSON bodies
+    echo_headers: bool = False  # its error bodies quote the request's headers back, key and all
     requests: Counter[str] = field(default_factory=Counter)  # per path, relative to the backend base
     tpot_histogram: _Histogram = field(init=False, repr=False)  # mean seconds per output token after the first, per request
     ttft_histogram: _Histogram = field(init=False, repr=False)  # TTFTs served; buckets follow the first provider
@@ -129,6 +143,37 @@ class SimBackend:
 
 def _arg(backend: SimBackend, default: float) -> float:
     return default if backend.fault_arg is None else backend.fault_arg
+
+
+def _listed(backend: SimBackend) -> list[str]:
+    """The model ids a listing shows: a hostile server adds one made of escape sequences."""
+    return [*backend.models, f"model-{HOSTILE_TEXT}"] if backend.hostile else list(backend.models)
+
+
+def _text(backend: SimBackend, text: str) -> str:
+    return f"{text} {HOSTILE_TEXT}" if backend.hostile else text
+
+
+def _many_models(backend: SimBackend, key: str, field_name: str) -> _Response:
+    """fault_arg model ids (default 100,000) as valid JSON under llmtop's body cap, the real
+    models last, so a missing-model check must read past whatever it keeps."""
+    count = int(_arg(backend, 100_000))
+    ids = [f"m-{i:07d}" for i in range(count)] + [_ollama_name(m) if key == "models" else m for m in backend.models]
+    body = '{"' + key + '":[' + ",".join(f'{{"{field_name}":{json.dumps(m)}}}' for m in ids) + "]}"
+    return _Response(200, body.encode(), _JSON)
+
+
+_BOMB: bytes | None = None
+
+
+def _gzip_bomb() -> bytes:
+    """A gzip body of about 100 KiB that inflates to 100 MiB of one endless line (made once)."""
+    global _BOMB
+    if _BOMB is None:
+        packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        piece = b"x" * (1024 * 1024)
+        _BOMB = packer.compress(b": ") + b"".join(packer.compress(piece) for _ in range(100)) + packer.flush()
+    return _BOMB
 
 
 # --- HTTP/1.1 plumbing -------------------------------------------------------------------------------
@@ -395,14 +440,16 @@ def _fixed(body: bytes, content_type: str | None = _JSON) -> _Handler:
 async def _openai_models(backend: SimBackend, req: _Request) -> _Response:
     if backend.fault == "huge_body":
         return _huge_listing(backend, "data", '{"id":"filler-%07d","object":"model","owned_by":"simulator"}')
+    if backend.fault == "many_models":
+        return _many_models(backend, "data", "id")
     owner = _OWNED_BY.get(backend.provider, backend.provider)
     listing: dict[str, Any] = {
         "object": "list",
-        "data": [{"id": m, "object": "model", "created": _CREATED, "owned_by": owner} for m in backend.models],
+        "data": [{"id": m, "object": "model", "created": _CREATED, "owned_by": owner} for m in _listed(backend)],
     }
     if backend.provider == "llamacpp":
         # llama-server answers Ollama-style clients from the same endpoint, so it carries both shapes.
-        listing = {"models": [{"name": m, "model": m, "type": "model"} for m in backend.models], **listing}
+        listing = {"models": [{"name": m, "model": m, "type": "model"} for m in _listed(backend)], **listing}
     return _json(200, listing)
 
 
@@ -415,6 +462,8 @@ async def _openai_chat(backend: SimBackend, req: _Request) -> _Response:
     finish = "length" if hit_limit else "stop"
     prompt = _prompt_tokens(payload.get("messages"))
     usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+    if backend.fault == "nan":  # json.dumps writes the NaN token, as some servers do
+        usage["completion_tokens"] = float("nan")
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
     envelope = {"id": cid, "created": created, "model": model}
 
@@ -437,6 +486,8 @@ async def _openai_chat(backend: SimBackend, req: _Request) -> _Response:
             extra: dict[str, Any] = {"usage": usage}
             if backend.provider == "llamacpp":
                 extra["timings"] = _llamacpp_timings(timing, prompt, n)
+                if backend.fault == "nan":
+                    extra["timings"].update(predicted_per_second=float("inf"), prompt_ms=float("nan"))
             pieces.append(chunk(choices, **extra))
         return [*pieces, b"data: [DONE]\n\n"]
 
@@ -469,7 +520,15 @@ def _llamacpp_timings(timing: _Timing, prompt: int, n: int) -> dict[str, float]:
 
 
 async def _tgi_info(backend: SimBackend, req: _Request) -> _Response:
-    return _json(200, {"model_id": backend.models[0] if backend.models else "", "version": "3.0.0"})
+    if backend.fault == "huge_body":
+        return _huge_listing(backend, "filler", '{"id":"filler-%07d"}')
+    return _json(200, {"model_id": backend.models[0] if backend.models else "", "version": _text(backend, "3.0.0")})
+
+
+async def _litellm_readiness(backend: SimBackend, req: _Request) -> _Response:
+    if backend.hostile:  # the proxy's version, where a hostile one writes its escape sequences
+        return _json(200, {"status": "healthy", "db": "Not connected", "litellm_version": _text(backend, "1.106.2")})
+    return _Response(200, b'{"status":"healthy","db":"Not connected"}', _JSON)  # as captured from LiteLLM 1.106.2
 
 
 async def _litellm_metrics_redirect(backend: SimBackend, req: _Request) -> _Response:
@@ -561,6 +620,9 @@ def _wander(b: SimBackend, rng: random.Random) -> None:
 async def _metrics(backend: SimBackend, req: _Request) -> _Response:
     if backend.wander is not None:
         _wander(backend, backend.wander)
+    if backend.fault == "nan":  # Prometheus text allows NaN and +Inf; a broken exporter sends them
+        shown = replace(backend, running=float("nan"), waiting=float("inf"), kv_cache=float("-inf"))
+        return _Response(200, _METRICS[backend.provider](shown).encode(), _PROMETHEUS)
     return _Response(200, _METRICS[backend.provider](backend).encode(), _PROMETHEUS)
 
 
@@ -596,16 +658,25 @@ def _ollama_model(model: str) -> dict[str, Any]:
     }
 
 
+async def _ollama_banner(backend: SimBackend, req: _Request) -> _Response:
+    return _Response(200, _text(backend, "Ollama is running").encode(), "text/plain; charset=utf-8")
+
+
 async def _ollama_tags(backend: SimBackend, req: _Request) -> _Response:
     if backend.fault == "huge_body":
         return _huge_listing(backend, "models", '{"name":"filler-%07d:latest"}')
-    return _json(200, {"models": [_ollama_model(m) for m in backend.models]})
+    if backend.fault == "many_models":
+        return _many_models(backend, "models", "name")
+    return _json(200, {"models": [_ollama_model(m) for m in _listed(backend)]})
 
 
 async def _ollama_ps(backend: SimBackend, req: _Request) -> _Response:
-    expires = _iso(datetime.now(timezone.utc) + timedelta(minutes=5))
+    # keep_alive -1 ("never unload") shows as an expiry centuries away, as Ollama shows it.
+    keep = timedelta(days=300 * 365) if backend.keep_alive_s < 0 else timedelta(seconds=backend.keep_alive_s)
+    expires = _iso(datetime.now(timezone.utc) + keep)
     loaded = []
-    for model in map(_ollama_model, backend.models):
+    names = backend.models if backend.loaded is None else backend.loaded
+    for model in map(_ollama_model, names):
         loaded.append({**model, "expires_at": expires, "size_vram": model["size"]})  # fully on the GPU
     return _json(200, {"models": loaded})
 
@@ -634,6 +705,8 @@ async def _ollama_chat(backend: SimBackend, req: _Request) -> _Response:
         }
         if backend.usage:
             out.update(prompt_eval_count=prompt, eval_count=n)
+        if backend.fault == "nan":
+            out.update(eval_duration=float("nan"), load_duration=float("inf"), prompt_eval_duration=1e300)
         return out
 
     if payload.get("stream", True) is False:
@@ -658,9 +731,11 @@ async def _ollama_chat(backend: SimBackend, req: _Request) -> _Response:
 async def _anthropic_models(backend: SimBackend, req: _Request) -> _Response:
     if backend.fault == "huge_body":
         return _huge_listing(backend, "data", '{"type":"model","id":"filler-%07d"}')
+    if backend.fault == "many_models":
+        return _many_models(backend, "data", "id")
     data = [
         {"type": "model", "id": m, "display_name": m.replace("-", " ").title(), "created_at": "2025-01-01T00:00:00Z"}
-        for m in backend.models
+        for m in _listed(backend)
     ]
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     return _json(200, {"data": data, "has_more": False, "first_id": first, "last_id": last})
@@ -746,14 +821,14 @@ _ROUTES: dict[str, dict[tuple[str, str], _Handler]] = {
     "litellm": {
         **_OPENAI_API,
         ("GET", "/health/liveliness"): _fixed(b'"I\'m alive!"'),
-        ("GET", "/health/readiness"): _fixed(b'{"status":"healthy","db":"Not connected"}'),
+        ("GET", "/health/readiness"): _litellm_readiness,
         ("GET", "/metrics"): _litellm_metrics_redirect,
         ("GET", "/metrics/"): _metrics,
     },
     "lmstudio": _OPENAI_API,
     "openai": _OPENAI_API,
     "ollama": {
-        ("GET", "/"): _fixed(b"Ollama is running", "text/plain; charset=utf-8"),
+        ("GET", "/"): _ollama_banner,
         ("GET", "/api/version"): _fixed(b'{"version":"0.12.0"}'),
         ("GET", "/api/tags"): _ollama_tags,
         ("GET", "/api/ps"): _ollama_ps,
@@ -888,6 +963,12 @@ class Simulator:
             return await _send(writer, _json(404, {"error": f"no simulated backend named '{name}'"}), req.keep_alive)
         req = replace(req, path="/" + rest)
         backend.requests[req.path] += 1
+        if req.path in _COMPLETION_PATHS and req.method == "POST":
+            try:
+                backend.bodies.append(json.loads(req.body or b"{}"))
+            except ValueError:
+                pass
+            del backend.bodies[:-10]
         fault = backend.fault
         if fault == "hang":
             await asyncio.get_running_loop().create_future()  # never resolves: stop() cancels it
@@ -904,6 +985,23 @@ class Simulator:
         return await _send(writer, response, req.keep_alive)
 
     async def _respond(self, backend: SimBackend, req: _Request) -> _Response:
+        """The backend's answer, then what a hostile one does to it (HOSTILE_TEXT in its errors,
+        the request's headers echoed back)."""
+        response = await self._answer(backend, req)
+        if response.status >= 400 and (backend.hostile or backend.echo_headers) and isinstance(response.body, bytes):
+            message = "request refused"
+            if backend.hostile:
+                message += f": {HOSTILE_TEXT}"
+            if backend.echo_headers:
+                # The whole header block, then the key again, cut off mid-way as a log truncation would.
+                sent = "; ".join(f"{k}: {v}" for k, v in req.headers.items())
+                key = req.headers.get("authorization") or req.headers.get("x-api-key") or ""
+                message += f"; you sent {sent}; first bytes of your key: {key[: max(4, len(key) * 2 // 3)]}"
+            kept = tuple((k, v) for k, v in response.headers if k.lower() == "retry-after")
+            return _error(backend, response.status, message, "invalid_request_error", kept)
+        return response
+
+    async def _answer(self, backend: SimBackend, req: _Request) -> _Response:
         """Apply the backend's status-level faults and auth, then its protocol's handler."""
         fault = backend.fault
         is_health = req.path in _HEALTH_PATHS
@@ -921,6 +1019,12 @@ class Simulator:
             retry_after = (("retry-after", str(round(_arg(backend, 30)))),)
             message = "Rate limit reached; retry after the Retry-After delay."
             return _error(backend, 429, message, "rate_limit_error", retry_after)
+        if fault == "retry_forever":  # on every path: polls and probes alike are told to go away for ever
+            message = "Rate limit reached; come back in three thousand years."
+            return _error(backend, 429, message, "rate_limit_error", (("retry-after", "99999999999"),))
+        if fault == "gzip_bomb" and (req.method == "POST" or req.path in ("/v1/models", "/api/tags")):
+            content_type = _SSE if req.method == "POST" else _JSON
+            return _Response(200, _gzip_bomb(), content_type, (("content-encoding", "gzip"),))
         handler = _ROUTES[backend.provider].get((req.method, req.path))
         if handler is None:
             return _error(backend, 404, f"no route for {req.method} {req.path}", "not_found_error")
@@ -947,7 +1051,8 @@ _DEMO_UNSERVED = {"vllm-missing": ["meta-llama/Llama-3.1-70B-Instruct"]}
 
 
 def demo_fleet(seed: int | None = None) -> list[SimBackend]:
-    """A varied fleet for `llmtop --demo`: every provider, a flapping one, a rate-limited one, a missing model.
+    """A varied fleet for `llmtop --demo`: every provider, a flapping one, a rate-limited one, a
+    missing model, and a hostile one (escape sequences in its model ids and errors, NaN metrics).
 
     The gauges wander on every scrape; pass `seed` for the same walk on every run.
     """
@@ -964,6 +1069,7 @@ def demo_fleet(seed: int | None = None) -> list[SimBackend]:
         SimBackend("vllm-flaky", "vllm", [llama_8b], 60, 10, fault="flapping", fault_arg=20),
         SimBackend("openai-ratelimited", "openai", ["gpt-4o-mini"], 350, 15, fault="429", fault_arg=45),
         SimBackend("vllm-missing", "vllm", [llama_8b], 45, 9, running=2, kv_cache=0.5),
+        SimBackend("vllm-hostile", "vllm", [llama_8b], 70, 12, fault="nan", hostile=True),
     ]
     for backend in fleet:
         # String seeds hash the same on every run, so each backend walks its own reproducible path.

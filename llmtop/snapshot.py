@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from llmtop.sanitize import for_terminal
 
 STATUSES = ("unknown", "loading", "healthy", "degraded", "down")
 CIRCUITS = ("closed", "open", "half_open")
@@ -22,6 +26,35 @@ class ProbeSummary:
     server_ttft_ms: float | None = None  # the server's own figures, where it reports them
     server_tokens_per_s: float | None = None
     load_ms: float | None = None
+    connect_ms: float | None = None  # the request's phases (probe.Phases); None where there was none
+    tls_ms: float | None = None
+    ttfb_ms: float | None = None
+    untimed: str | None = None  # why a probe that generated text carries no TTFT or rate
+    rate_limited: bool = False  # refused with a 429
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        out = {
+            "model": self.model,
+            "at": round(self.at, 3),
+            "age_s": _round(max(0.0, now - self.at)),
+            "ttft_ms": _round(self.ttft_ms),
+            "tokens_per_s": _round(self.tokens_per_s),
+            "output_tokens": self.output_tokens,
+            "tokens_estimated": self.tokens_estimated,
+            "phases": {
+                "connect_ms": _round(self.connect_ms, 2),
+                "tls_ms": _round(self.tls_ms, 2),
+                "ttfb_ms": _round(self.ttfb_ms, 2),
+                "ttft_ms": _round(self.ttft_ms, 2),
+            },
+            "untimed": self.untimed,
+            "error": self.error,
+        }
+        for key in ("server_ttft_ms", "server_tokens_per_s", "load_ms"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = _round(value)
+        return out
 
 
 @dataclass(frozen=True)
@@ -34,6 +67,7 @@ class Metrics:
     server_ttft_ms: float | None = None  # mean over the last scrape interval (else since start)
     server_tokens_per_s: float | None = None  # the server's own decode rate, same window
     raw: dict[str, float] = field(default_factory=dict, compare=False)  # every unlabelled-sum series, for alert rules
+    ignored: tuple[str, ...] = field(default=(), compare=False)  # why a series is absent (NaN, Inf)
 
     def common(self) -> dict[str, float]:
         out = {
@@ -66,17 +100,23 @@ class BackendSnapshot:
     admin: str
     enabled: bool
     latency_ms: float | None
-    models: tuple[str, ...]
+    models: tuple[str, ...] | None  # served (the first MODELS_KEPT); None: the list could not be read
     expected_models: tuple[str, ...]
-    missing_models: tuple[str, ...]
+    missing_models: tuple[str, ...]  # () while the model list is unknown: see models
     alerts: tuple[str, ...]
     metrics: Metrics | None
-    probe: ProbeSummary | None
+    probe: ProbeSummary | None  # the last attempt, failed or not
     error: str | None
     error_rate: float | None
     last_health_at: float | None
     retry_after_at: float | None
     probe_tokens_per_hour: float
+    models_total: int | None = None  # how many the server lists, of which `models` keeps the first
+    models_error: str | None = None  # why the model list is unknown
+    alerts_unknown: str | None = None  # alert rules that could not be judged, and why
+    last_ok_probe: ProbeSummary | None = None  # the last probe that measured a TTFT
+    probe_note: str | None = None  # why no completion probe is sent ("not probed: ...")
+    stale_after_s: float = float("inf")  # probe figures older than this are shown as old
     version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # Ring-buffer copies (tuples) of recent points: (wall time, value)
@@ -89,21 +129,30 @@ class BackendSnapshot:
     in_flight: bool = False  # a poll or probe of this backend is running now
     seq: int = 0  # bumps whenever anything about this backend changes
 
-    def to_json(self) -> dict[str, Any]:
-        probe = None
-        if self.probe is not None:
-            probe = {
-                "model": self.probe.model,
-                "ttft_ms": _round(self.probe.ttft_ms),
-                "tokens_per_s": _round(self.probe.tokens_per_s),
-                "output_tokens": self.probe.output_tokens,
-                "tokens_estimated": self.probe.tokens_estimated,
-                "error": self.probe.error,
-            }
-            for key in ("server_ttft_ms", "server_tokens_per_s", "load_ms"):
-                value = getattr(self.probe, key)
-                if value is not None:
-                    probe[key] = _round(value)
+    def models_summary(self) -> str:
+        """served/expected for the expected models, else how many are served; `?` for a count
+        that could not be read, never a good figure made of no data."""
+        if self.expected_models:
+            served = "?" if self.models is None else str(len(self.expected_models) - len(self.missing_models))
+            return f"{served}/{len(self.expected_models)}"
+        if self.models is None:
+            return "?"
+        return str(self.models_total if self.models_total is not None else len(self.models))
+
+    def figures_current(self, now: float) -> bool:
+        """Whether the last probe's figures describe the backend now: it measured, the backend is
+        not down, and it is not older than `stale_after_s`. Otherwise faces show them as old."""
+        p = self.probe
+        return (
+            p is not None
+            and p is self.last_ok_probe
+            and self.status not in ("down", "unknown")
+            and now - p.at <= self.stale_after_s
+        )
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        known = self.models is not None
+        last_ok = self.last_ok_probe
         return {
             "name": self.name,
             "provider": self.provider,
@@ -113,13 +162,58 @@ class BackendSnapshot:
             "circuit": self.circuit,
             "admin": self.admin,
             "latency_ms": _round(self.latency_ms),
-            "models": list(self.models),
-            "missing_models": list(self.missing_models),
+            "expected_models": list(self.expected_models),
+            "models": list(self.models) if known else None,  # null: the list could not be read
+            "models_total": self.models_total,
+            "models_error": self.models_error,
+            "missing_models": list(self.missing_models) if known else None,
             "alerts": list(self.alerts),
+            "alerts_unknown": self.alerts_unknown,
             "metrics": {k: _round(v, 4) for k, v in self.metrics.common().items()} if self.metrics else {},
-            "probe": probe,
+            "probe": self.probe.to_json(now) if self.probe else None,
+            "probe_current": self.figures_current(now),
+            "last_ok_probe": last_ok.to_json(now) if last_ok is not None and last_ok is not self.probe else None,
+            "probe_note": self.probe_note,
+            "rate_limited_until": None if self.retry_after_at is None else round(self.retry_after_at, 3),
             "error": self.error,
         }
+
+    def for_terminal(self) -> "BackendSnapshot":
+        """This snapshot with every text from outside made safe to print (sanitize.py)."""
+        probe = _safe_probe(self.probe)
+        last_ok = probe if self.last_ok_probe is self.probe else _safe_probe(self.last_ok_probe)
+        return dataclasses.replace(
+            self,
+            name=for_terminal(self.name, 64),
+            url=for_terminal(self.url, 200),
+            status_reason=_safe(self.status_reason, 300),
+            models=None if self.models is None else tuple(for_terminal(m, 120) for m in self.models),
+            models_error=_safe(self.models_error, 300),
+            expected_models=tuple(for_terminal(m, 120) for m in self.expected_models),
+            missing_models=tuple(for_terminal(m, 120) for m in self.missing_models),
+            alerts=tuple(for_terminal(a, 200) for a in self.alerts),
+            alerts_unknown=_safe(self.alerts_unknown, 300),
+            probe=probe,
+            last_ok_probe=last_ok,
+            probe_note=_safe(self.probe_note, 200),
+            error=_safe(self.error, 300),
+            version=_safe(self.version, 40),
+            extra={
+                k: (tuple(for_terminal(m, 120) for m in v) if isinstance(v, tuple) else _safe(v, 300) if isinstance(v, str) else v)
+                for k, v in self.extra.items()
+            },
+            recent_errors=tuple((at, for_terminal(m, 300)) for at, m in self.recent_errors),
+        )
+
+
+def _safe(text: str | None, limit: int) -> str | None:
+    return None if text is None else for_terminal(text, limit)
+
+
+def _safe_probe(p: ProbeSummary | None) -> ProbeSummary | None:
+    if p is None:
+        return None
+    return dataclasses.replace(p, model=_safe(p.model, 120), error=_safe(p.error, 300), untimed=_safe(p.untimed, 120))
 
 
 @dataclass(frozen=True)
@@ -177,10 +271,64 @@ class FleetSnapshot:
         return next((b for b in self.backends if b.name == name), None)
 
     def to_json(self) -> dict[str, Any]:
+        """The exact data (no text is altered; JSON escapes what it must) for scripts."""
         return {
-            "backends": [b.to_json() for b in self.backends],
+            "at": round(self.at, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)),
+            "backends": [b.to_json(self.at) for b in self.backends],
             "gpus": [g.to_json() for g in self.gpu.gpus],
+            "gpu_message": self.gpu.message,
         }
+
+
+class TerminalView:
+    """Turns FleetSnapshots into their terminal-safe copies (for_terminal), each backend's copy
+    made once per change of its `seq`, so a screen of 300 backends costs nothing per tick."""
+
+    def __init__(self) -> None:
+        self._backends: dict[str, tuple[int, BackendSnapshot, BackendSnapshot]] = {}
+        self._events: dict[int, Event] = {}
+        self._gpu: tuple[GpuStatus, GpuStatus] | None = None
+
+    def __call__(self, fleet: FleetSnapshot) -> FleetSnapshot:
+        backends = []
+        seen = {}
+        for b in fleet.backends:
+            cached = self._backends.get(b.name)
+            if cached is None or cached[0] != b.seq or cached[1] is not b:
+                cached = (b.seq, b, b.for_terminal())
+            seen[b.name] = cached
+            backends.append(cached[2])
+        self._backends = seen
+        events = {}
+        for e in fleet.events:
+            safe = self._events.get(id(e))
+            if safe is None or safe[0] is not e:
+                safe = (e, dataclasses.replace(e, backend=_safe(e.backend, 64), message=for_terminal(e.message, 300)))
+            events[id(e)] = safe
+        self._events = events
+        if self._gpu is None or self._gpu[0] is not fleet.gpu:
+            self._gpu = (fleet.gpu, _safe_gpu(fleet.gpu))
+        return dataclasses.replace(
+            fleet,
+            backends=tuple(backends),
+            events=tuple(safe for _, safe in events.values()),
+            gpu=self._gpu[1],
+            config_path=_safe(fleet.config_path, 200),
+            config_error=_safe(fleet.config_error, 400),
+        )
+
+
+def _safe_gpu(status: GpuStatus) -> GpuStatus:
+    gpus = tuple(
+        dataclasses.replace(
+            g,
+            name=for_terminal(g.name, 40),
+            processes=tuple(dataclasses.replace(p, name=for_terminal(p.name, 40)) for p in g.processes),
+        )
+        for g in status.gpus
+    )
+    return GpuStatus(gpus=gpus, message=_safe(status.message, 200))
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:

@@ -18,8 +18,17 @@ It does what a fleet monitor needs and no more: one backend's origin per transpo
 keep-alive connections, TLS with the caller's context, no proxies (the engine sets
 trust_env=False), no HTTP/2, no redirects (the engine does not follow them). Whole-request
 deadlines are the caller's (providers/base.py bounds every request end to end); the transport
-bounds connecting, and each read when the client sets a read timeout. Bodies come through as
-sent: httpx decodes gzip and deflate itself, and a body that does not decode is its DecodingError.
+bounds connecting, and each read when the client sets a read timeout.
+
+Bodies are decoded here, never by httpx: a gzip or deflate body is inflated a bounded piece at a
+time (a 64 KiB "gzip bomb" chunk expands to 64 MiB in one call to httpx's decoder, before any
+cap could look at it), so every cap a caller puts on a body counts decoded bytes. llmtop asks for
+`identity`; a coding it did not ask for and cannot bound (br, zstd) is refused.
+
+Each response carries its request's phases (`llmtop.timings`): the time to connect, the TLS
+handshake, when the request's last byte was written and when the first byte of the answer
+arrived, like curl's -w timings. A TTFT starts at the write, so connecting is never counted as
+time to first token.
 """
 
 from __future__ import annotations
@@ -34,14 +43,17 @@ import ssl
 import struct
 import sys
 import time
+import zlib
 from asyncio import staggered  # the stdlib's happy-eyeballs race, as asyncio's own connections use
 from collections import deque
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import h11
 import httpx
 
 READ_SIZE = 64 * 1024
+DECODED_PIECE = 64 * 1024  # the most one step of inflating a compressed body may produce
 
 
 # The kernel's receive time of each read (SO_TIMESTAMPNS: CLOCK_REALTIME, nanoseconds). Linux
@@ -56,15 +68,28 @@ class _StreamIO:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
+        self.reads = 0
+        self.last_read_at = 0.0
 
     async def read(self) -> bytes:
-        return await self.reader.read(READ_SIZE)
+        data = await self.reader.read(READ_SIZE)
+        if data:
+            self.reads += 1
+            self.last_read_at = time.perf_counter()
+        return data
 
     def arrival(self) -> float:
         return time.perf_counter()
 
-    async def write(self, data: bytes) -> None:
+    def read_info(self) -> tuple[int, float, float]:
+        """(sequence number of the latest read, when its bytes arrived, when it was read): here
+        they arrived when read, as far as this process can tell."""
+        return self.reads, self.last_read_at, self.last_read_at
+
+    async def write(self, data: bytes) -> float:
+        """Send data; the perf_counter() time the last byte was handed to the kernel (or queued)."""
         self.writer.write(data)  # asyncio reports a failed write on the next read, not here
+        return time.perf_counter()
 
     def usable(self) -> bool:
         # StreamReader has no public peek; at_eof() stays False while bytes wait unread.
@@ -89,6 +114,8 @@ class _RawIO:
         self.loop = asyncio.get_running_loop()
         self.fd = sock.fileno()
         self.last_arrival: float | None = None  # perf_counter() time of the last read's bytes
+        self.last_read_at = 0.0  # perf_counter() time the last read returned
+        self.reads = 0
         self.sent_at = 0.0  # perf_counter() time the last request went out
         self.closed = False
         self._waiters: dict[str, asyncio.Future] = {}  # "read" / "write": a task waiting for the socket
@@ -106,10 +133,16 @@ class _RawIO:
                 # Never before the request went out: a wall clock stepped forward between the
                 # kernel's stamp and this read would otherwise make an answer older than its question.
                 self.last_arrival = max(_kernel_time(ancillary), self.sent_at)
+                self.last_read_at = time.perf_counter()
+                self.reads += 1
             return data
 
     def arrival(self) -> float:
         return self.last_arrival if self.last_arrival is not None else time.perf_counter()
+
+    def read_info(self) -> tuple[int, float, float]:
+        """(sequence number of the latest read, when the kernel received its last byte, when it was read)."""
+        return self.reads, self.arrival(), self.last_read_at
 
     async def _ready(self, what: str) -> None:
         """Wait until the socket can be read or written. Our own waiters, not loop.sock_sendall
@@ -128,7 +161,8 @@ class _RawIO:
             if not self.closed:
                 remove(self.fd)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes) -> float:
+        """Send data; the perf_counter() time its last byte went to the kernel."""
         view = memoryview(data)
         self.sent_at = time.perf_counter()  # no answer can arrive before this
         while view:
@@ -138,6 +172,8 @@ class _RawIO:
                 view = view[self.sock.send(view) :]
             except (BlockingIOError, InterruptedError):
                 await self._ready("write")
+        self.sent_at = time.perf_counter()  # the whole request is out: nothing is answered before this
+        return self.sent_at
 
     def usable(self) -> bool:
         """Idle and untouched: nothing to read (not even the end of the stream)."""
@@ -208,10 +244,11 @@ async def _connect_one(info) -> socket.socket:
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        except OSError:
-            pass  # no stamps from this kernel: reads are stamped when read (_kernel_time)
+        if SO_TIMESTAMPNS is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            except OSError:
+                pass  # no stamps from this kernel: reads are stamped when read (_kernel_time)
         await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:  # also a cancelled loser of the race
         sock.close()
@@ -219,14 +256,32 @@ async def _connect_one(info) -> socket.socket:
     return sock
 
 
+@dataclass
+class RequestTimings:
+    """The phases of one request, like curl's -w timings. Times are perf_counter() readings;
+    arrivals are the kernel's receive time where the transport reads it (_RawIO)."""
+
+    connect_s: float | None  # TCP connect; None on a reused keep-alive connection
+    tls_s: float | None  # TLS handshake; None for plain HTTP or a reused connection
+    sent_at: float  # the request's last byte went to the kernel: where a TTFT starts
+    first_byte_at: float | None = None  # the first byte of the answer arrived
+
+    @property
+    def ttfb_s(self) -> float | None:
+        return None if self.first_byte_at is None else self.first_byte_at - self.sent_at
+
+
 class _Connection:
-    __slots__ = ("io", "h11", "reused", "answered")
+    __slots__ = ("io", "h11", "reused", "answered", "connect_s", "tls_s", "timings")
 
     def __init__(self, io: _StreamIO | _RawIO):
         self.io = io
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.reused = False
         self.answered = False  # a byte of the current response has arrived
+        self.connect_s: float | None = None  # how this connection was opened, for its first request
+        self.tls_s: float | None = None
+        self.timings: RequestTimings | None = None  # the current request's
 
     def usable(self) -> bool:
         """An idle keep-alive connection the server has not closed, nor written to meanwhile: a
@@ -269,22 +324,77 @@ async def _within(awaitable, seconds: float | None):
     return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
 
 
+def _content_coding(headers) -> str | None:
+    """The body's Content-Encoding, lower-cased; None for none or identity."""
+    codings = [v.decode("latin-1").strip().lower() for k, v in headers if k.lower() == b"content-encoding"]
+    coding = ",".join(c for c in codings if c)
+    return None if coding in ("", "identity") else coding
+
+
+def _zlib_header(data: bytes) -> bool:
+    """Whether data starts with a zlib header (RFC 1950: deflate method, a check value divisible by 31)."""
+    return len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+
+
+class _BoundedDecoder:
+    """Inflates a gzip or deflate body at most DECODED_PIECE bytes at a time, so a reader's cap
+    on the body is a cap on memory too. Other codings are refused: llmtop asked for identity."""
+
+    def __init__(self, wbits: int, request: httpx.Request):
+        self._wbits = wbits
+        self._request = request
+        self._inflate = zlib.decompressobj(wbits)
+        self._started = False
+
+    @classmethod
+    def for_coding(cls, coding: str, request: httpx.Request) -> "_BoundedDecoder":
+        if coding in ("gzip", "x-gzip"):
+            return cls(16 + zlib.MAX_WBITS, request)
+        if coding == "deflate":
+            return cls(zlib.MAX_WBITS, request)  # zlib-wrapped, or raw deflate (see pieces)
+        raise httpx.DecodingError(
+            f"the server sent a body in Content-Encoding {coding[:40]!r}, which llmtop did not ask for", request=request
+        )
+
+    def pieces(self, data: bytes):
+        """The decoded bytes of `data`, in pieces of at most DECODED_PIECE."""
+        try:
+            if not self._started and self._wbits == zlib.MAX_WBITS and not _zlib_header(data):
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send it
+            self._started = True
+            while data:
+                out = self._inflate.decompress(data, DECODED_PIECE)
+                if out:
+                    yield out
+                data = self._inflate.unconsumed_tail
+                if self._inflate.eof and self._inflate.unused_data:  # a second gzip member follows
+                    data = self._inflate.unused_data
+                    self._inflate = zlib.decompressobj(self._wbits)
+        except zlib.error as exc:
+            raise httpx.DecodingError(f"the body does not decode as its Content-Encoding says: {exc}", request=self._request) from None
+
+
 class _Body(httpx.AsyncByteStream):
     """A response body read from its connection as the caller iterates; the connection goes back
     to the pool only once the response has been read to its end."""
 
-    def __init__(self, transport: "LeanTransport", conn: _Connection, request: httpx.Request):
+    def __init__(self, transport: "LeanTransport", conn: _Connection, request: httpx.Request, decoder=None):
         self._transport = transport
         self._conn = conn
         self._request = request
+        self._decoder: _BoundedDecoder | None = decoder
         self._done = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        conn, read_timeout = self._conn, _timeout(self._request, "read")
+        conn, read_timeout, decoder = self._conn, _timeout(self._request, "read"), self._decoder
         while not self._done:
             event = await self._transport._next_event(conn, self._request, read_timeout)
             if type(event) is h11.Data:
-                yield bytes(event.data)
+                if decoder is None:
+                    yield bytes(event.data)
+                else:
+                    for piece in decoder.pieces(bytes(event.data)):
+                        yield piece
             elif type(event) is h11.EndOfMessage:
                 self._done = True
                 self._transport._release(conn, reusable=True)
@@ -308,43 +418,44 @@ class LeanTransport(httpx.AsyncBaseTransport):
     # -- connections --------------------------------------------------------------------------
 
     async def _connect(self, request: httpx.Request) -> _Connection:
+        """A new connection, its TCP connect and TLS handshake timed apart (both within the
+        request's connect timeout)."""
         url = request.url
         tls = url.scheme == "https"
         port = url.port or (443 if tls else 80)
-        if not tls and SO_TIMESTAMPNS is not None:
-            try:
-                sock = await _within(_open_raw(url.host, port), _timeout(request, "connect"))
-            except asyncio.TimeoutError:
-                raise httpx.ConnectTimeout("timed out while connecting", request=request) from None
-            except OSError as exc:
-                raise httpx.ConnectError(_reason(exc), request=request) from None
-            return self._adopt(_RawIO(sock), request)
-        if tls and self._ssl is None:
-            self._ssl = httpx.create_ssl_context()  # once; the engine normally hands one in
-        # A host name may have several addresses (IPv6 and IPv4, round-robin DNS): try the next
-        # one after 250 ms rather than spend the whole timeout on one that drops packets. An IP
-        # address has one, and the racing machinery would cost 60% more CPU per connect.
-        racing = {} if _is_ip(url.host) else {"happy_eyeballs_delay": 0.25, "interleave": 1}
-        opening = asyncio.open_connection(
-            url.host,
-            port,
-            ssl=self._ssl if tls else None,
-            server_hostname=url.host if tls else None,
-            limit=READ_SIZE,
-            **racing,
-        )
+        limit = _timeout(request, "connect")
+        started = time.perf_counter()
         try:
-            reader, writer = await _within(opening, _timeout(request, "connect"))
+            sock = await _within(_open_raw(url.host, port), limit)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout("timed out while connecting", request=request) from None
-        except ssl.SSLError as exc:
-            raise httpx.ConnectError(f"TLS handshake failed: {exc.reason or exc}", request=request) from None
         except OSError as exc:
             raise httpx.ConnectError(_reason(exc), request=request) from None
-        return self._adopt(_StreamIO(reader, writer), request)
+        connected = time.perf_counter()
+        if not tls and SO_TIMESTAMPNS is not None:
+            return self._adopt(_RawIO(sock), request, connected - started, None)
+        if tls and self._ssl is None:
+            self._ssl = httpx.create_ssl_context()  # once; the engine normally hands one in
+        opening = asyncio.open_connection(
+            sock=sock, ssl=self._ssl if tls else None, server_hostname=url.host if tls else None, limit=READ_SIZE
+        )
+        try:
+            reader, writer = await _within(opening, None if limit is None else max(0.0, limit - (connected - started)))
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise httpx.ConnectTimeout("timed out during the TLS handshake", request=request) from None
+            if isinstance(exc, ssl.SSLError):
+                raise httpx.ConnectError(f"TLS handshake failed: {exc.reason or exc}", request=request) from None
+            if isinstance(exc, OSError):
+                raise httpx.ConnectError(_reason(exc), request=request) from None
+            raise
+        handshake = time.perf_counter() - connected if tls else None
+        return self._adopt(_StreamIO(reader, writer), request, connected - started, handshake)
 
-    def _adopt(self, io, request: httpx.Request) -> _Connection:
+    def _adopt(self, io, request: httpx.Request, connect_s: float, tls_s: float | None) -> _Connection:
         conn = _Connection(io)
+        conn.connect_s, conn.tls_s = connect_s, tls_s
         if self._closed:  # closed while this connection was being opened
             conn.close()
             raise httpx.ConnectError("the client was closed", request=request)
@@ -401,7 +512,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 # the server dropped while idle (a reset, when our request reached it first), or
                 # of a server that died on this request.
                 raise _ClosedBeforeResponse("server closed the connection without answering")
-            conn.answered = conn.answered or bool(data)
+            if data and not conn.answered:
+                conn.answered = True
+                if conn.timings is not None:
+                    conn.timings.first_byte_at = conn.io.arrival()
             state.receive_data(data)
 
     # -- one request ----------------------------------------------------------------------------
@@ -453,8 +567,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _send_and_read_head(self, request: httpx.Request, conn: _Connection) -> httpx.Response:
         state = conn.h11
         body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
-        # httpx decodes what its Accept-Encoding asked for (Response.aiter_bytes), raising
-        # httpx.DecodingError on a body that does not decode; the transport passes bytes through.
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"connection"]
         try:
             data = state.send(h11.Request(method=request.method, target=request.url.raw_path, headers=headers))
@@ -463,24 +575,41 @@ class LeanTransport(httpx.AsyncBaseTransport):
             data += state.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from None
+        reused = conn.reused
         try:
-            await conn.io.write(data)
+            sent_at = await conn.io.write(data)
         except (ConnectionResetError, BrokenPipeError) as exc:  # the keep-alive race, caught writing
             raise _ClosedBeforeResponse(_reason(exc), reset=True) from None
         except OSError as exc:
             raise httpx.WriteError(_reason(exc), request=request) from None
+        timings = conn.timings = RequestTimings(
+            connect_s=None if reused else conn.connect_s, tls_s=None if reused else conn.tls_s, sent_at=sent_at
+        )
         read_timeout = _timeout(request, "read")
         while True:
             event = await self._next_event(conn, request, read_timeout)
             if type(event) is h11.Response:
                 break
             # h11.InformationalResponse (100 Continue and the like): read on to the real one
+        headers = event.headers
+        decoder = None
+        coding = _content_coding(headers)
+        if coding is not None:
+            decoder = _BoundedDecoder.for_coding(coding, request)
+            # httpx must not decode again, unbounded: the body it gets is already plain.
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-encoding"]
         return httpx.Response(
             event.status_code,
-            headers=event.headers,
-            stream=_Body(self, conn, request),
-            # llmtop.arrival: when the bytes of the latest read reached this machine (_RawIO).
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": event.reason, "llmtop.arrival": conn.io.arrival},
+            headers=headers,
+            stream=_Body(self, conn, request, decoder),
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": event.reason,
+                # when the bytes of the latest read reached this machine (_RawIO: the kernel's stamp)
+                "llmtop.arrival": conn.io.arrival,
+                "llmtop.reads": conn.io.read_info,
+                "llmtop.timings": timings,
+            },
         )
 
     async def aclose(self) -> None:
@@ -526,6 +655,8 @@ def backend_client(timeout_s: float, ssl_context: ssl.SSLContext | None = None, 
         timeout=httpx.Timeout(None, connect=timeout_s),
         cookies=NoCookies(),
         follow_redirects=False,  # see Adapter.raise_for_status
-        headers={"User-Agent": "llmtop"},
+        # Bodies are small and the CPU is what a big fleet runs out of; a server that compresses
+        # anyway is inflated a bounded piece at a time (_BoundedDecoder).
+        headers={"User-Agent": "llmtop", "Accept-Encoding": "identity"},
         trust_env=False,  # a fleet on private addresses must not go through an HTTP(S)_PROXY
     )

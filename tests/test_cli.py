@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -41,14 +42,19 @@ def config(tmp_path, sim):
 def test_check_json_shape_and_exit_zero_when_all_healthy(config, tmp_path):
     r = llmtop("check", "--json", "--config", str(config), "--state", str(tmp_path / "s.json"))
     assert r.returncode == 0, r.stderr
-    data = json.loads(r.stdout)
-    assert set(data) == {"backends", "gpus"} and data["gpus"] == []
+    data = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert set(data) == {"at", "time", "backends", "gpus", "gpu_message"} and data["gpus"] == []
+    assert abs(data["at"] - time.time()) < 60 and data["time"].endswith("Z")
+    assert data["gpu_message"]  # why there are no GPUs, in words
     b = data["backends"][0]
-    for key in ("name", "provider", "url", "status", "circuit", "admin", "latency_ms", "models", "missing_models",
-                "alerts", "metrics", "probe", "error"):
+    for key in ("name", "provider", "url", "status", "circuit", "admin", "latency_ms", "expected_models", "models",
+                "models_total", "missing_models", "alerts", "metrics", "probe", "probe_current", "error"):
         assert key in b
+    assert b["expected_models"] and b["models_total"] == len(b["models"])
     assert b["status"] == "healthy" and b["circuit"] == "closed" and b["admin"] == "active"
-    assert set(b["probe"]) >= {"model", "ttft_ms", "tokens_per_s", "output_tokens", "tokens_estimated", "error"}
+    assert set(b["probe"]) >= {"model", "at", "age_s", "ttft_ms", "tokens_per_s", "output_tokens", "tokens_estimated",
+                               "phases", "untimed", "error"}
+    assert b["probe_current"] and b["probe"]["phases"]["ttfb_ms"] is not None
     assert set(b["metrics"]) >= {"requests_running", "requests_waiting", "kv_cache_usage"}
 
 

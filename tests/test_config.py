@@ -44,9 +44,9 @@ def test_contract_keys_parse():
     assert config.breaker.error_rate == 0.5
     vllm, ollama = config.backends
     assert vllm.alerts[0].metric == "vllm:num_requests_waiting" and vllm.alerts[0].above == 10
-    assert vllm.effective_probe_model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert vllm.models == ("meta-llama/Llama-3.1-8B-Instruct",) == (vllm.probe_model,)
     assert ollama.url == "http://127.0.0.1:11434"  # trailing slash dropped
-    assert ollama.effective_probe_model is None
+    assert ollama.models == () and not ollama.probe_unloaded
 
 
 def test_sample_config_is_valid():

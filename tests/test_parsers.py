@@ -7,7 +7,8 @@ import pytest
 from llmtop.metrics import map_metrics, parse_samples
 from llmtop.probe import StreamMeter, decode_rate
 from llmtop.providers import adapter_class
-from llmtop.providers.base import error_message, retry_after_seconds
+from llmtop.inbound import retry_after_s
+from llmtop.providers.base import error_message
 from llmtop.providers.openai import chunk_text
 from llmtop.snapshot import Metrics
 
@@ -154,10 +155,10 @@ def test_decode_rate_edges():
 
 
 def test_retry_after_and_error_messages():
-    assert retry_after_seconds("30") == 30.0
-    assert retry_after_seconds(None) is None
-    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
-    assert retry_after_seconds("soon") is None
+    assert retry_after_s("30") == 30.0
+    assert retry_after_s(None) is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert retry_after_s("soon") is None
     assert error_message(b'{"error":{"message":"model x not found","type":"invalid_request_error"}}') == "model x not found"
     assert error_message(b'{"error":"model \\"x\\" not found, try pulling it first"}').startswith("model")
     assert error_message(b"<html>\n  Bad   gateway</html>") == "<html> Bad gateway</html>"

@@ -14,6 +14,8 @@ import time
 import httpx
 import pytest
 
+from llmtop.redact import Redactor
+
 from llmtop.config import BackendConfig
 from llmtop.providers import adapter_class
 from llmtop.transport import backend_client
@@ -253,7 +255,8 @@ async def test_key_with_trailing_newline_is_trimmed_and_never_shown(monkeypatch)
             adapter = adapter_class("vllm")(cfg, client, 3, 8)
             result = await adapter.probe("meta-llama/Llama-3.1-8B-Instruct")
             assert result.ok, result.error
-            assert "SECRET" not in adapter.redact("Illegal header value b'Bearer sk-SECRET123456\\r\\n'")
+            redact = Redactor(adapter.secrets())
+            assert "SECRET" not in redact("Illegal header value b'Bearer sk-SECRET123456\\r\\n'")
 
 
 async def test_anthropic_key_is_not_carried_across_a_redirect(monkeypatch):

@@ -297,7 +297,7 @@ def test_text_typed_right_after_slash_goes_into_the_filter(start, home):
     term = start("--demo", "--state", str(state))
     after = term.wait_for(DRAWN)
     term.send(b"/vllm-fast")
-    term.wait_for(b"filter 'vllm-fast': 1 of 11", since=after)
+    term.wait_for(b"filter 'vllm-fast': 1 of ", since=after)  # one row of the demo's fleet
     term.send(b"\x03")
     assert term.wait_exit(timeout=10) == 0
     assert not state.exists()  # nothing was toggled

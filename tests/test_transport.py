@@ -11,6 +11,8 @@ import gzip
 import shutil
 import socket
 import ssl
+import time
+import threading
 import struct
 import subprocess
 import zlib
@@ -355,3 +357,90 @@ async def test_a_wall_clock_stepped_forward_never_makes_an_answer_older_than_its
         adapter = adapter_class("vllm")(BackendConfig("x", "vllm", server.url, ("m",)), client, 3, 8)
         health = await adapter.health()
     assert 0 <= health.latency_ms < 50
+
+
+# -- phases and bounded decoding (issue #7) --------------------------------------------------------
+
+
+async def test_each_response_carries_its_phases_and_a_reused_connection_has_no_connect():
+    async with Server(lambda n: ok()) as server, backend_client(3) as client:
+        first = await client.get(server.url)
+        second = await client.get(server.url)
+    t1, t2 = first.extensions["llmtop.timings"], second.extensions["llmtop.timings"]
+    assert t1.connect_s is not None and t1.tls_s is None and t1.ttfb_s >= 0
+    assert t2.connect_s is None and t2.tls_s is None  # reused: nothing to connect
+    assert t2.sent_at > t1.sent_at and t2.first_byte_at >= t2.sent_at
+
+
+async def test_a_slow_tls_handshake_is_a_phase_of_its_own_not_time_to_first_byte(tls_files):
+    """The server stalls 300 ms before its TLS handshake: that is the TLS phase; the request is
+    written after it, so the first byte's time (and a TTFT) starts after it too."""
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:  # a plain thread: the ClientHello waits in the kernel until the handshake
+        conn, _ = listener.accept()
+        time.sleep(0.3)
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(4096)
+            tls.sendall(ok(b"late"))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        async with backend_client(5, ssl.create_default_context(cafile=str(cert))) as client:
+            response = await client.get(url)
+    finally:
+        thread.join(5)
+        listener.close()
+    timings = response.extensions["llmtop.timings"]
+    assert response.text == "late"
+    assert timings.tls_s >= 0.25  # the stall is here...
+    assert timings.ttfb_s < timings.tls_s  # ...and not in the time the answer took once asked
+
+
+async def test_a_gzip_bomb_is_inflated_a_bounded_piece_at_a_time():
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (50 * 1024 * 1024), 9)  # ~50 KB that inflates to 50 MiB
+    async with Server(lambda n: ok(bomb, "Content-Encoding: gzip\r\n")) as server, backend_client(3) as client:
+        async with client.stream("GET", server.url) as response:
+            assert "content-encoding" not in response.headers  # decoded here, never again by httpx
+            sizes, total = [], 0
+            async for piece in response.aiter_raw():
+                sizes.append(len(piece))
+                total += len(piece)
+                if total > 4 * 1024 * 1024:
+                    break  # as a reader's cap does: memory never held more than this and one piece
+    assert max(sizes) <= transport.DECODED_PIECE and total > 4 * 1024 * 1024
+
+
+async def test_a_coding_llmtop_did_not_ask_for_is_refused_by_name():
+    async with Server(lambda n: ok(b"\x1b\x00\x00", "Content-Encoding: br\r\n")) as server, backend_client(3) as client:
+        with pytest.raises(httpx.DecodingError, match="'br'"):
+            await client.get(server.url)
+
+
+async def test_llmtop_asks_for_identity():
+    seen = []
+
+    async def handle(reader, writer):
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(ok())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        async with backend_client(3) as client:
+            await client.get(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert b"accept-encoding: identity" in seen[0].lower()

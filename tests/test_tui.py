@@ -121,7 +121,7 @@ async def test_state_written_by_another_llmtop_shows_up(sim, files):
     async with running(sim, files) as (app, pilot):
         await settled(app, pilot)
         StateStore(files[1]).set_admin("gamma", "draining")  # as `llmtop drain gamma` in another shell
-        await wait_for(pilot, lambda: "⏸ draining" in screen_text(app), what="draining badge")
+        await wait_for(pilot, lambda: "● draining" in screen_text(app), what="draining badge")
         assert app.view.fleet.backend("gamma").admin == "draining"
 
 
@@ -172,7 +172,7 @@ async def test_d_drains_after_confirmation_and_survives_a_restart(sim, files):
         await pilot.pause()
         assert isinstance(app.screen, FleetScreen)
         assert StateStore(state_path).admin("alpha") == "draining"  # a fresh store: what a restart reads
-        await wait_for(pilot, lambda: "⏸ draining" in screen_text(app), what="draining badge")
+        await wait_for(pilot, lambda: "● draining" in screen_text(app), what="draining badge")
         await pilot.press("d")
         assert "Undrain alpha?" in screen_text(app)
         await pilot.press("y")
@@ -197,7 +197,7 @@ async def test_t_toggles_disabled_and_persists(sim, files):
         assert StateStore(files[1]).admin("gamma") == "active"
 
 
-async def test_read_only_turns_off_d_t_and_r(sim, files):
+async def test_read_only_turns_off_d_t_and_r_and_hides_them(sim, files):
     async with running(sim, files, read_only=True) as (app, pilot):
         await settled(app, pilot)
         await pilot.press("d", "t", "r")
@@ -205,8 +205,10 @@ async def test_read_only_turns_off_d_t_and_r(sim, files):
         assert isinstance(app.screen, FleetScreen)  # no confirmation was asked
         assert StateStore(files[1]).admin(table(app).selected_name) == "active"
         assert not any(e.kind == "config" for e in app.engine.events)  # r did not reload
-        assert sum("read-only" in n.message for n in app._notifications) == 3
-        assert "[read-only]" in screen_text(app)
+        text = screen_text(app)
+        footer = text.splitlines()[-1]
+        assert "Drain" not in footer and "On/off" not in footer and "Probe" in footer  # keys that do nothing are not offered
+        assert "[read-only]" in text
 
 
 # -- r and reloads --------------------------------------------------------------------------
@@ -276,11 +278,13 @@ async def test_slash_filters_live_and_esc_clears(sim, files):
 
 
 async def test_s_cycles_the_sort_and_the_cursor_stays_on_its_backend(sim, files):
+    from llmtop.tui.format import SORT_NAMES
+
     async with running(sim, files) as (app, pilot):
         await settled(app, pilot)
         await select(pilot, app, "beta")
         seen = []
-        for _ in range(5):
+        for _ in SORT_NAMES:
             await pilot.press("s")
             await pilot.pause()
             seen.append(table(app).sort_name)
@@ -288,8 +292,9 @@ async def test_s_cycles_the_sort_and_the_cursor_stays_on_its_backend(sim, files)
             app.refresh_fleet()  # a tick must not move it either
             await pilot.pause()
             assert table(app).selected_name == "beta"
-        assert seen == ["ttft", "tps", "queue", "name", "status"]
-        await pilot.press("s")  # TTFT, slowest first
+        assert seen == [*SORT_NAMES[1:], SORT_NAMES[0]]  # every column, then back to status
+        assert {"latency", "kv", "age", "models"} <= set(seen)
+        await pilot.press("s", "s")  # name, then TTFT, slowest first
         await pilot.pause()
         # Slowest first, by the TTFTs the probes measured (30/80/150 ms configured; a probe that
         # failed on a loaded machine has none and sorts last).
@@ -332,7 +337,8 @@ async def test_question_mark_lists_every_key(sim, files):
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
         text = screen_text(app)
-        for words in ("drain / undrain", "reload the config", "filter by", "cycle the sort", "GPU panel", "theme", "quit"):
+        for words in ("drain / undrain", "reload the config", "filter by", "sort by the next column", "reverse the sort",
+                      "pause the screen", "GPU panel", "theme", "quit"):
             assert words in text
         await pilot.press("escape")
         assert isinstance(app.screen, FleetScreen)
@@ -369,10 +375,10 @@ async def test_a_hung_backend_does_not_delay_keys(sim, files):
         await wait_for(pilot, lambda: app.view and app.view.fleet.backend("alpha").probe is not None, what="alpha probed")
         await select(pilot, app, "gamma")
         await pilot.press("p")  # asks the hung backend for more; it answers nothing for 30 s
-        for key, sort in (("s", "ttft"), ("s", "tps")):
+        for sort in ("name", "ttft"):
             started = time.perf_counter()
-            await pilot.press(key)
-            await wait_for(pilot, lambda: sort in screen_text(app) or table(app).sort_name == sort, timeout=5)
+            await pilot.press("s")
+            await wait_for(pilot, lambda: table(app).sort_name == sort, timeout=5)
             assert time.perf_counter() - started < 5  # the hung backend holds its request for 30 s
         await select(pilot, app, "alpha")
         started = time.perf_counter()
@@ -380,6 +386,24 @@ async def test_a_hung_backend_does_not_delay_keys(sim, files):
         await wait_for(pilot, lambda: "○ disabled" in screen_text(app), timeout=5, what="disabled badge")
         assert time.perf_counter() - started < 5
         assert app.view.fleet.backend("gamma").probe is None  # still hanging, and nothing else waited
+
+
+async def test_p_on_a_backend_that_does_not_answer_shows_it_down_once_its_timeout_passed(sim, files):
+    async with running(sim, files, timeout_s=2.0) as (app, pilot):
+        await settled(app, pilot)
+        sim.backends["gamma"].fault = "hang"
+        await select(pilot, app, "gamma")
+        # Pressed while a poll of it is already hanging: the key sets off another the moment
+        # that one fails, and the round used to wait for both.
+        await wait_for(pilot, lambda: app.engine.trackers["gamma"].busy, what="a poll of gamma in flight")
+        asked = time.monotonic()
+        await pilot.press("p")
+        await wait_for(pilot, lambda: app.view.fleet.backend("gamma").status == "down", timeout=10, what="gamma down")
+        await wait_for(pilot, lambda: app.view.progress is None, timeout=2, what="the round to end with it")
+        # One timeout (2 s), not one per poll the key set off (it took two or more, 4 s and up):
+        # the status is on screen, not "probing".
+        assert time.monotonic() - asked < 2 * 2.0 - 0.5
+        assert "✖ down" in screen_text(app)
 
 
 async def test_below_the_usable_size_it_says_so(sim, files):
@@ -403,7 +427,7 @@ async def test_compact_layout_fits_80x24(sim, files):
         await pilot.resize_terminal(200, 50)
         await pilot.pause()
         header = next(line for line in screen_text(app).splitlines() if "status" in line and "name" in line)
-        for column in ("provider", "admin", "latency", "age", "TTFT trend"):
+        for column in ("provider", "latency", "age", "TTFT trend"):
             assert column in header
 
 
@@ -461,8 +485,10 @@ def test_every_state_reads_without_colour():
 
     for status in ("healthy", "degraded", "down", "loading", "unknown"):
         assert status in fmt.status_badge(_snap(status=status)).text
-    assert fmt.status_badge(_snap(admin="draining"), with_admin=True).text == "⏸ draining"
-    assert fmt.status_badge(_snap(admin="draining")).text == "● healthy"
+    # One meaning at every width: the symbol is health, the word the operator's state when set.
+    assert fmt.status_badge(_snap(admin="draining")).text == "● draining"
+    assert fmt.status_badge(_snap(admin="draining", status="down")).text == "✖ draining"
+    assert fmt.status_badge(_snap(admin="disabled")).text == "○ disabled"
     assert [fmt.circuit_badge(_snap(circuit=c)).text for c in ("closed", "open", "half_open")] == ["closed", "OPEN", "half-open"]
 
 
@@ -471,13 +497,21 @@ def test_figures_past_their_alarm_level_are_marked():
     from llmtop.tui import format as fmt
 
     probe = ProbeSummary("m", ttft_ms=6200, tokens_per_s=3.5, output_tokens=8, tokens_estimated=True, error=None, at=0)
-    b = _snap(probe=probe, metrics=Metrics(requests_waiting=12, kv_cache_usage=0.97), expected_models=("a", "b"), missing_models=("b",))
-    assert fmt.ttft_cell(b, slow_ms=5000) == fmt.Cell("6.2s!", fmt.BAD)
-    assert fmt.tps_cell(b) == fmt.Cell("3.5~!", fmt.BAD)
-    assert fmt.queue_cell(b) == fmt.Cell("12!", fmt.BAD)
-    assert fmt.kv_cell(b) == fmt.Cell("97%!", fmt.BAD)
-    assert fmt.models_cell(b) == fmt.Cell("1/2 !", fmt.WARN)
-    assert fmt.ttft_cell(_snap(), slow_ms=5000) == fmt.NONE
+    b = _snap(probe=probe, last_ok_probe=probe, metrics=Metrics(requests_waiting=12, kv_cache_usage=0.97),
+              models=("a",), expected_models=("a", "b"), missing_models=("b",), stale_after_s=100)
+    # Past the alarm level: "!!"; past the warning level: "!"; so neither needs colour.
+    assert fmt.ttft_cell(b, slow_ms=5000, now=1) == fmt.Cell("6.2s!!", fmt.BAD)
+    assert fmt.ttft_cell(b, slow_ms=8000, now=1) == fmt.Cell("6.2s!", fmt.WARN)
+    assert fmt.tps_cell(b, now=1) == fmt.Cell("3.5~!!", fmt.BAD)
+    assert fmt.queue_cell(b) == fmt.Cell("12!!", fmt.BAD)
+    assert fmt.kv_cell(b) == fmt.Cell("97%!!", fmt.BAD)
+    assert fmt.models_cell(b) == fmt.Cell("1/2!", fmt.WARN)
+    assert fmt.ttft_cell(_snap(), slow_ms=5000, now=1) == fmt.NONE
+    # Old figures (the backend is down now, or they outlived two probe intervals) are in parentheses.
+    assert fmt.ttft_cell(_snap(**{**b.__dict__, "status": "down"}), slow_ms=5000, now=1) == fmt.Cell("(6.2s)", fmt.MUTED)
+    assert fmt.tps_cell(b, now=1000) == fmt.Cell("(3.5~)", fmt.MUTED)
+    # A list that could not be read is unknown, never "all served".
+    assert fmt.models_cell(_snap(models=None, expected_models=("a", "b"))).text == "?/2"
 
 
 def test_sorts_put_what_needs_attention_first():
@@ -485,7 +519,8 @@ def test_sorts_put_what_needs_attention_first():
     from llmtop.tui import format as fmt
 
     def probed(name, ttft, tps, **kw):
-        return _snap(name=name, probe=ProbeSummary("m", ttft, tps, 8, False, None, 0), **kw)
+        p = ProbeSummary("m", ttft, tps, 8, False, None, 0)
+        return _snap(name=name, probe=p, last_ok_probe=p, **kw)
 
     fleet = [
         probed("a", 50, 100, metrics=Metrics(requests_waiting=0)),
@@ -498,6 +533,7 @@ def test_sorts_put_what_needs_attention_first():
     assert order["ttft"] == ["b", "d", "a", "c"]  # slowest first, never-probed last
     assert order["tps"] == ["d", "b", "a", "c"]
     assert order["queue"] == ["b", "a", "c", "d"]
+    assert order["circuit"] == ["a", "b", "c", "d"]  # all closed: by name
 
 
 def test_shipped_themes_all_load():

@@ -6,6 +6,7 @@ from typing import Any
 
 from httpx_sse import EventSource, SSEError
 
+from llmtop import inbound
 from llmtop.probe import ProbeError, ProbeResult, StreamMeter
 from llmtop.providers import register
 from llmtop.providers.base import PROBE_PROMPT, Adapter, CappedStream
@@ -58,8 +59,8 @@ class Anthropic(Adapter):
                 elif kind == "message_delta":
                     # output_tokens here is cumulative: the last one is the total.
                     usage = data.get("usage")
-                    if isinstance(usage, dict) and isinstance(usage.get("output_tokens"), int):
-                        meter.usage(usage["output_tokens"])
+                    if isinstance(usage, dict):
+                        meter.usage(inbound.count(usage.get("output_tokens")))
                 elif kind == "error":
                     err = data.get("error") if isinstance(data.get("error"), dict) else {}
                     raise ProbeError(f"POST /v1/messages: error in stream: {err.get('type')}: {err.get('message')}")

@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, ClassVar
+from typing import Any, AsyncIterator, ClassVar, NamedTuple
 
 import httpx
 
+from llmtop import inbound
 from llmtop.config import BackendConfig
 from llmtop.metrics import MetricNames, MetricsParseError, map_metrics
-from llmtop.probe import HealthResult, ModelsResult, ProbeError, ProbeResult, StreamMeter
+from llmtop.probe import HealthResult, ModelsResult, Phases, ProbeError, ProbeResult, StreamMeter
 from llmtop.snapshot import Metrics
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STREAM_BYTES = 4 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
+ERROR_DETAIL_BYTES = 4096  # of an error body, what its message is read from
 PROBE_PROMPT = "Count from 1 to 50, separated by spaces."
+
+
+class ProbeChoice(NamedTuple):
+    """The model a completion probe asks, or why there is none (`idle`: by choice, not a fault)."""
+
+    model: str | None
+    why_not: str | None = None
+    idle: bool = False
 
 
 @dataclass
@@ -38,12 +46,13 @@ class Response:
     headers: httpx.Headers
     body: bytes
     latency_ms: float
+    notes: list[str] | None = None  # the adapter's: what was read as absent, and why
 
     def json(self, what: str) -> Any:
         try:
-            return json.loads(self.body)
+            return inbound.loads(self.body, self.notes, what)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ProbeError(f"bad JSON from {what}: {str(exc)[:120]}") from None
+            raise ProbeError(f"bad JSON from {what}: {exc}") from None
 
     @property
     def text(self) -> str:
@@ -55,6 +64,24 @@ def arrival_clock(response: httpx.Response):
     return response.extensions.get("llmtop.arrival") or time.perf_counter
 
 
+def phases_of(response: httpx.Response) -> Phases:
+    """The request's connect, TLS and first-byte phases, as the transport timed them (transport.RequestTimings)."""
+    timings = response.extensions.get("llmtop.timings")
+    if timings is None:
+        return Phases()
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else seconds * 1000.0
+
+    return Phases(connect_ms=ms(timings.connect_s), tls_ms=ms(timings.tls_s), ttfb_ms=ms(timings.ttfb_s))
+
+
+def sent_at(response: httpx.Response, fallback: float) -> float:
+    """When the request's last byte was written (the start of a TTFT or a latency), else `fallback`."""
+    timings = response.extensions.get("llmtop.timings")
+    return fallback if timings is None else timings.sent_at
+
+
 async def bounded(coro, seconds: float):
     """Run coro with a deadline. asyncio.timeout (3.11+) avoids the extra task wait_for creates per request."""
     if sys.version_info >= (3, 11):
@@ -63,36 +90,22 @@ async def bounded(coro, seconds: float):
     return await asyncio.wait_for(coro, seconds)  # pragma: no cover - Python 3.10
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def error_message(body: bytes) -> str:
-    """The human part of an error body: OpenAI, Anthropic and Ollama shapes, else the text."""
-    text = body[:2000].decode("utf-8", errors="replace").strip()
+    """The human part of an error body: OpenAI, Anthropic and Ollama shapes, else the text.
+
+    Not cut to length here: the engine masks secrets before it cuts anything (redact.py)."""
+    text = body[:ERROR_DETAIL_BYTES].decode("utf-8", errors="replace").strip()
     try:
-        data = json.loads(text)
-    except ValueError:
-        return " ".join(text.split())[:160]
+        data = inbound.loads(text)
+    except (ValueError, RecursionError):
+        return " ".join(text.split())
     if isinstance(data, dict):
         err = data.get("error", data.get("message", data.get("detail")))
         if isinstance(err, dict):
             err = err.get("message") or err.get("type")
         if err:
-            return str(err)[:160]
-    return " ".join(text.split())[:160]
+            return " ".join(str(err).split())
+    return " ".join(text.split())
 
 
 class Adapter:
@@ -112,6 +125,11 @@ class Adapter:
         self.max_tokens = max_tokens
         url = backend.url
         self.base = url[: -len("/v1")] if url.endswith("/v1") else url
+        self.notes: list[str] = []  # values read as absent (NaN, Infinity) since the engine last took them
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -128,13 +146,12 @@ class Adapter:
         key = self.api_key()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def redact(self, message: str) -> str:
-        """Never let a key reach the screen, also in the forms an error message may quote it."""
-        raw = os.environ.get(self.backend.api_key_env or "", "") if self.backend.api_key_env else ""
-        for form in {raw, raw.strip(), repr(raw)[1:-1], repr(raw.strip())[1:-1]}:
-            if len(form) >= 4:
-                message = message.replace(form, "***")
-        return message
+    def secrets(self) -> tuple[str, ...]:
+        """What this adapter sends that must never be shown: the engine masks it in every text
+        it keeps from this backend (redact.py)."""
+        if not self.backend.api_key_env:
+            return ()
+        return (os.environ.get(self.backend.api_key_env, ""),)
 
     def describe_exception(self, exc: BaseException, what: str) -> str:
         if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
@@ -158,11 +175,8 @@ class Adapter:
         what = f"{method} {path}" if method != "GET" else path
         try:
             return await bounded(self._request(method, path, json_body, what, ok_statuses), self.timeout_s)
-        except ProbeError as exc:
-            exc.args = (self.redact(str(exc)),)
-            raise
         except (asyncio.TimeoutError, httpx.HTTPError, OSError) as exc:
-            raise ProbeError(self.redact(self.describe_exception(exc, what)), transport=True) from None
+            raise ProbeError(self.describe_exception(exc, what), transport=True) from None
 
     async def _request(self, method, path, json_body, what, ok_statuses) -> Response:
         start = time.perf_counter()
@@ -172,10 +186,12 @@ class Adapter:
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
                     raise ProbeError(f"{what}: response body over {MAX_BODY_BYTES // (1024 * 1024)} MiB, not read further")
-            # When the last byte reached this machine (the kernel's stamp, transport.py), not when
-            # the event loop got to it: a busy monitor must not make a backend look slow.
-            latency_ms = (arrival_clock(resp)() - start) * 1000.0
-        response = Response(resp.status_code, resp.headers, bytes(body), latency_ms)
+            # From the request's last byte written (not from waiting for a connection, nor
+            # connecting) to when the answer's last byte reached this machine (the kernel's stamp,
+            # transport.py), not when the event loop got to it: a busy monitor must not make a
+            # backend look slow.
+            latency_ms = (arrival_clock(resp)() - sent_at(resp, start)) * 1000.0
+        response = Response(resp.status_code, resp.headers, bytes(body), latency_ms, self.notes)
         if response.status not in ok_statuses:
             self.raise_for_status(response, what)
         return response
@@ -186,7 +202,7 @@ class Adapter:
             # another origin. Point the config at the final address instead.
             where = response.headers.get("location", "?")
             raise ProbeError(f"{what}: HTTP {response.status} redirect to {where}; put that address in the config")
-        retry = retry_after_seconds(response.headers.get("retry-after")) if response.status in (429, 503) else None
+        retry = inbound.retry_after_s(response.headers.get("retry-after")) if response.status in (429, 503) else None
         if response.status == 429:
             hint = f", retry after {retry:.0f}s" if retry is not None else ""
             raise ProbeError(f"{what}: HTTP 429 rate limited{hint}", retry_after_s=retry, status_code=429)
@@ -209,14 +225,19 @@ class Adapter:
         """
         meter = StreamMeter()
         what = f"POST {path}"
+        phases = Phases()
 
         async def run() -> ProbeResult:
-            # Built first, so the clock starts just before the request is sent, not before the
-            # ~0.4 ms httpx spends assembling it (measured in benchmarks/bench_measurement.py).
+            nonlocal phases
             request = self.client.build_request("POST", self.base + path, json=body, headers=self.headers())
-            meter.begin()
+            meter.begin()  # replaced by the time the request's last byte was written, where the transport says
             resp = await self.client.send(request, stream=True)
+            # TTFT starts when the request was written: waiting for a connection, connecting and a
+            # TLS handshake are phases of their own, not time to first token.
+            meter.start = sent_at(resp, meter.start)
+            phases = phases_of(resp)
             meter.clock = arrival_clock(resp)  # token times as the kernel received them, where it says
+            meter.reads = resp.extensions.get("llmtop.reads")
             try:
                 if resp.status_code != 200:
                     raw = bytearray()
@@ -228,26 +249,28 @@ class Adapter:
                 server = await read_events(CappedStream(resp, what), meter) or {}
             finally:
                 await resp.aclose()
-            return ProbeResult.from_meter(model, meter, what, **server)
+            return ProbeResult.from_meter(model, meter, what, phases, **server)
 
         try:
             return await bounded(run(), self.timeout_s)
         except ProbeError as exc:
-            return self._failed(model, meter, self.redact(str(exc)), exc.retry_after_s)
+            return self._failed(model, meter, phases, str(exc), exc.retry_after_s, exc.status_code)
         except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as exc:
             # JSON that parsed but is not shaped like this protocol's chunks.
             message = f"{what}: unexpected stream content ({type(exc).__name__}: {exc})"
-            return self._failed(model, meter, self.redact(message[:300]), None)
+            return self._failed(model, meter, phases, message, None)
         except (asyncio.TimeoutError, httpx.HTTPError, OSError) as exc:
             if meter.finished:  # everything was measured; only the tail after the end marker failed
-                return ProbeResult.from_meter(model, meter, what)
+                return ProbeResult.from_meter(model, meter, what, phases)
             message = self.describe_exception(exc, what)
             if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) and meter.text_chunks:
                 message = f"{what}: stream truncated after {meter.text_chunks} text chunks ({type(exc).__name__})"
-            return self._failed(model, meter, self.redact(message), None)
+            return self._failed(model, meter, phases, message, None)
 
     @staticmethod
-    def _failed(model, meter: StreamMeter, error: str, retry_after_s: float | None) -> ProbeResult:
+    def _failed(
+        model, meter: StreamMeter, phases: Phases, error: str, retry_after_s: float | None, status_code: int | None = None
+    ) -> ProbeResult:
         return ProbeResult(
             model,
             ok=False,
@@ -256,16 +279,20 @@ class Adapter:
             tokens_estimated=True,
             error=error,
             retry_after_s=retry_after_s,
+            status_code=status_code,
+            phases=phases,
         )
 
-    @staticmethod
-    def json_event(data: str, what: str) -> dict:
+    def json_event(self, data: str, what: str) -> dict:
+        # The chunk is quoted last and uncut beyond ERROR_DETAIL_BYTES: a key it echoes is then
+        # masked whole, or as a cut-off piece at the very end (redact.py).
         try:
-            obj = json.loads(data)
+            obj = inbound.loads(data, self.notes, what)
         except (ValueError, RecursionError) as exc:
-            raise ProbeError(f"{what}: bad JSON in stream: {exc}: {data[:60]!r}") from None
+            reason = getattr(exc, "msg", None) or str(exc)
+            raise ProbeError(f"{what}: bad JSON in stream ({reason}): {data[:ERROR_DETAIL_BYTES]}") from None
         if not isinstance(obj, dict):
-            raise ProbeError(f"{what}: unexpected stream chunk {data[:60]!r}")
+            raise ProbeError(f"{what}: unexpected stream chunk: {data[:ERROR_DETAIL_BYTES]}")
         return obj
 
     # -- what each protocol answers ---------------------------------------------------------
@@ -305,7 +332,11 @@ class Adapter:
             if models.models is None:
                 extra = models.extra
                 health = HealthResult(
-                    ok=False, error=models.error, retry_after_s=extra.get("retry_after_s"), unreachable=extra.get("unreachable", False)
+                    ok=False,
+                    error=models.error,
+                    retry_after_s=extra.get("retry_after_s"),
+                    unreachable=extra.get("unreachable", False),
+                    status_code=extra.get("status_code"),
                 )
             else:
                 health = HealthResult(ok=True, latency_ms=models.extra.get("latency_ms"))
@@ -325,10 +356,10 @@ class Adapter:
         try:
             return await self.health()
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
-            return HealthResult(ok=False, error=self.redact(f"{self.health_path}: unexpected answer ({type(exc).__name__}: {exc})"[:300]))
+            return HealthResult(ok=False, error=f"{self.health_path}: unexpected answer ({type(exc).__name__}: {exc})")
         except ProbeError as exc:
             return HealthResult(
-                ok=False, error=str(exc), retry_after_s=exc.retry_after_s, unreachable=exc.transport
+                ok=False, error=str(exc), retry_after_s=exc.retry_after_s, unreachable=exc.transport, status_code=exc.status_code
             )
 
     async def _models_outcome(self) -> ModelsResult:
@@ -336,9 +367,13 @@ class Adapter:
         try:
             result = await self.models()
         except ProbeError as exc:
-            return ModelsResult(None, error=str(exc), extra={"retry_after_s": exc.retry_after_s, "unreachable": exc.transport})
+            return ModelsResult(
+                None,
+                error=str(exc),
+                extra={"retry_after_s": exc.retry_after_s, "unreachable": exc.transport, "status_code": exc.status_code},
+            )
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
-            return ModelsResult(None, error=self.redact(f"{self.models_path}: unexpected answer ({type(exc).__name__}: {exc})"[:300]))
+            return ModelsResult(None, error=f"{self.models_path}: unexpected answer ({type(exc).__name__}: {exc})")
         result.extra.setdefault("latency_ms", (time.perf_counter() - start) * 1000.0)
         return result
 
@@ -350,6 +385,18 @@ class Adapter:
 
     async def probe(self, model: str | None) -> ProbeResult:
         raise NotImplementedError
+
+    def probe_model(self, served: tuple[str, ...] | None, loaded: tuple[str, ...] | None) -> ProbeChoice:
+        """probe_model, else the first expected model, else the first one the server lists: a
+        backend with no expected models is still asked to generate, never silently passed."""
+        backend = self.backend
+        if backend.probe_model or backend.models:
+            return ProbeChoice(backend.probe_model or backend.models[0])
+        if served:
+            return ProbeChoice(served[0])
+        if served is None:
+            return ProbeChoice(None, "not probed: no model known (the model list was not read)")
+        return ProbeChoice(None, "not probed: the server lists no model (set probe_model)")
 
 
 class CappedStream:

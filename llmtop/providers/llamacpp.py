@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmtop import inbound
 from llmtop.metrics import MetricNames
 from llmtop.probe import HealthResult, ProbeError
 from llmtop.providers import register
@@ -35,8 +36,10 @@ class LlamaCpp(OpenAICompatible):
         if not isinstance(timings, dict):
             return {}
         out = {}
-        if isinstance(timings.get("predicted_per_second"), (int, float)):
-            out["server_tokens_per_s"] = float(timings["predicted_per_second"])
-        if isinstance(timings.get("prompt_ms"), (int, float)):
-            out["server_ttft_ms"] = float(timings["prompt_ms"])
+        rate = inbound.finite(timings.get("predicted_per_second"))
+        if rate is not None and rate > 0:
+            out["server_tokens_per_s"] = rate
+        prompt_s = inbound.duration_s(timings.get("prompt_ms"), 1e-3)
+        if prompt_s is not None:
+            out["server_ttft_ms"] = prompt_s * 1000.0
         return out

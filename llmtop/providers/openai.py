@@ -6,6 +6,7 @@ from typing import Any
 
 from httpx_sse import EventSource, SSEError
 
+from llmtop import inbound
 from llmtop.probe import ProbeError, ProbeResult, StreamMeter
 from llmtop.providers import register
 from llmtop.providers.base import PROBE_PROMPT, Adapter, CappedStream
@@ -64,8 +65,8 @@ class OpenAICompatible(Adapter):
                     if isinstance(choice, dict) and choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
                 usage = chunk.get("usage")
-                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                    meter.usage(usage["completion_tokens"])
+                if isinstance(usage, dict):
+                    meter.usage(inbound.count(usage.get("completion_tokens")))
                 server.update(self.server_timings(chunk))
         except SSEError as exc:
             raise ProbeError(f"POST /v1/chat/completions: not an event stream ({exc})") from None

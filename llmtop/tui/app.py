@@ -18,9 +18,10 @@ from textual.screen import Screen
 
 from llmtop.config import Config, ConfigError, load_config
 from llmtop.engine import Engine
-from llmtop.snapshot import FleetSnapshot, ProbeSummary
+from llmtop.sanitize import for_terminal
+from llmtop.snapshot import FleetSnapshot, TerminalView
 from llmtop.state import LIFTS, StateError, admin_after
-from llmtop.tui.messages import AdminRequested, DetailsRequested, ProbeRequested
+from llmtop.tui.messages import READ_ONLY_ACTIONS, AdminRequested, DetailsRequested, ProbeRequested
 from llmtop.tui.screens.confirm import ConfirmScreen
 from llmtop.tui.screens.detail import DetailScreen
 from llmtop.tui.screens.fleet import FleetScreen
@@ -75,9 +76,10 @@ class LlmtopApp(App):
         Binding("q", "quit", "Quit"),
         Binding("ctrl+c", "quit", show=False, priority=True),  # what a terminal user's fingers do; not a copy here
         Binding("question_mark", "help", "Help"),
-        Binding("P", "probe_all", "Probe all"),
-        Binding("r", "reload", "Reload"),
-        Binding("T", "cycle_theme", "Theme"),
+        Binding("P", "probe_all", "Probe all", show=False),
+        Binding("r", "reload", "Reload", show=False),
+        Binding("T", "cycle_theme", "Theme", show=False),
+        Binding("space", "pause", "Pause", show=False),
     ]
 
     def __init__(
@@ -105,13 +107,18 @@ class LlmtopApp(App):
         fallback = DEFAULT_THEME if DEFAULT_THEME in self.llmtop_themes else "textual-dark"
         self.theme = theme or fallback
         self.view: FleetView | None = None
-        # A probe round the operator asked for: name -> what its snapshot held when asked, to see it answer.
-        self._round: dict[str, tuple[float | None, ProbeSummary | None]] = {}
+        # A probe round the operator asked for: name -> when it was last polled and probed when
+        # asked (times, not objects: screens get copies), to see it answer.
+        self._round: dict[str, tuple[float | None, float | None]] = {}
         self._round_total = 0
         self._round_deadline = 0.0
         self._round_timer = None
         self._config_stamp: Stamp = _stamp(config_path) if config_path else None
         self._state_error: str | None = None
+        # The one place snapshots become what screens show: every text from a backend or the
+        # config made safe to print (snapshot.TerminalView, sanitize.py).
+        self._terminal_view = TerminalView()
+        self.paused = False
         self.prefs_path = prefs_path  # where the theme chosen with T is remembered; None: nowhere
         # Admin changes and prefs writes run one at a time, in the order of the keys that asked for
         # them, each deciding against the state the previous one left (`t t` toggles twice).
@@ -129,9 +136,10 @@ class LlmtopApp(App):
         return LlmtopDriver
 
     def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
-        """Plain text unless asked: messages quote backend names, config errors and theme files,
-        where a "[/x]" read as markup crashed the app."""
-        super().notify(message, markup=markup, **kwargs)
+        """Plain, printable text unless asked: messages quote backend names, config errors and
+        theme files, where a "[/x]" read as markup crashed the app and an escape sequence would
+        reach the terminal."""
+        super().notify(message if markup else for_terminal(message, 400), markup=markup, **kwargs)
 
     def get_default_screen(self) -> Screen:
         return FleetScreen()
@@ -172,6 +180,8 @@ class LlmtopApp(App):
         """Take a snapshot and show it on every screen that shows one (cheap: snapshots are cached per backend)."""
         if self.live:
             self._refresh_state()
+        if self.paused:
+            return  # the screen holds still; the engine goes on
         self.view = self._build_view()
         for screen in self.screen_stack:
             show = getattr(screen, "show_fleet", None)
@@ -179,7 +189,7 @@ class LlmtopApp(App):
                 show(self.view)
 
     def _build_view(self) -> FleetView:
-        fleet = self.engine.snapshot()
+        fleet = self._terminal_view(self.engine.snapshot())
         probing = self._round_progress(fleet)
         return FleetView(
             fleet=fleet,
@@ -188,6 +198,7 @@ class LlmtopApp(App):
             progress=Progress(self._round_total - len(probing), self._round_total) if self._round else None,
             read_only=self.read_only,
             hint=self.hint,
+            paused=self.paused,
         )
 
     def _refresh_state(self) -> None:
@@ -225,7 +236,8 @@ class LlmtopApp(App):
             self._round_total = 0
         for name in names:
             if name not in self._round:
-                self._round[name] = (backends[name].last_health_at, backends[name].probe)
+                probe = backends[name].probe
+                self._round[name] = (backends[name].last_health_at, probe.at if probe else None)
                 self._round_total += 1
         settings = self.engine.config.settings
         self._round_deadline = time.monotonic() + 2 * settings.timeout_s + settings.health_interval_s
@@ -244,9 +256,16 @@ class LlmtopApp(App):
                 self._round_timer.stop()
                 self._round_timer = None
             return frozenset()
-        for name, (health_at, probe) in list(self._round.items()):
+        for name, (health_at, probe_at) in list(self._round.items()):
             b = fleet.backend(name)
-            answered = b is None or (not b.in_flight and (b.last_health_at != health_at or b.probe is not probe))
+            answered = b is None or (b.probe.at if b.probe else None) != probe_at  # a completion came back
+            if not answered and b.last_health_at != health_at:
+                # A poll came back. When it says no completion can follow (down, loading, open
+                # circuit, nothing to probe), that is the answer: "down" shows as soon as the
+                # timeout has passed, not behind "probing" while the next poll hangs too.
+                answered = not b.in_flight or b.status in ("down", "loading") or b.circuit == "open" or (
+                    b.admin != "active" or b.probe_note is not None or b.retry_after_at is not None
+                )
             # A disabled or rate-limited backend is skipped by the engine, so it will never answer.
             if answered or b.admin == "disabled" or b.retry_after_at is not None:
                 del self._round[name]
@@ -364,6 +383,23 @@ class LlmtopApp(App):
         self.exit(return_code=return_code)
 
     # -- config reload ----------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in READ_ONLY_ACTIONS and self.read_only:
+            return False  # --read-only hides the keys it turns off
+        return super().check_action(action, parameters)
+
+    def action_pause(self) -> None:
+        """Freeze the screen to read it (space again resumes); polls and probes go on meanwhile."""
+        self.paused = not self.paused
+        if not self.paused:
+            self.refresh_fleet()
+            return
+        self.view = self._build_view()  # says "paused" in the header, with the figures of now
+        for screen in self.screen_stack:
+            show = getattr(screen, "show_fleet", None)
+            if show is not None:
+                show(self.view)
 
     def action_reload(self) -> None:
         if self.read_only:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
-from llmtop.snapshot import BackendSnapshot
+from llmtop.snapshot import BackendSnapshot, ProbeSummary
 
 # A level names how a cell should catch the eye; the theme decides the colour (see palette.py).
 OK, WARN, BAD, MUTED, PLAIN = "ok", "warn", "bad", "muted", "plain"
@@ -26,6 +27,7 @@ STATUS_BADGES = {
     "loading": Cell("◌ loading", WARN),
     "unknown": Cell("? unknown", MUTED),
 }
+STATUS_SYMBOLS = {"healthy": "●", "degraded": "▲", "down": "✖", "loading": "◌", "unknown": "?"}
 ADMIN_BADGES = {
     "active": Cell("active", MUTED),
     "draining": Cell("⏸ draining", WARN),
@@ -41,18 +43,22 @@ PROBING = Cell("⟳ probing", PLAIN)
 
 SPARK_BARS = "▁▂▃▄▅▆▇█"
 
-# Glance thresholds for figures the engine does not judge itself. A value past "bad" also gets a
-# trailing "!" so it reads without colour.
+# Glance thresholds for figures the engine does not judge itself. A value past its warning level
+# ends in "!", past its alarm level in "!!", so it reads without colour.
 TPS_WARN, TPS_BAD = 20.0, 5.0  # below reading speed a chat feels broken
 LATENCY_WARN_MS, LATENCY_BAD_MS = 500.0, 2000.0
 QUEUE_BAD = 10.0  # anything waiting at all is already worth a warning
 KV_WARN, KV_BAD = 0.80, 0.95
+MARKS = {WARN: "!", BAD: "!!"}
 
 
-def status_badge(b: BackendSnapshot, with_admin: bool = False) -> Cell:
-    """The health badge; with_admin lets a drained or disabled state stand in for it (compact layouts)."""
-    if with_admin and b.admin != "active":
-        return ADMIN_BADGES[b.admin]
+def status_badge(b: BackendSnapshot) -> Cell:
+    """One meaning at every width: the symbol is the backend's health, the word is its health
+    or, when the operator took it out of service, that (`● draining`: drained and healthy)."""
+    if b.admin == "disabled":
+        return ADMIN_BADGES["disabled"]  # nothing is sent to it: no health to show
+    if b.admin == "draining":
+        return Cell(f"{STATUS_SYMBOLS.get(b.status, '?')} draining", WARN)
     return STATUS_BADGES.get(b.status, Cell(b.status, MUTED))
 
 
@@ -67,6 +73,8 @@ def circuit_badge(b: BackendSnapshot) -> Cell:
 def ms(value: float | None) -> str:
     if value is None:
         return "-"
+    if value < 10:
+        return f"{value:.1f}ms"  # a LAN health check answers in under a millisecond: "0ms" would say nothing
     if value < 1000:
         return f"{value:.0f}ms"
     if value < 10_000:
@@ -75,25 +83,51 @@ def ms(value: float | None) -> str:
 
 
 def _mark(text: str, level: str) -> Cell:
-    return Cell(text + "!" if level == BAD else text, level)
+    return Cell(text + MARKS.get(level, ""), level)
 
 
-def ttft_cell(b: BackendSnapshot, slow_ms: float) -> Cell:
-    p = b.probe
+def shown_probe(b: BackendSnapshot, now: float) -> tuple[ProbeSummary | None, bool]:
+    """The probe whose figures the table shows, and whether they are current: the last probe's
+    when they describe the backend now, else the last good one's, shown as old."""
+    if b.figures_current(now):
+        return b.probe, True
+    return b.last_ok_probe, False
+
+
+def _old(text: str) -> Cell:
+    """A figure from before the backend's present state (down, failing, stale): in parentheses, dimmed."""
+    return Cell(f"({text})", MUTED)
+
+
+def ttft_cell(b: BackendSnapshot, slow_ms: float, now: float) -> Cell:
+    p, current = shown_probe(b, now)
     if p is None or p.ttft_ms is None:
-        return NONE
+        return _not_probed(b)
+    if not current:
+        return _old(ms(p.ttft_ms))
     level = BAD if p.ttft_ms >= slow_ms else WARN if p.ttft_ms >= min(1000.0, slow_ms / 2) else PLAIN
     return _mark(ms(p.ttft_ms), level)
 
 
-def tps_cell(b: BackendSnapshot) -> Cell:
-    p = b.probe
+def _not_probed(b: BackendSnapshot) -> Cell:
+    """Why there is no TTFT, in a word or two, where a figure would stand."""
+    if b.admin == "active" and b.probe_note:
+        return Cell("not loaded" if "not loaded" in b.probe_note else "no model", MUTED)
+    if b.probe is not None and b.probe.untimed:
+        return Cell("untimed", MUTED)
+    return NONE
+
+
+def tps_cell(b: BackendSnapshot, now: float) -> Cell:
+    p, current = shown_probe(b, now)
     if p is None or p.tokens_per_s is None:
         return NONE
     tps = p.tokens_per_s
     text = f"{tps:.0f}" if tps >= 1000 else f"{tps:.1f}"
     if p.tokens_estimated:  # counted from chunks, not the server's usage figure
         text += "~"
+    if not current:
+        return _old(text)
     level = BAD if tps < TPS_BAD else WARN if tps < TPS_WARN else PLAIN
     return _mark(text, level)
 
@@ -122,19 +156,13 @@ def kv_cell(b: BackendSnapshot) -> Cell:
 
 
 def models_cell(b: BackendSnapshot) -> Cell:
-    if b.expected_models:
-        served = len(b.expected_models) - len(b.missing_models)
-        text = f"{served}/{len(b.expected_models)}"
-        return Cell(text + " !", WARN) if b.missing_models else Cell(text)
-    if b.models:
-        return Cell(str(len(b.models)))
-    return NONE
-
-
-def last_contact(b: BackendSnapshot) -> float | None:
-    """Wall time of the newest poll or probe answer, whichever came last."""
-    times = [t for t in (b.last_health_at, b.probe.at if b.probe else None) if t is not None]
-    return max(times) if times else None
+    """served/expected; `?` where the list could not be read, never a good count from no data."""
+    text = b.models_summary()
+    if b.models is None:
+        return Cell(text, WARN if b.status != "down" else MUTED)
+    if b.missing_models:
+        return _mark(text, WARN)
+    return Cell(text) if text else NONE
 
 
 def age(seconds: float | None) -> str:
@@ -150,12 +178,12 @@ def age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
-def age_cell(b: BackendSnapshot, now: float, stale_s: float) -> Cell:
-    last = last_contact(b)
-    if last is None:
+def age_cell(b: BackendSnapshot, now: float) -> Cell:
+    """The age of the figures it sits beside (TTFT, tok/s), not of the last contact."""
+    p, current = shown_probe(b, now)
+    if p is None:
         return NONE
-    seconds = now - last
-    return Cell(age(seconds), WARN if seconds >= stale_s else MUTED)
+    return Cell(age(now - p.at), MUTED if current else WARN)
 
 
 def history_mark(history: tuple) -> tuple[int, object]:
@@ -187,44 +215,75 @@ def clock_time(at: float) -> str:
 
 
 def matches(b: BackendSnapshot, needle: str) -> bool:
-    """The `/` filter: a case-insensitive substring of the name, provider, status or admin state."""
+    """The `/` filter: a case-insensitive substring of the name, provider, status, admin state or
+    a model name (served or expected). Costs at most what the engine keeps per backend."""
     if not needle:
         return True
     needle = needle.lower()
-    return any(needle in field.lower() for field in (b.name, b.provider, b.status, b.admin))
+    fields = (b.name, b.provider, b.status, b.admin, *b.expected_models, *(b.models or ()))
+    return any(needle in field.lower() for field in fields)
 
 
-# -- sort orders: each puts the backends that need attention first --------------------------
+# -- sort orders: the first direction of each puts what needs attention first ---------------
 
 _STATUS_RANK = {"down": 0, "degraded": 1, "loading": 2, "unknown": 3, "healthy": 6}
 _ADMIN_RANK = {"draining": 4, "disabled": 5}
-_LAST = float("inf")
+_CIRCUIT_RANK = {"open": 0, "half_open": 1, "closed": 2}
+NO_FIGURE = float("inf")
 
 
 def _status_rank(b: BackendSnapshot) -> int:
     return _ADMIN_RANK.get(b.admin, _STATUS_RANK.get(b.status, 3))
 
 
-def _ttft(b: BackendSnapshot) -> float:
-    return -b.probe.ttft_ms if b.probe and b.probe.ttft_ms is not None else _LAST
+def _figure(value: float | None, biggest_first: bool = True) -> float:
+    if value is None:
+        return NO_FIGURE  # no figure sorts last, whichever way
+    return -value if biggest_first else value
 
 
-def _tps(b: BackendSnapshot) -> float:
-    return b.probe.tokens_per_s if b.probe and b.probe.tokens_per_s is not None else _LAST
+def _probe_figure(b: BackendSnapshot, attr: str, biggest_first: bool) -> float:
+    p = b.probe if b.probe is not None and b.probe is b.last_ok_probe else b.last_ok_probe
+    return _figure(getattr(p, attr) if p is not None else None, biggest_first)
 
 
-def _queue(b: BackendSnapshot) -> float:
-    waiting = b.metrics.requests_waiting if b.metrics else None
-    return -waiting if waiting is not None else _LAST
+def _age(b: BackendSnapshot) -> float:
+    p = b.last_ok_probe
+    return p.at if p is not None else NO_FIGURE  # oldest first
+
+
+def _models(b: BackendSnapshot) -> tuple:
+    unknown = b.models is None
+    return (not unknown and not b.missing_models, -len(b.missing_models))
+
+
+class Sort(NamedTuple):
+    key: str  # a column key
+    label: str  # what the first direction puts first
+    order: Callable[[BackendSnapshot], tuple]
 
 
 SORTS = (
-    ("name", "name", lambda b: (b.name,)),
-    ("status", "status, worst first", lambda b: (_status_rank(b), b.name)),
-    ("ttft", "TTFT, slowest first", lambda b: (_ttft(b), b.name)),
-    ("tps", "tok/s, slowest first", lambda b: (_tps(b), b.name)),
-    ("queue", "queue, longest first", lambda b: (_queue(b), b.name)),
+    Sort("status", "status, worst first", lambda b: (_status_rank(b), b.name)),
+    Sort("name", "name", lambda b: (b.name,)),
+    Sort("ttft", "TTFT, slowest first", lambda b: (_probe_figure(b, "ttft_ms", True), b.name)),
+    Sort("tps", "tok/s, slowest first", lambda b: (_probe_figure(b, "tokens_per_s", False), b.name)),
+    Sort("latency", "latency, slowest first", lambda b: (_figure(b.latency_ms), b.name)),
+    Sort("queue", "queue, longest first", lambda b: (_figure(b.metrics.requests_waiting if b.metrics else None), b.name)),
+    Sort("kv", "KV cache, fullest first", lambda b: (_figure(b.metrics.kv_cache_usage if b.metrics else None), b.name)),
+    Sort("models", "models, missing first", lambda b: (*_models(b), b.name)),
+    Sort("age", "age, oldest first", lambda b: (_age(b), b.name)),
+    Sort("circuit", "circuit, open first", lambda b: (_CIRCUIT_RANK.get(b.circuit, 3), b.name)),
+    Sort("provider", "provider", lambda b: (b.provider, b.name)),
 )
-SORT_NAMES = tuple(s[0] for s in SORTS)
-SORT_LABELS = {name: label for name, label, _ in SORTS}
-SORT_KEYS = {name: key for name, _, key in SORTS}
+SORT_NAMES = tuple(s.key for s in SORTS)
+SORT_LABELS = {s.key: s.label for s in SORTS}
+SORT_KEYS = {s.key: s.order for s in SORTS}
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """The nearest-rank percentile (p50, p95) of what the history keeps; None when it is empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from textual.message import Message
 
+# The keys --read-only turns off (and hides): drain, disable/enable, reload.
+READ_ONLY_ACTIONS = frozenset(("drain", "toggle", "reload"))
+
 
 class ProbeRequested(Message):
     """Probe these backends now (a full round: health, models, metrics, completion); None for all."""

@@ -12,6 +12,7 @@ from llmtop.demo import DemoFleet
 from llmtop.engine import Engine
 from llmtop.gpu import GpuReader
 from llmtop.paths import default_config_path, default_state_path, ui_prefs_path
+from llmtop.sanitize import for_terminal
 from llmtop.state import StateError, StateStore
 from llmtop.tui.app import LlmtopApp, no_backends_hint
 from llmtop.tui.themes import LoadedThemes, load_saved_theme, load_themes
@@ -31,7 +32,7 @@ def _on_a_terminal() -> bool:
 
 
 def _fail(message: str) -> int:
-    print(f"llmtop: {message}", file=sys.stderr)
+    print(f"llmtop: {for_terminal(message, 2000)}", file=sys.stderr)
     return 2
 
 

@@ -24,3 +24,4 @@ class FleetView:
     progress: Progress | None = None
     read_only: bool = False
     hint: str | None = None
+    paused: bool = False  # the operator froze the screen (space); the engine goes on

@@ -12,7 +12,7 @@ from textual_plotext import PlotextPlot
 
 from llmtop.snapshot import BackendSnapshot
 from llmtop.tui import format as fmt
-from llmtop.tui.messages import AdminRequested, ProbeRequested
+from llmtop.tui.messages import READ_ONLY_ACTIONS, AdminRequested, ProbeRequested
 from llmtop.tui.view import FleetView
 from llmtop.tui.widgets.too_small import BlindKeysOff, TooSmall
 
@@ -23,6 +23,7 @@ _CHARTS = (
 )
 _LEVEL_COLOUR = {fmt.OK: "$text-success", fmt.WARN: "$text-warning", fmt.BAD: "$text-error", fmt.MUTED: "$foreground-muted"}
 RAW_METRICS_SHOWN = 8
+MODELS_SHOWN = 20  # served models listed by name; however many a backend serves, the rest are a count
 CHART_DRIFT_S = 5.0  # redraw the charts at least this often, so "seconds ago" stays true
 ERRORS_SHOWN = 8
 
@@ -36,6 +37,22 @@ def _y_range(values: list[float]) -> tuple[float, float]:
 
 def _styled(cell: fmt.Cell) -> tuple[str, str]:
     return cell.text, _LEVEL_COLOUR.get(cell.level, "")
+
+
+def _phases(p) -> str:
+    """connect · TLS · first byte · first token, like curl's -w timings; a reused connection has no connect."""
+    parts = []
+    if p.connect_ms is not None:
+        parts.append(f"connect {p.connect_ms:.1f}ms")
+    if p.tls_ms is not None:
+        parts.append(f"TLS {p.tls_ms:.1f}ms")
+    if p.connect_ms is None and p.tls_ms is None:
+        parts.append("reused connection")
+    if p.ttfb_ms is not None:
+        parts.append(f"first byte {p.ttfb_ms:.1f}ms")
+    if p.ttft_ms is not None:
+        parts.append(f"first token {p.ttft_ms:.1f}ms")
+    return " · ".join(parts)
 
 
 def _rows(pairs: list[tuple[str, str | Content | tuple[str, str]]]) -> Content:
@@ -139,6 +156,11 @@ class DetailScreen(BlindKeysOff, Screen):
 
     # -- keys -------------------------------------------------------------------------------
 
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in READ_ONLY_ACTIONS and getattr(self.app, "read_only", False):
+            return False  # --read-only hides the keys it turns off
+        return super().check_action(action, parameters)
+
     def action_probe(self) -> None:
         self.post_message(ProbeRequested((self.backend,)))
 
@@ -151,7 +173,7 @@ class DetailScreen(BlindKeysOff, Screen):
     # -- parts ------------------------------------------------------------------------------
 
     def _head(self, b: BackendSnapshot, view: FleetView) -> Content:
-        badge = fmt.PROBING if b.name in view.probing else fmt.status_badge(b)
+        badge = fmt.PROBING if b.name in view.probing else fmt.STATUS_BADGES.get(b.status, fmt.Cell(b.status, fmt.MUTED))
         reason = f" ({b.status_reason})" if b.status_reason and b.status != "healthy" else ""
         first = Content.assemble(
             (b.name, "bold"),
@@ -187,20 +209,27 @@ class DetailScreen(BlindKeysOff, Screen):
         widget.refresh()
 
     def _probe(self, b: BackendSnapshot, view: FleetView) -> Content:
+        now = view.fleet.at
         p = b.probe
         cost = f"{b.probe_tokens_per_hour:.0f} tokens/hour" if b.probe_tokens_per_hour else "none (not probing)"
         rows: list = []
+        if b.probe_note and b.admin == "active":
+            rows.append(("probe", (b.probe_note, "$text-warning")))
         if p is None:
             rows.append(("last probe", ("none yet", "$foreground-muted")))
         else:
             tokens = "-" if p.output_tokens is None else f"{p.output_tokens}" + (" (estimated)" if p.tokens_estimated else "")
+            current = b.figures_current(now)
             rows += [
                 ("model", p.model or "-"),
-                ("when", f"{fmt.age(view.fleet.at - p.at)} ago"),
-                ("TTFT", _styled(fmt.ttft_cell(b, view.settings.slow_ttft_ms))),
-                ("tok/s", _styled(fmt.tps_cell(b))),
+                ("when", f"{fmt.age(now - p.at)} ago" + ("  (old: from before the backend's present state)" if p.ttft_ms is not None and not current else "")),
+                ("TTFT", _styled(fmt.ttft_cell(b, view.settings.slow_ttft_ms, now))),
+                ("tok/s", _styled(fmt.tps_cell(b, now))),
                 ("output tokens", tokens),
+                ("phases", _phases(p)),
             ]
+            if p.untimed:
+                rows.append(("timing", (p.untimed, "$text-warning")))
             if p.server_ttft_ms is not None:
                 rows.append(("server TTFT", fmt.ms(p.server_ttft_ms)))
             if p.server_tokens_per_s is not None:
@@ -209,27 +238,42 @@ class DetailScreen(BlindKeysOff, Screen):
                 rows.append(("model load", fmt.ms(p.load_ms)))
             if p.error:
                 rows.append(("error", (p.error, "$text-error")))
+        ttfts = [v for _, v in b.ttft_history]
+        if ttfts:
+            p50, p95 = fmt.percentile(ttfts, 0.5), fmt.percentile(ttfts, 0.95)
+            rows.append(("TTFT p50 / p95", f"{fmt.ms(p50)} / {fmt.ms(p95)}  (last {len(ttfts)} probes)"))
         rows.append(("probe cost", cost))
         rows.append(("health latency", _styled(fmt.latency_cell(b))))
         for alert in b.alerts:
             rows.append(("alert", (f"▲ {alert}", "$text-warning")))
+        if b.alerts_unknown:
+            rows.append(("alert", (f"? {b.alerts_unknown}", "$text-warning")))
         return _rows(rows)
 
     def _models(self, b: BackendSnapshot) -> Content:
         lines: list[Content] = []
+        if b.models is None:
+            lines.append(Content.styled(f"? model list unknown: {b.models_error or 'not read'}", "$text-warning"))
         for model in b.expected_models:
-            if model in b.missing_models:
+            if b.models is None:
+                lines.append(Content.styled(f"? {model}  (expected; served unknown)", "$foreground-muted"))
+            elif model in b.missing_models:
                 lines.append(Content.styled(f"✖ {model}  (expected, not served)", "$text-error"))
             else:
                 lines.append(Content.styled(f"✓ {model}", "$text-success"))
         # Ollama serves "llama3.2" as "llama3.2:latest"; that is the expected model, not an extra one.
         expected = {m.removesuffix(":latest") for m in b.expected_models}
-        for model in b.models:
-            if model.removesuffix(":latest") not in expected:
-                lines.append(Content.styled(f"+ {model}  (served, not expected)", "$foreground-muted"))
+        served = b.models or ()
+        extras = [m for m in served if m.removesuffix(":latest") not in expected]
+        for model in extras[:MODELS_SHOWN]:
+            lines.append(Content.styled(f"+ {model}  (served, not expected)", "$foreground-muted"))
+        hidden = (b.models_total or len(served)) - len(served) + max(0, len(extras) - MODELS_SHOWN)
+        if hidden > 0:
+            lines.append(Content.styled(f"… and {hidden} more served", "$foreground-muted"))
         loaded = b.extra.get("loaded_models")
         if loaded is not None:
-            lines.append(Content.styled(f"loaded now: {', '.join(loaded) or 'none'}", "$foreground-muted"))
+            shown = ", ".join(loaded[:MODELS_SHOWN]) + (f" … ({len(loaded)})" if len(loaded) > MODELS_SHOWN else "")
+            lines.append(Content.styled(f"loaded now: {shown or 'none'}", "$foreground-muted"))
         if not lines:
             lines.append(Content.styled("none reported", "$foreground-muted"))
         return Content("\n").join(lines)

@@ -9,6 +9,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input
 
 from llmtop.tui.format import SORT_NAMES
+from llmtop.tui.messages import READ_ONLY_ACTIONS
 from llmtop.tui.messages import AdminRequested, DetailsRequested, ProbeRequested
 from llmtop.tui.view import FleetView
 from llmtop.tui.widgets.events_log import EventsLog
@@ -22,13 +23,15 @@ from llmtop.tui.widgets.trends import Trends
 
 class FleetScreen(BlindKeysOff, Screen):
     AUTO_FOCUS = "#fleet"
+    # The footer shows what an 80-column terminal has room for; `?` lists every key.
     BINDINGS = [
         Binding("p", "probe", "Probe"),
         Binding("d", "drain", "Drain"),
         Binding("t", "toggle", "On/off"),
         Binding("slash", "filter", "Filter"),
         Binding("s", "cycle_sort", "Sort"),
-        Binding("g", "toggle_gpu", "GPU"),
+        Binding("S", "reverse_sort", "Reverse sort", show=False),
+        Binding("g", "toggle_gpu", "GPU", show=False),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
@@ -102,9 +105,19 @@ class FleetScreen(BlindKeysOff, Screen):
         if name := self.table.selected_name:
             self.post_message(AdminRequested(name, "toggle"))
 
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        # --read-only hides the keys it turns off, rather than showing keys that do nothing.
+        if action in READ_ONLY_ACTIONS and getattr(self.app, "read_only", False):
+            return False
+        return super().check_action(action, parameters)
+
     def action_cycle_sort(self) -> None:
         table = self.table
         table.set_sort(SORT_NAMES[(SORT_NAMES.index(table.sort_name) + 1) % len(SORT_NAMES)])
+
+    def action_reverse_sort(self) -> None:
+        table = self.table
+        table.set_sort(table.sort_name, reverse=not table.sort_reverse)
 
     def action_toggle_gpu(self) -> None:
         self.toggle_class("-no-gpu")

@@ -14,24 +14,30 @@ from llmtop.tui.widgets.too_small import TooSmall
 # (key, what it does, changes state); kept within 76 columns so the help fits an 80x24 terminal.
 KEYS = (
     ("↑ ↓ j k", "move between backends", False),
-    ("Enter", "details: charts, models, errors, breaker, metrics", False),
+    ("Enter", "details: phases, p50/p95, models, errors, breaker, metrics", False),
     ("Esc", "back, close, or clear the filter", False),
     ("p", "probe the selected backend now: a full round incl. a completion", False),
     ("P", "probe every backend now; progress shows in the header", False),
     ("d", "drain / undrain the selected backend (asks; survives restarts)", True),
     ("t", "disable / enable the selected backend (survives restarts)", True),
-    ("r", "reload the config (SIGHUP and edits to the file reload it too, also in --read-only)", True),
-    ("/", "filter by name, provider or status", False),
-    ("s", "cycle the sort: name, status, TTFT, tok/s, queue", False),
+    ("r", "reload the config (SIGHUP and edits reload it too, also --read-only)", True),
+    ("/", "filter by name, provider, status or model name", False),
+    ("s / S", "sort by the next column / reverse the sort (or click a header)", False),
+    ("space", "pause the screen to read it (polls and probes go on)", False),
     ("g", "show or hide the GPU panel", False),
     ("T", "cycle the colour theme", False),
     ("?", "this help", False),
     ("q", "quit", False),
 )
 LEGEND = (
-    "● healthy  ▲ degraded  ✖ down  ◌ loading  ? unknown  ⟳ probing\n"
-    "⏸ draining  ○ disabled      circuit: closed · OPEN · half-open\n"
-    "! past its alarm level      ~ tokens counted from chunks, not usage"
+    "status: the symbol is health, the word is health or the operator's state\n"
+    "  ● healthy  ▲ degraded  ✖ down  ◌ loading  ? unknown  ⟳ probing\n"
+    "  ● draining: drained, healthy   ○ disabled: nothing is sent to it\n"
+    "figures: ! past the warning level   !! past the alarm level\n"
+    "  (182ms) last measured, older than the backend's present state\n"
+    "  ?/2 model list unknown   1/2! a model missing   ~ tokens counted\n"
+    "  age: how old the TTFT and tok/s beside it are\n"
+    "circuit: closed · OPEN · half-open"
 )
 
 

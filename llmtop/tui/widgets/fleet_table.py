@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 from textual.binding import Binding
@@ -26,41 +27,52 @@ class Column(NamedTuple):
 class RowContext(NamedTuple):
     now: float
     settings: Settings
-    compact: bool
 
 
 COLUMNS: dict[str, Column] = {
-    "status": Column("status", 10, "left", lambda b, c: fmt.status_badge(b, with_admin=c.compact)),
+    "status": Column("status", 10, "left", lambda b, c: fmt.status_badge(b)),
     "name": Column("name", 0, "left", lambda b, c: Cell(b.name)),
     "provider": Column("provider", 9, "left", lambda b, c: Cell(b.provider, fmt.MUTED)),
-    "circuit": Column("circuit", 9, "left", lambda b, c: fmt.circuit_badge(b)),
-    "admin": Column("admin", 10, "left", lambda b, c: fmt.admin_badge(b)),
-    "ttft": Column("TTFT", 6, "right", lambda b, c: fmt.ttft_cell(b, c.settings.slow_ttft_ms)),
-    "tps": Column("tok/s", 6, "right", lambda b, c: fmt.tps_cell(b)),
+    "ttft": Column("TTFT", 7, "right", lambda b, c: fmt.ttft_cell(b, c.settings.slow_ttft_ms, c.now)),
+    "tps": Column("tok/s", 7, "right", lambda b, c: fmt.tps_cell(b, c.now)),
+    "age": Column("age", 4, "right", lambda b, c: fmt.age_cell(b, c.now)),
     "latency": Column("latency", 7, "right", lambda b, c: fmt.latency_cell(b)),
     "queue": Column("queue", 5, "right", lambda b, c: fmt.queue_cell(b)),
-    "kv": Column("KV", 4, "right", lambda b, c: fmt.kv_cell(b)),
+    "kv": Column("KV", 5, "right", lambda b, c: fmt.kv_cell(b)),
     "models": Column("models", 6, "right", lambda b, c: fmt.models_cell(b)),
-    "age": Column("age", 4, "right", lambda b, c: fmt.age_cell(b, c.now, 3 * c.settings.health_interval_s)),
+    "circuit": Column("circuit", 9, "left", lambda b, c: fmt.circuit_badge(b)),
     "trend": Column("TTFT trend", 12, "left", lambda b, c: Cell(fmt.spark((v for _, v in b.ttft_history), 12), fmt.MUTED)),
 }
-FULL = ("status", "name", "provider", "circuit", "admin", "ttft", "tps", "latency", "queue", "kv", "models", "age", "trend")
-COMPACT = ("status", "name", "ttft", "tps", "queue", "kv", "models", "circuit")
+# Left to right as shown; the first set always, then each extra as the width allows, in this order.
+ORDER = ("status", "name", "provider", "ttft", "tps", "age", "latency", "queue", "kv", "models", "circuit", "trend")
+ESSENTIAL = ("status", "name", "ttft", "tps", "queue", "kv", "models", "circuit")
+EXTRAS = ("latency", "age", "provider", "trend")
 # The age changes every second for every row; everything else only when the backend's seq does.
-_TICKING = ("age",)
+_TICKING = ("age", "ttft", "tps")
 
 CELL_PADDING = 1
 SCROLLBAR = 1  # app.tcss sets scrollbar-size-vertical: 1 on the table
 NAME_MIN, NAME_MAX = 8, 32
-NAME_FULL_MIN = 12  # the full column set only when names still get this much room
+NAME_ROOMY = 20  # an extra column is added only while names keep this much room (or their full length)
 
 
 def _fixed_width(keys: tuple[str, ...]) -> int:
-    return sum(COLUMNS[k].width for k in keys) + 2 * CELL_PADDING * len(keys) + SCROLLBAR
+    return sum(COLUMNS[k].width for k in keys if k != "name") + 2 * CELL_PADDING * len(keys) + SCROLLBAR
+
+
+def layout(width: int, longest_name: int) -> tuple[tuple[str, ...], int]:
+    """The columns for this width (the essential ones, then extras while they fit) and the name width."""
+    chosen = set(ESSENTIAL)
+    for extra in EXTRAS:
+        if width - _fixed_width(tuple(chosen | {extra})) >= min(NAME_ROOMY, max(NAME_MIN, longest_name)):
+            chosen.add(extra)
+    columns = tuple(k for k in ORDER if k in chosen)
+    room = width - _fixed_width(columns)
+    return columns, max(NAME_MIN, min(longest_name, NAME_MAX, room))
 
 
 class FleetTable(ThemedPalette, DataTable):
-    """Shows a FleetSnapshot; picks the full or the compact column set from its own width."""
+    """Shows a FleetSnapshot; picks its columns from its own width."""
 
     BINDINGS = [
         Binding("enter", "select_cursor", "Details"),
@@ -71,6 +83,7 @@ class FleetTable(ThemedPalette, DataTable):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", cell_padding=CELL_PADDING, zebra_stripes=False)
         self.sort_name = "status"
+        self.sort_reverse = False
         self.filter_text = ""
         self.total = 0  # backends before the filter
         self._fleet: FleetSnapshot | None = None
@@ -82,9 +95,22 @@ class FleetTable(ThemedPalette, DataTable):
         self._cache_keys: dict[str, tuple[int, bool]] = {}
         self._order: dict[str, int] = {}
         self._title = ""
+        # Until the operator moves the cursor, it stays on the first row (the worst backend,
+        # sorted by status); after that, it follows the backend they chose.
+        self._chosen = False
+        self._moving = False  # the table itself is moving rows or the cursor (_sync, _rebuild)
 
     def restyle(self) -> None:
         self._rebuild()
+
+    @contextmanager
+    def _itself(self):
+        """Cursor moves inside this block are the table's own, not the operator's choice."""
+        outer, self._moving = self._moving, True
+        try:
+            yield
+        finally:
+            self._moving = outer
 
     # -- what the screen calls ---------------------------------------------------------------
 
@@ -99,13 +125,27 @@ class FleetTable(ThemedPalette, DataTable):
         self._fleet, self._settings, self._probing = view.fleet, view.settings, view.probing
         self._sync()
 
-    def set_sort(self, name: str) -> None:
-        self.sort_name = name
+    def set_sort(self, name: str, reverse: bool = False) -> None:
+        self.sort_name, self.sort_reverse = name, reverse
         self._sync()
 
     def set_filter(self, text: str) -> None:
         self.filter_text = text
         self._sync()
+
+    # -- the operator's cursor ----------------------------------------------------------------
+
+    def watch_cursor_coordinate(self, old, new) -> None:
+        super().watch_cursor_coordinate(old, new)
+        if not self._moving:  # moved by a key, a click or the screen, not by the table re-sorting itself
+            self._chosen = True
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        """A click on a column's header sorts by it; a second click reverses."""
+        event.stop()
+        key = event.column_key.value
+        if key in fmt.SORT_KEYS:
+            self.set_sort(key, reverse=not self.sort_reverse if key == self.sort_name else False)
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -114,19 +154,14 @@ class FleetTable(ThemedPalette, DataTable):
             self._rebuild()
 
     def _layout(self) -> tuple[tuple[str, ...], int]:
-        """Column set and name width for the current width and names."""
-        width = self.size.width
         names = [b.name for b in self._fleet.backends] if self._fleet else []
-        longest = max((len(n) for n in names), default=NAME_MIN)
-        columns = FULL if width >= _fixed_width(FULL) + 2 * CELL_PADDING + NAME_FULL_MIN else COMPACT
-        room = width - _fixed_width(columns) - 2 * CELL_PADDING
-        return columns, max(NAME_MIN, min(longest, NAME_MAX, room))
+        return layout(self.size.width, max((len(n) for n in names), default=NAME_MIN))
 
     def _rebuild(self) -> None:
         """Start again from the columns (a layout or theme change); the cursor stays on its backend."""
-        keep = self.selected_name
+        keep = self.selected_name if self._chosen else None
         self._columns, self._name_width = self._layout()
-        with self.app.batch_update():
+        with self.app.batch_update(), self._itself():
             self.clear(columns=True)
             self._cells.clear()
             self._cache_keys.clear()
@@ -134,9 +169,15 @@ class FleetTable(ThemedPalette, DataTable):
             for key in self._columns:
                 column = COLUMNS[key]
                 width = column.width or self._name_width
-                label = styled(Cell(column.label), self._styles, column.justify)
+                label = styled(Cell(self._label(key)), self._styles, column.justify)
                 self.add_column(label, key=key, width=width)
             self._sync(keep)
+
+    def _label(self, key: str) -> str:
+        label = COLUMNS[key].label
+        if key == self.sort_name:
+            label += "▲" if self.sort_reverse else "▼"  # which column orders the rows, and which way
+        return label
 
     # -- the diff ---------------------------------------------------------------------------
 
@@ -144,16 +185,18 @@ class FleetTable(ThemedPalette, DataTable):
         fleet = self._fleet
         if fleet is None:
             return
-        if (self._columns, self._name_width) != self._layout():
+        if (self._columns, self._name_width) != self._layout() or any(
+            str(col.label.plain) != self._label(key.value) for key, col in self.columns.items()
+        ):
             self._rebuild()  # calls back into _sync with the new columns
             return
         self.total = len(fleet.backends)
         visible = [b for b in fleet.backends if fmt.matches(b, self.filter_text)]
         wanted = {b.name for b in visible}
-        context = RowContext(fleet.at, self._settings, self._columns == COMPACT)
+        context = RowContext(fleet.at, self._settings)
         # Rows move when values change under the sort; the cursor follows its backend, not its row number.
-        keep = keep or self.selected_name
-        with self.app.batch_update():
+        keep = keep or (self.selected_name if self._chosen else None)
+        with self.app.batch_update(), self._itself():
             for name in [k.value for k in self.rows if k.value not in wanted]:
                 self.remove_row(name)
                 self._cells.pop(name, None)
@@ -178,7 +221,7 @@ class FleetTable(ThemedPalette, DataTable):
         old = self._cells.get(b.name)
         if old is not None and self._cache_keys.get(b.name) == cache_key:
             cells = dict(old)
-            for key in _TICKING:
+            for key in _TICKING:  # figures turn old with time alone
                 if key in cells:
                     cells[key] = COLUMNS[key].cell(b, context)
             return cells
@@ -189,7 +232,8 @@ class FleetTable(ThemedPalette, DataTable):
         return cells
 
     def _update_title(self) -> None:
-        title = f"sort: {fmt.SORT_LABELS[self.sort_name]}"
+        direction = " (reversed)" if self.sort_reverse else ""
+        title = f"sort: {fmt.SORT_LABELS[self.sort_name]}{direction}"
         if self.filter_text:
             title += f" · filter '{self.filter_text}': {self.row_count} of {self.total}"
         if title != self._title:  # setting a border title always repaints
@@ -200,7 +244,11 @@ class FleetTable(ThemedPalette, DataTable):
         return styled(cell, self._styles, COLUMNS[key].justify)
 
     def _reorder(self, visible: list[BackendSnapshot]) -> None:
-        ordered = sorted(visible, key=fmt.SORT_KEYS[self.sort_name])
+        order_of = fmt.SORT_KEYS[self.sort_name]
+        ordered = sorted(visible, key=order_of)
+        if self.sort_reverse:  # the other way round, but a backend with no figure still sorts last
+            known = [b for b in ordered if order_of(b)[0] != fmt.NO_FIGURE]
+            ordered = known[::-1] + [b for b in ordered if order_of(b)[0] == fmt.NO_FIGURE]
         order = {b.name: i for i, b in enumerate(ordered)}
         if order == self._order and len(order) == self.row_count:
             return
@@ -210,6 +258,8 @@ class FleetTable(ThemedPalette, DataTable):
 
     def _restore_cursor(self, name: str | None) -> None:
         if name is None or name not in self._cells:
+            if not self._chosen and self.row_count and self.cursor_row != 0:
+                self.move_cursor(row=0, animate=False)
             return
         index = self.get_row_index(name)
         if index != self.cursor_row:

@@ -21,28 +21,25 @@ _ALWAYS = ("healthy", "degraded", "down")  # shown even at zero: "0 down" is new
 
 
 class FleetSummary(Static):
-    """One line of counts above the table, and a second for a config error or a hint."""
+    """One line of counts above the table (short forms when the words do not fit its width), and
+    a second for a config error or a hint."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._parts: list = []
+        self._view: FleetView | None = None
+
+    def on_resize(self) -> None:
+        if self._view is not None:
+            self.show(self._view)
 
     def show(self, view: FleetView) -> None:
-        fleet, progress = view.fleet, view.progress
-        counts = fleet.counts()
-        parts: list[str | tuple[str, str]] = [("llmtop", "bold $accent"), f" {len(fleet.backends)} backends "]
-        for key, symbol, word, colour in _COUNTS:
-            if counts.get(key) or key in _ALWAYS:
-                parts.append((f" {symbol} {counts.get(key, 0)} {word}", colour))
-        circuits = [b.circuit for b in fleet.backends]
-        if circuits.count("open") or circuits.count("half_open"):
-            parts.append((f"  ⚡ circuits: {circuits.count('open')} open", "bold $text-error"))
-            if circuits.count("half_open"):
-                parts.append((f", {circuits.count('half_open')} half-open", "$text-warning"))
-        if progress is not None:
-            parts.append((f"  ⟳ probing {progress.done}/{progress.total}", "bold $text-accent"))
-        if view.read_only:
-            parts.append(("  [read-only]", "$foreground-muted"))
+        self._view = view
+        width = max(1, self.size.width - 2)  # its padding
+        parts = self._counts(view, short=False)
+        if sum(len(p if isinstance(p, str) else p[0]) for p in parts) > width:
+            parts = self._counts(view, short=True)
+        fleet = view.fleet
         if fleet.config_error:
             message = f"✖ config error, still running the previous config: {fleet.config_error}"
             parts += ["\n", (message, "bold $text-error")]
@@ -51,3 +48,25 @@ class FleetSummary(Static):
         if parts != self._parts:  # an update re-lays out the screen (auto height), so skip a same-text tick
             self._parts = parts
             self.update(Content.assemble(*parts))
+
+    @staticmethod
+    def _counts(view: FleetView, short: bool) -> list:
+        fleet, progress = view.fleet, view.progress
+        counts = fleet.counts()
+        parts: list[str | tuple[str, str]] = [("llmtop", "bold $accent"), f" {len(fleet.backends)}" + ("" if short else " backends ")]
+        for key, symbol, word, colour in _COUNTS:
+            if counts.get(key) or key in _ALWAYS:
+                parts.append((f" {symbol}{counts.get(key, 0)}" if short else f" {symbol} {counts.get(key, 0)} {word}", colour))
+        circuits = [b.circuit for b in fleet.backends]
+        opened, half = circuits.count("open"), circuits.count("half_open")
+        if opened or half:
+            parts.append((f"  ⚡{opened} open" if short else f"  ⚡ circuits: {opened} open", "bold $text-error"))
+            if half:
+                parts.append((f" {half} half" if short else f", {half} half-open", "$text-warning"))
+        if progress is not None:
+            parts.append((f"  ⟳{progress.done}/{progress.total}" if short else f"  ⟳ probing {progress.done}/{progress.total}", "bold $text-accent"))
+        if view.paused:
+            parts.append(("  ‖ paused" if short else "  ‖ paused (space resumes)", "bold $text-warning"))
+        if view.read_only:
+            parts.append(("  read-only" if short else "  [read-only]", "$foreground-muted"))
+        return parts
