@@ -178,6 +178,8 @@ class LlmtopApp(App):
 
     def refresh_fleet(self) -> None:
         """Take a snapshot and show it on every screen that shows one (cheap: snapshots are cached per backend)."""
+        if not self.is_running:
+            return  # shutting down: a last tick would query widgets already removed from their screens
         if self.live:
             self._refresh_state()
         if self.paused:
