@@ -1,5 +1,5 @@
 """`python -m llmtop` runs the command-line interface."""
 
-from llmtop.cli import main
+from llmtop.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -13,48 +13,95 @@ from llmtop import __version__
 from llmtop.config import Config, ConfigError, load_config, resolve_config_path
 from llmtop.paths import default_state_path
 from llmtop.sanitize import for_terminal
-from llmtop.state import StateError, StateStore
+from llmtop.state import ADMIN_COMMANDS, LIFTS, StateError, StateStore
 
-ADMIN_COMMANDS = {"drain": "draining", "undrain": "active", "disable": "disabled", "enable": "active"}
+# Beyond these a number is a typo (or inf), not a plan: an interval of a day, a million rounds, and
+# more check processes than any machine has cores.
+MAX_INTERVAL_S = 86400.0
+MAX_ROUNDS = 1_000_000
+MAX_WORKERS = 1024
+ADMIN_HELP = {
+    "drain": "drain a backend: no completion probes, shown as draining everywhere",
+    "undrain": "lift a drain (a disabled backend stays disabled)",
+    "disable": "disable a backend: no requests at all",
+    "enable": "lift a disable (a draining backend stays draining)",
+}
+
+ADD_A_BACKEND = (
+    'add a [[backend]] table with name, provider and url (e.g. name = "gpu1", provider = "vllm", '
+    'url = "http://10.0.0.5:8000"), or try `llmtop --demo`'
+)
 
 
 class UsageError(Exception):
     """A problem with how llmtop was invoked; one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (default: $LLMTOP_CONFIG, else ~/.config/llmtop/config.toml)")
-    common.add_argument("--state", metavar="PATH", help="admin state file (default: the user state dir)")
-
-    parser = argparse.ArgumentParser(
-        prog="llmtop",
-        description="A terminal monitor for fleets of LLM inference backends.",
-        parents=[common],
+def _shared_options(parser: argparse.ArgumentParser, *, demo: bool, suppress: bool) -> None:
+    """--config, --state (and --demo where it means something), on the main parser and again on
+    each subcommand, so `llmtop --config X check` and `llmtop check --config X` mean the same, as
+    `git -C` users expect. The subcommand's copies default to SUPPRESS: one not given there leaves
+    what the main parser read alone instead of overwriting it with None."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--config", metavar="PATH", default=default,
+        help="config file (default: $LLMTOP_CONFIG, else ~/.config/llmtop/config.toml)",
     )
+    parser.add_argument(
+        "--state", metavar="PATH", default=default,
+        help="admin state file (default: the user state dir; with --demo, one in the demo's temporary dir)",
+    )
+    if demo:
+        parser.add_argument(
+            "--demo", action="store_true", default=argparse.SUPPRESS if suppress else False,
+            help="watch a built-in simulated fleet on 127.0.0.1",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmtop", description="A terminal monitor for fleets of LLM inference backends.")
+    _shared_options(parser, demo=True, suppress=False)
     parser.add_argument("--version", action="version", version=f"llmtop {__version__}")
-    parser.add_argument("--demo", action="store_true", help="watch a built-in simulated fleet on 127.0.0.1")
-    parser.add_argument("--theme", metavar="NAME", help="colour theme: a file name in themes/ or ~/.config/llmtop/themes/ (T cycles in the app)")
+    parser.add_argument(
+        "--theme", metavar="NAME",
+        help="colour theme: dark, light, high-contrast, or a file name in ~/.config/llmtop/themes/ (T cycles in the app)",
+    )
     parser.add_argument("--read-only", action="store_true", help="disable the keys that change state (drain, toggle, reload)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    check = sub.add_parser("check", parents=[common], help="poll and probe every backend once, print a table or JSON")
+    check = sub.add_parser("check", help="poll and probe every backend once, print a table or JSON")
+    _shared_options(check, demo=True, suppress=True)
     check.add_argument("--json", action="store_true", help="print JSON (shape in the README)")
-    check.add_argument("--rounds", type=int, default=1, metavar="N", help="rounds to run (default 1)")
-    check.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between rounds (default 1)")
-    check.add_argument("--demo", action="store_true", help="check the built-in simulated fleet")
+    check.add_argument("--rounds", type=int, default=1, metavar="N", help=f"rounds to run (default 1, at most {MAX_ROUNDS})")
+    check.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help=f"seconds between rounds (default 1, at most {MAX_INTERVAL_S:g})",
+    )
     check.add_argument(
         "--workers", type=int, default=None, metavar="N",
-        help="processes to split the fleet over (default: one per CPU core, for fleets big enough to need them)",
+        help=f"processes to split the fleet over (default: one per CPU core, for fleets big enough to need them; at most {MAX_WORKERS})",
     )
 
-    for command, state in ADMIN_COMMANDS.items():
-        p = sub.add_parser(command, parents=[common], help=f"set a backend's admin state to {state}")
+    for command in ADMIN_COMMANDS:
+        p = sub.add_parser(command, help=ADMIN_HELP[command])
+        _shared_options(p, demo=False, suppress=True)
         p.add_argument("name", help="backend name from the config")
 
-    init = sub.add_parser("init", parents=[common], help="write a commented starter config (with local servers found)")
+    init = sub.add_parser("init", help="write a commented starter config (with local servers found)")
+    _shared_options(init, demo=False, suppress=True)
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser
+
+
+def _check_scope(args) -> None:
+    """An option that the command would ignore is a mistake to say, not to swallow."""
+    if args.demo and args.config:
+        raise UsageError("--demo watches its own simulated fleet; leave out --config (or --demo)")
+    if args.command is None:
+        return
+    for flag, given in (("--theme", args.theme), ("--read-only", args.read_only), ("--demo", args.demo)):
+        if given and not (flag == "--demo" and args.command == "check"):
+            where = "the live screen and `check`" if flag == "--demo" else "the live screen (llmtop with no command)"
+            raise UsageError(f"{flag} applies to {where}, not to `{args.command}`; leave it out")
 
 
 def _load(args) -> Config:
@@ -64,48 +111,89 @@ def _load(args) -> Config:
     return load_config(path)
 
 
-def _state(args) -> StateStore:
-    return StateStore(Path(args.state).expanduser() if args.state else default_state_path())
+def _state(args, default: Path | None = None) -> StateStore:
+    return StateStore(Path(args.state).expanduser() if args.state else (default or default_state_path()))
+
+
+def _out(text: str) -> None:
+    """Print to stdout; a reader that went away (`llmtop check | head -1`) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _err(line: str) -> None:
+    if sys.stderr is None:  # started with fd 2 closed (`2>&-`): print(file=None) would write to stdout
+        return
+    with contextlib.suppress(OSError):  # a dead pipe: the exit code still says it
+        print(line, file=sys.stderr, flush=True)
+
+
+def _stdout_gone() -> None:
+    # Point fd 1 at /dev/null so the interpreter's last flush at exit does not raise again.
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _check_numbers(args) -> None:
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        raise UsageError(f"--rounds must be from 1 to {MAX_ROUNDS}, got {args.rounds}")
+    if not 0 <= args.interval <= MAX_INTERVAL_S:  # also false for nan
+        raise UsageError(f"--interval must be a number of seconds from 0 to {MAX_INTERVAL_S:g}, got {args.interval}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.workers is not None and args.workers > MAX_WORKERS:
+        raise UsageError(f"--workers must be at most {MAX_WORKERS}, got {args.workers}")
 
 
 def cmd_check(args) -> int:
     from llmtop.check import CheckWorkerError, check_fleet, exit_code, render_table, to_json
     from llmtop.gpu import GpuReader
 
-    if args.rounds < 1:
-        raise UsageError("--rounds must be at least 1")
-    if args.interval < 0:
-        raise UsageError("--interval must not be negative")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError("--workers must be at least 1")
-    state = _state(args)
-    gpu = GpuReader()
+    _check_numbers(args)
     with contextlib.ExitStack() as stack:
         if args.demo:
             from llmtop.demo import DemoFleet
 
-            config = load_config(stack.enter_context(DemoFleet()))
+            # The demo's drains live and die with the demo, never in the user's own state file.
+            try:
+                demo = stack.enter_context(DemoFleet())
+            except RuntimeError as exc:  # the simulator could not start; its message says why
+                raise UsageError(str(exc)) from None
+            config, state = load_config(demo.config_path), _state(args, demo.state_path)
         else:
-            config = _load(args)
+            config, state = _load(args), _state(args)
+        if not config.backends:
+            # Zero backends checked is not "every backend is healthy": a script must not read it as success.
+            raise UsageError(f"{config.path}: no backends to check; {ADD_A_BACKEND}")
         try:
-            snapshot = check_fleet(config, state, args.rounds, args.interval, gpu, args.workers)
+            snapshot = check_fleet(config, state, args.rounds, args.interval, GpuReader(), args.workers)
         except CheckWorkerError as exc:  # a worker process failed: one line, exit 2
             raise UsageError(" ".join(str(exc).split())[:300]) from None
-    print(to_json(snapshot) if args.json else render_table(snapshot))
+    _out(to_json(snapshot) if args.json else render_table(snapshot))
     return exit_code(snapshot)
 
 
 def cmd_admin(args) -> int:
-    target = ADMIN_COMMANDS[args.command]
+    command = args.command
     config = _load(args)
-    if config.backend(args.name) is None:
+    backend = config.backend(args.name)
+    if backend is None:
         names = ", ".join(b.name for b in config.backends) or "none"
         raise UsageError(f"{config.path}: no backend named '{args.name}' (known: {names})")
-    state = _state(args)
-    before = state.admin(args.name)
-    state.set_admin(args.name, target)
-    note = "" if config.backend(args.name).enabled else " (note: enabled = false in the config still keeps it off)"
-    print(f"{args.name}: {before} -> {target}{note}")
+    before, after = _state(args).apply(args.name, command)
+    if command in LIFTS and before not in (LIFTS[command], "active"):
+        # undrain of a disabled backend, enable of a draining one: say which command would lift it.
+        lift = next(c for c, lifted in LIFTS.items() if lifted == before)
+        line = f"{args.name}: {before}, not {LIFTS[command]}; left {before} (`llmtop {lift} {args.name}` {lift}s it)"
+    else:
+        line = f"{args.name}: {before} -> {after}"
+        if not backend.enabled:
+            line += " (note: enabled = false in the config still keeps it off)"
+    _out(line)
     return 0
 
 
@@ -114,42 +202,65 @@ def cmd_init(args) -> int:
     from llmtop.starter import starter_config
 
     path = resolve_config_path(args.config)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; name the file to write, e.g. --config {path / 'config.toml'}")
     if path.exists() and not args.force:
         raise UsageError(f"{path}: already exists; pass --force to overwrite it")
     found = asyncio.run(discover())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(starter_config(found), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(starter_config(found), encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the config ({exc.strerror}); name a writable path with --config") from None
     what = ", ".join(f"{f.provider} at {f.url}" for f in found) or "no local servers (an example is commented out)"
-    print(f"wrote {path}: {what}")
+    _out(f"wrote {path}: {what}")
     return 0
 
 
-def cmd_tui(args) -> int:
+def cmd_tui(args, program: bool = False) -> int:
     from llmtop.tui.run import run_tui
 
-    return run_tui(args)
+    code = run_tui(args)
+    if program:
+        # Everything is put away by now: the terminal restored, the demo's simulator stopped and its
+        # files gone, every state write landed. What is left is the interpreter freeing the objects
+        # of Textual and the app one by one, some 130 ms of CPU between `q` and the prompt; the
+        # operating system frees them at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> None:
+    """The `llmtop` program (console script and `python -m llmtop`)."""
+    raise SystemExit(main(program=True))
+
+
+def main(argv: list[str] | None = None, *, program: bool = False) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # --help and --version print, then raise SystemExit
+        _check_scope(args)
         if args.command == "check":
             return cmd_check(args)
         if args.command in ADMIN_COMMANDS:
             return cmd_admin(args)
         if args.command == "init":
             return cmd_init(args)
-        return cmd_tui(args)
+        return cmd_tui(args, program)
     except (ConfigError, StateError, UsageError) as exc:
         # The message may quote the config's own text (a key, a value): printable, one line.
-        print(f"llmtop: {for_terminal(str(exc), 2000)}", file=sys.stderr)
+        _err(f"llmtop: {for_terminal(str(exc), 2000)}")
         return 2
+    except BrokenPipeError:  # `llmtop --help | head -1`: the reader has what it wanted
+        _stdout_gone()
+        return 0
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("LLMTOP_DEBUG"):
             raise
         message = for_terminal(f"{type(exc).__name__}: {exc}", 300)
-        print(f"llmtop: internal error, please report it (LLMTOP_DEBUG=1 shows where): {message}", file=sys.stderr)
+        _err(f"llmtop: internal error, please report it (LLMTOP_DEBUG=1 shows where): {message}")
         return 2

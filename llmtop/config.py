@@ -143,6 +143,46 @@ def _type_name(t: Any) -> str:
     return names.get(t, t.__name__)
 
 
+def _advice(value: Any, expected: Any, where: str) -> str:
+    """How to write the value instead, as a line of valid TOML: `timeout_s = "10"` becomes
+    `timeout_s = 10`, but `timeout_s = "ten"` must not become `timeout_s = ten`."""
+    key = where.rsplit(".", 1)[-1]
+    if expected is list and isinstance(value, str):
+        return f"; write it as {key} = [{_toml_string(value)}]"
+    if not isinstance(value, str):
+        return ""
+    unquoted = value.strip()
+    if expected is bool:
+        return f"; write it without quotes: {key} = {unquoted.lower()}" if unquoted.lower() in ("true", "false") else ""
+    if expected not in (float, int, (int, float)):
+        return ""
+    if _parses_as(unquoted, expected):
+        return f"; write it without quotes: {key} = {unquoted}"
+    kind = "an integer" if expected is int else "a number"
+    return f"; write {kind} without quotes, like {key} = 10"
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are a subset of TOML's, so JSON's quoting is valid TOML."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _parses_as(text: str, expected: Any) -> bool:
+    """Whether `key = text` is valid TOML giving a value of the expected type."""
+    if not text or "\n" in text or "\r" in text:
+        return False
+    try:
+        data = tomllib.loads(f"x = {text}")
+    except tomllib.TOMLDecodeError:
+        return False
+    number = data.get("x")
+    if len(data) != 1 or isinstance(number, bool):
+        return False
+    return isinstance(number, int) if expected is int else isinstance(number, (int, float))
+
+
 class _Checker:
     def __init__(self, source: str):
         self.source = source
@@ -163,12 +203,8 @@ class _Checker:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            hint = ""
-            if expected is list and isinstance(value, str):
-                hint = f'; write it as ["{value}"]'
-            elif expected in (float, int, (int, float)) and isinstance(value, str):
-                hint = f"; write it without quotes: {where.rsplit('.', 1)[-1]} = {value}"
-            raise self.fail(where, f"expected {_type_name(expected)}, got {type(value).__name__} {value!r}{hint}")
+            advice = _advice(value, expected, where)
+            raise self.fail(where, f"expected {_type_name(expected)}, got {type(value).__name__} {value!r}{advice}")
         return value
 
     def dataclass_table(self, cls: type, table: Any, where: str, positive: bool = True) -> Any:

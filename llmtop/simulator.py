@@ -18,7 +18,9 @@ import asyncio
 import bisect
 import hashlib
 import json
+import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -1101,19 +1103,38 @@ def demo_config_toml(sim: Simulator, backends: Iterable[SimBackend]) -> str:
 # --- Command line ------------------------------------------------------------------------------------
 
 
-async def _serve_until_signalled(backends: list[SimBackend], port: int, config_out: Path | None) -> None:
-    async with Simulator(backends, port=port) as sim:
-        config = demo_config_toml(sim, backends)
-        if config_out is None:
-            print(config, end="", flush=True)
-        else:
-            config_out.write_text(config, encoding="utf-8")
-        print(f"listening on {sim.base_url}", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+async def _serve_until_signalled(
+    backends: list[SimBackend], port: int, config_out: Path | None, *, parent_pipe: bool = False, remove_dir: Path | None = None
+) -> None:
+    try:
+        async with Simulator(backends, port=port) as sim:
+            config = demo_config_toml(sim, backends)
+            if config_out is None:
+                print(config, end="", flush=True)
+            else:
+                config_out.write_text(config, encoding="utf-8")
+            print(f"listening on {sim.base_url}", file=sys.stderr, flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, stop.set)
+            if parent_pipe:
+                # The parent holds the other end of stdin and never writes: end of file means it has
+                # gone, even by SIGKILL, which leaves it no chance to stop us.
+                def stdin_readable() -> None:
+                    try:
+                        more = os.read(sys.stdin.fileno(), 4096)
+                    except OSError:
+                        more = b""
+                    if not more:
+                        loop.remove_reader(sys.stdin.fileno())
+                        stop.set()
+
+                loop.add_reader(sys.stdin.fileno(), stdin_readable)
+            await stop.wait()
+    finally:
+        if remove_dir is not None:
+            shutil.rmtree(remove_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1128,11 +1149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-ms", type=float, default=40.0, help="time to first token with --count (default 40)")
     parser.add_argument("--gap-ms", type=float, default=10.0, help="gap between tokens with --count (default 10)")
     parser.add_argument("--config-out", type=Path, metavar="PATH", help="write the config here instead of to stdout")
+    parser.add_argument(
+        "--parent-pipe", action="store_true",
+        help="stop when standard input closes (the process that started this one has ended)",
+    )
+    parser.add_argument("--remove-on-exit", type=Path, metavar="DIR", help="delete this directory when stopping")
     args = parser.parse_args(argv)
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
     backends = uniform_fleet(args.count, args.ttft_ms, args.gap_ms) if args.count else demo_fleet()
-    asyncio.run(_serve_until_signalled(backends, args.port, args.config_out))
+    asyncio.run(
+        _serve_until_signalled(
+            backends, args.port, args.config_out, parent_pipe=args.parent_pipe, remove_dir=args.remove_on_exit
+        )
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,23 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, last write
     fcntl = None
 
 from llmtop.snapshot import ADMIN_STATES
+
+FIX_PATH = "name a file in a writable directory with --state"
+
+
+# What each operator command asks for. undrain lifts a drain and enable lifts a disable, and
+# neither the other: `undrain` must not switch on a backend someone disabled (admin_after).
+ADMIN_COMMANDS = {"drain": "draining", "undrain": "active", "disable": "disabled", "enable": "active"}
+LIFTS = {"undrain": "draining", "enable": "disabled"}
+
+
+def admin_after(current: str, command: str) -> str:
+    """The admin state `command` leads to from `current`: undrain of a disabled backend leaves it
+    disabled, enable of a draining one leaves it draining."""
+    lifted = LIFTS.get(command)
+    if lifted is not None and current != lifted:
+        return current
+    return ADMIN_COMMANDS[command]
 
 
 class StateError(Exception):
@@ -44,35 +62,59 @@ class StateStore:
             self._admin, self._stamp = {}, None
             return changed
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot read state file: {exc.strerror}") from None
+            raise StateError(f"{self.path}: cannot read state file ({exc.strerror}); {FIX_PATH}") from None
+        if not stat.S_ISREG(st.st_mode):
+            # A directory, or a device such as /dev/null, which os.replace would swap for a file.
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "a device or other special file"
+            raise StateError(f"{self.path}: is {what}, not a state file; {FIX_PATH}")
         if stamp == self._stamp:
             return False
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            admin = data.get("admin", {})
-            if not isinstance(admin, dict):
-                raise ValueError("'admin' is not an object")
-        except (ValueError, OSError, AttributeError) as exc:
-            raise StateError(
-                f"{self.path}: state file is corrupt ({exc}); delete it to reset every backend to active"
-            ) from None
+            text = self.path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read state file ({exc.strerror}); {FIX_PATH}") from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[...", nested past the parser's limit
+            what = "nested too deeply" if isinstance(exc, RecursionError) else f"not JSON: {exc}"
+            raise self._corrupt(what) from None
+        admin = data.get("admin", {}) if isinstance(data, dict) else None
+        if not isinstance(admin, dict):
+            raise self._corrupt('expected {"admin": {"backend name": "draining" or "disabled"}}')
         self._admin = {str(k): str(v) for k, v in admin.items() if v in ADMIN_STATES and v != "active"}
         self._stamp = stamp
         return True
 
+    def _corrupt(self, what: str) -> StateError:
+        return StateError(f"{self.path}: state file is corrupt ({what}); delete it to reset every backend to active")
+
     def admin(self, name: str) -> str:
         return self._admin.get(name, "active")
+
+    def apply(self, name: str, command: str) -> tuple[str, str]:
+        """Run an operator command (drain, undrain, disable, enable) against the state on disk, under
+        the lock, and return (before, after); after == before when there was nothing to change."""
+        with self._lock():
+            self.refresh()
+            before = self.admin(name)
+            after = admin_after(before, command)
+            if after != before:
+                self._set(name, after)
+            return before, after
 
     def set_admin(self, name: str, state: str) -> None:
         if state not in ADMIN_STATES:
             raise ValueError(f"unknown admin state {state!r}")
         with self._lock():
             self.refresh()  # keep changes another process made since we last looked
-            if state == "active":
-                self._admin.pop(name, None)
-            else:
-                self._admin[name] = state
-            self._write()
+            self._set(name, state)
+
+    def _set(self, name: str, state: str) -> None:
+        if state == "active":
+            self._admin.pop(name, None)
+        else:
+            self._admin[name] = state
+        self._write()
 
     @contextlib.contextmanager
     def _lock(self):
@@ -82,7 +124,7 @@ class StateStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path.with_name(self.path.name + ".lock"), "a")
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot lock state file: {exc.strerror}") from None
+            raise StateError(f"{self.path}: cannot lock state file ({exc.strerror}); {FIX_PATH}") from None
         with handle:
             if fcntl is not None:
                 fcntl.flock(handle, fcntl.LOCK_EX)
@@ -103,6 +145,6 @@ class StateStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot write state file: {exc.strerror}") from None
+            raise StateError(f"{self.path}: cannot write state file ({exc.strerror}); {FIX_PATH}") from None
         st = self.path.stat()
         self._stamp = (st.st_mtime_ns, st.st_size)

@@ -7,6 +7,7 @@ import time
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +186,117 @@ def test_check_split_over_worker_processes_reports_every_backend_in_config_order
 def test_workers_must_be_positive(config, tmp_path):
     r = llmtop("check", "--workers", "0", "--config", str(config), "--state", str(tmp_path / "s.json"))
     assert r.returncode == 2 and r.stderr.strip() == "llmtop: --workers must be at least 1"
+
+
+# -- the command line means what it says ------------------------------------------------------
+
+
+def test_global_options_work_before_or_after_the_subcommand(config, tmp_path):
+    state = tmp_path / "s.json"
+    r = llmtop("--config", str(config), "--state", str(state), "check", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [b["name"] for b in json.loads(r.stdout)["backends"]] == ["fast", "ollama"]
+    r = llmtop("--state", str(state), "drain", "fast", "--config", str(config))
+    assert r.returncode == 0 and json.loads(state.read_text()) == {"admin": {"fast": "draining"}}
+    # After the subcommand wins over before it, as the last of a repeated option does.
+    other = tmp_path / "other.json"
+    assert llmtop("--state", str(state), "disable", "ollama", "--config", str(config), "--state", str(other)).returncode == 0
+    assert json.loads(other.read_text()) == {"admin": {"ollama": "disabled"}}
+    assert json.loads(state.read_text()) == {"admin": {"fast": "draining"}}
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--theme", "dark", "check"], "--theme applies to the live screen"),
+        (["--read-only", "drain", "x"], "--read-only applies to the live screen"),
+        (["--demo", "drain", "x"], "--demo applies to the live screen and `check`, not to `drain`"),
+        (["check", "--demo", "--config", "fleet.toml"], "--demo watches its own simulated fleet; leave out --config"),
+    ],
+)
+def test_an_option_the_command_would_ignore_is_an_error(args, says):
+    r = llmtop(*args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr
+
+
+def test_an_empty_fleet_is_not_success(tmp_path):
+    path = tmp_path / "empty.toml"
+    path.write_text("[settings]\ntimeout_s = 3\n")
+    r = llmtop("check", "--config", str(path), "--state", str(tmp_path / "s.json"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"llmtop: {path}: no backends to check; add a [[backend]]")
+
+
+def test_check_demo_never_reads_the_users_state_file(tmp_path):
+    own = tmp_path / "state" / "llmtop" / "state.json"
+    own.parent.mkdir(parents=True)
+    own.write_text('{"admin": {"vllm-fast": "draining"}}')
+    r = llmtop("check", "--demo", "--json", env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    assert {b["name"]: b["admin"] for b in json.loads(r.stdout)["backends"]}["vllm-fast"] == "active"
+    assert own.read_text() == '{"admin": {"vllm-fast": "draining"}}'
+
+
+@pytest.mark.parametrize("args", [["check"], ["check", "--json"], ["--help"]])
+def test_a_closed_pipe_ends_quietly(config, tmp_path, args):
+    """`llmtop check | head -1`: the reader is gone before llmtop writes (here, before it even starts)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "llmtop", *args, "--config", str(config), "--state", str(tmp_path / "s.json")],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert r.stderr == ""
+    assert r.returncode == 0  # the command's own code: the fleet is healthy, or help was asked for
+
+
+def hostile_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    directory = tmp_path / "a-dir"
+    directory.mkdir()
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    return [
+        (["init", "--config", str(directory)], "is a directory; name the file to write"),
+        (["init", "--config", str(directory), "--force"], "is a directory; name the file to write"),
+        (["init", "--config", "/proc/llmtop/config.toml"], "cannot write the config"),
+        (["check", "--state", str(directory)], "is a directory, not a state file"),
+        (["check", "--state", "/dev/null"], "is a device or other special file, not a state file"),
+        (["drain", "fast", "--state", "/dev/null"], "is a device or other special file, not a state file"),
+        (["check", "--state", str(listed)], "state file is corrupt"),
+        (["check", "--state", str(nested)], "state file is corrupt (nested too deeply)"),
+        (["check", "--interval", "inf", "--rounds", "2"], "--interval must be a number of seconds from 0 to 86400, got inf"),
+        (["check", "--interval", "nan", "--rounds", "2"], "--interval must be a number of seconds from 0 to 86400, got nan"),
+        (["check", "--interval", "-1"], "--interval must be a number of seconds"),
+        (["check", "--rounds", "0"], "--rounds must be from 1 to"),
+        (["check", "--workers", "100000"], "--workers must be at most"),
+    ]
+
+
+def test_bad_paths_and_numbers_are_one_line_errors_not_internal_ones(config, tmp_path):
+    for args, says in hostile_cases(tmp_path):
+        full = [*args, "--config", str(config)] if "--config" not in args else args
+        if "--state" not in full:
+            full += ["--state", str(tmp_path / "s.json")]
+        r = llmtop(*full)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("llmtop: "), (args, r.stderr)
+        assert says in r.stderr and "internal error" not in r.stderr, (args, r.stderr)
+    assert Path("/dev/null").is_char_device()  # not swapped for a file by a state write
+
+
+def test_undrain_leaves_a_disabled_backend_disabled_and_enable_a_draining_one_draining(config, tmp_path):
+    state = tmp_path / "state.json"
+    common = ["--config", str(config), "--state", str(state)]
+    assert llmtop("disable", "fast", *common).returncode == 0
+    r = llmtop("undrain", "fast", *common)
+    assert r.returncode == 0
+    assert r.stdout == "fast: disabled, not draining; left disabled (`llmtop enable fast` enables it)\n"
+    assert json.loads(state.read_text()) == {"admin": {"fast": "disabled"}}
+    assert llmtop("drain", "ollama", *common).returncode == 0
+    r = llmtop("enable", "ollama", *common)
+    assert r.stdout == "ollama: draining, not disabled; left draining (`llmtop undrain ollama` undrains it)\n"
+    assert json.loads(state.read_text()) == {"admin": {"fast": "disabled", "ollama": "draining"}}

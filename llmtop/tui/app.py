@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
-from textual import work
+from textual import constants, events, work
 from textual.app import App
 from textual.binding import Binding
 from textual.message import Message
@@ -19,20 +20,24 @@ from llmtop.config import Config, ConfigError, load_config
 from llmtop.engine import Engine
 from llmtop.sanitize import for_terminal
 from llmtop.snapshot import FleetSnapshot, TerminalView
-from llmtop.state import StateError
+from llmtop.state import LIFTS, StateError, admin_after
 from llmtop.tui.messages import READ_ONLY_ACTIONS, AdminRequested, DetailsRequested, ProbeRequested
 from llmtop.tui.screens.confirm import ConfirmScreen
 from llmtop.tui.screens.detail import DetailScreen
 from llmtop.tui.screens.fleet import FleetScreen
 from llmtop.tui.screens.help import HelpScreen
-from llmtop.tui.themes import DEFAULT_THEME, load_themes
+from llmtop.tui.terminal import terminal_hung_up
+from llmtop.tui.themes import DEFAULT_THEME, load_themes, save_theme
 from llmtop.tui.view import FleetView, Progress
+from llmtop.tui.widgets.filter_bar import FilterBar
 from llmtop.tui.widgets.too_small import MIN_HEIGHT, MIN_WIDTH
 
 TICK_S = 1.0
 ROUND_TICK_S = 0.25  # while a requested probe round runs, so its progress moves visibly
 CONFIG_CHECK_S = 2.0
 READ_ONLY = "read-only mode: drain, enable/disable and reload are turned off"
+WRITES_BEFORE_EXIT_S = 5.0  # how long quitting waits for a state or prefs write still under way
+LIFT_KEYS = {"undrain": "d undrains it", "enable": "t enables it"}
 
 Stamp = tuple[int, int] | None
 
@@ -45,18 +50,8 @@ def _stamp(path: Path) -> Stamp:
     return st.st_mtime_ns, st.st_size
 
 
-def _terminal_hung_up() -> bool:
-    """Whether our terminal has gone (an SSH drop, a closed tmux pane), as opposed to never being one."""
-    import termios
-
-    try:
-        termios.tcgetattr(sys.__stdin__.fileno())
-    except termios.error as exc:
-        # A hung-up tty answers terminal ioctls with EIO; a pipe or file (tests, headless) with ENOTTY.
-        return exc.args[0] == errno.EIO
-    except (OSError, ValueError, AttributeError):
-        return False
-    return False
+def no_backends_hint(config_path: Path) -> str:
+    return f"no backends in {config_path}: add a [[backend]] with name, provider and url, then r reloads"
 
 
 class ConfigLoaded(Message):
@@ -79,6 +74,7 @@ class LlmtopApp(App):
     VERTICAL_BREAKPOINTS = [(0, "-short"), (MIN_HEIGHT, "-middling"), (36, "-tall")]
     BINDINGS = [
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", show=False, priority=True),  # what a terminal user's fingers do; not a copy here
         Binding("question_mark", "help", "Help"),
         Binding("P", "probe_all", "Probe all", show=False),
         Binding("r", "reload", "Reload", show=False),
@@ -95,6 +91,7 @@ class LlmtopApp(App):
         theme: str | None = None,
         live: bool = True,
         hint: str | None = None,
+        prefs_path: Path | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
@@ -122,6 +119,21 @@ class LlmtopApp(App):
         # config made safe to print (snapshot.TerminalView, sanitize.py).
         self._terminal_view = TerminalView()
         self.paused = False
+        self.prefs_path = prefs_path  # where the theme chosen with T is remembered; None: nowhere
+        # Admin changes and prefs writes run one at a time, in the order of the keys that asked for
+        # them, each deciding against the state the previous one left (`t t` toggles twice).
+        self._write_lock = asyncio.Lock()
+        self._writes_pending = 0
+        self._writes_done = asyncio.Event()
+        self._writes_done.set()
+        self._quitting = False
+
+    def get_driver_class(self):
+        if sys.platform == "win32" or constants.DRIVER is not None:
+            return super().get_driver_class()
+        from llmtop.tui.terminal import LlmtopDriver
+
+        return LlmtopDriver
 
     def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
         """Plain, printable text unless asked: messages quote backend names, config errors and
@@ -140,6 +152,11 @@ class LlmtopApp(App):
         detail.select(message.backend, self.view)
         self.push_screen(detail)
 
+    def on_load(self) -> None:
+        # Before the terminal goes into application mode, so no signal finds it half set up.
+        if self.live:
+            self._install_signals()
+
     async def on_mount(self) -> None:
         # Screens take this first view themselves when they mount; ticks push the later ones.
         self.view = self._build_view()
@@ -151,17 +168,18 @@ class LlmtopApp(App):
             self.set_interval(TICK_S, self.refresh_fleet)
             if self.config_path is not None:
                 self.set_interval(CONFIG_CHECK_S, self._check_config_file)
-            self._install_sighup()
 
     async def on_unmount(self) -> None:
         if self.live:
-            self._remove_sighup()
+            self._remove_signals()
             await self.engine.close()
 
     # -- the tick ---------------------------------------------------------------------------
 
     def refresh_fleet(self) -> None:
         """Take a snapshot and show it on every screen that shows one (cheap: snapshots are cached per backend)."""
+        if not self.is_running:
+            return  # shutting down: a last tick would query widgets already removed from their screens
         if self.live:
             self._refresh_state()
         if self.paused:
@@ -274,12 +292,12 @@ class LlmtopApp(App):
             if not b.enabled:
                 self.notify(f"{name} has enabled = false in the config; edit the config to turn it on", severity="warning")
                 return
-            self._set_admin(name, "active" if b.admin == "disabled" else "disabled")
+            self._set_admin(name, "toggle")
             return
         if b.admin == "draining":
-            target, question = "active", f"Undrain {name}? Completion probes resume."
+            command, question = "undrain", f"Undrain {name}? Completion probes resume."
         else:
-            target = "draining"
+            command = "drain"
             question = (
                 f"Drain {name}? Completion probes stop (health, models and metrics go on) and it shows as "
                 "draining here, in `llmtop check` and to any llmtop sharing this state file."
@@ -287,18 +305,45 @@ class LlmtopApp(App):
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self._set_admin(name, target)
+                self._set_admin(name, command)
 
         self.push_screen(ConfirmScreen(question), answered)
 
-    def _set_admin(self, name: str, state: str) -> None:
-        self.run_worker(self._write_admin(name, state), group="state-write", exit_on_error=False)
+    def _set_admin(self, name: str, command: str) -> None:
+        """Queue an operator command (drain, undrain, toggle) for `name`; it runs after those before it."""
+        self._run_write(partial(self._write_admin, name, command))
 
-    async def _write_admin(self, name: str, state: str) -> None:
+    def _run_write(self, write: Callable[[], Awaitable[None]]) -> None:
+        self._writes_pending += 1
+        self._writes_done.clear()
+        # Callables, not coroutines: one never started (the app quitting) is never left unawaited.
+        self.run_worker(partial(self._serialised, write), group="state-write", exit_on_error=False)
+
+    async def _serialised(self, write: Callable[[], Awaitable[None]]) -> None:
+        try:
+            async with self._write_lock:  # FIFO: writes land in the order they were asked for
+                await write()
+        finally:
+            self._writes_pending -= 1
+            if not self._writes_pending:
+                self._writes_done.set()
+
+    async def _write_admin(self, name: str, command: str) -> None:
         if self.engine.snapshot().backend(name) is None:
             return  # a reload removed it while the question was open
         try:
-            await self.engine.set_admin(name, state)
+            # Decide against the file as it is now, not the snapshot the key saw: the write of a key
+            # pressed just before may have landed since, or another llmtop may have written.
+            await self.engine.refresh_state()
+            before = self.engine.state.admin(name)
+            if command == "toggle":
+                command = "enable" if before == "disabled" else "disable"
+            after = admin_after(before, command)
+            if after == before:
+                if command in LIFTS and before != "active":
+                    self.notify(f"{name} is {before}, not {LIFTS[command]}: left {before} ({LIFT_KEYS[command]})")
+                return
+            await self.engine.set_admin(name, after)
         except StateError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
@@ -306,6 +351,38 @@ class LlmtopApp(App):
         if b is not None:
             self.notify(f"{name}: {b.admin}")
         self.refresh_fleet()
+
+    # -- quitting ---------------------------------------------------------------------------
+
+    def action_quit(self) -> None:
+        self.quit()
+
+    def quit(self, return_code: int = 0) -> None:
+        """Exit once the keys that came before have had their effect (q, Ctrl-C, SIGTERM, SIGINT).
+
+        `t q` from tmux or a fast typist arrive together: the `t` becomes a message that its
+        screen handles and passes up to the app, and an admin write after that. So the exit goes
+        through each screen's queue, then the app's, and then waits for the writes.
+        """
+        if self._quitting:
+            return
+        self._quitting = True
+        self._quit_after([*self.screen_stack], return_code)
+
+    def _quit_after(self, screens: list[Screen], return_code: int) -> None:
+        while screens:
+            screen = screens.pop(0)
+            # Runs after whatever this screen has queued; what that posts to the app is queued before ours.
+            if screen.call_later(self.call_later, self._quit_after, screens, return_code):
+                return
+        self.run_worker(partial(self._quit_when_written, return_code), group="quit", exit_on_error=False)
+
+    async def _quit_when_written(self, return_code: int) -> None:
+        try:
+            await asyncio.wait_for(self._writes_done.wait(), WRITES_BEFORE_EXIT_S)
+        except asyncio.TimeoutError:
+            pass  # a state file on a hung disk must not keep the operator from quitting
+        self.exit(return_code=return_code)
 
     # -- config reload ----------------------------------------------------------------------
 
@@ -358,6 +435,12 @@ class LlmtopApp(App):
     def on_config_loaded(self, message: ConfigLoaded) -> None:
         self._config_stamp = message.stamp
         self.engine.reload(message.config)
+        # An empty fleet says how to add a backend, and stops saying it once there is one.
+        empty = no_backends_hint(self.config_path)
+        if not message.config.backends:
+            self.hint = empty
+        elif self.hint == empty:
+            self.hint = None
         self.notify(f"config reloaded ({message.why}): {len(message.config.backends)} backends")
         self.refresh_fleet()
 
@@ -367,25 +450,36 @@ class LlmtopApp(App):
         self.notify(f"config not reloaded ({message.why}): {message.error}", severity="error", timeout=15)
         self.refresh_fleet()
 
-    def _install_sighup(self) -> None:
-        if not hasattr(signal, "SIGHUP"):
-            return  # Windows
-        try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (tests), or a loop without signal support
+    def _install_signals(self) -> None:
+        """SIGHUP reloads (or ends us when the terminal is gone); SIGTERM and SIGINT (a `kill`, not
+        a key: the terminal is in raw mode) end the app the normal way, which restores the terminal
+        and stops the demo's simulator."""
+        handlers = {"SIGHUP": self._on_sighup, "SIGTERM": self._on_terminate, "SIGINT": self._on_terminate}
+        loop = asyncio.get_running_loop()
+        for name, handler in handlers.items():
+            if hasattr(signal, name):  # Windows has no SIGHUP
+                try:
+                    sig = getattr(signal, name)
+                    loop.add_signal_handler(sig, handler, sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass  # not the main thread (tests), or a loop without signal support
 
-    def _remove_sighup(self) -> None:
-        if hasattr(signal, "SIGHUP"):
-            try:
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for name in ("SIGHUP", "SIGTERM", "SIGINT"):
+            if hasattr(signal, name):
+                try:
+                    loop.remove_signal_handler(getattr(signal, name))
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
 
-    def _on_sighup(self) -> None:
+    def _on_terminate(self, sig: int) -> None:
+        self.quit(128 + sig)
+
+    def _on_sighup(self, sig: int) -> None:
         # SIGHUP means "reload" to a daemon but "your terminal is gone" to a terminal program; tell them apart.
-        if _terminal_hung_up():
-            self.exit()
+        if terminal_hung_up():
+            self.quit(128 + sig)
         else:
             self.reload_config("SIGHUP")
 
@@ -395,9 +489,38 @@ class LlmtopApp(App):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self.read_only))
 
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key) and event.key == "slash" and not event.is_forwarded and self._open_filter_now():
+            return
+        await super().on_event(event)
+
+    def _open_filter_now(self) -> bool:
+        """`/` opens the filter with the focus in it at once.
+
+        Textual sends each key to whatever has the focus when the app reads it, and focus() takes
+        effect only after the keys already read: `/fast` typed quickly went to the table instead,
+        where `s` re-sorted and `t` disabled the selected backend. So the app moves the focus
+        itself, before it reads the next key. (A binding would do it too, but would take `/ Filter`
+        out of the footer.)
+        """
+        screen = self.screen
+        if not isinstance(screen, FleetScreen) or isinstance(self.focused, FilterBar) or not screen.check_action("filter", ()):
+            return False  # not the fleet's `/`, or blind while too small: the key goes its usual way
+        screen.action_filter()
+        screen.set_focus(screen.query_one(FilterBar))
+        return True
+
     def action_cycle_theme(self) -> None:
         names = self.llmtop_themes or (self.theme,)
         index = names.index(self.theme) if self.theme in names else -1
         self.theme = names[(index + 1) % len(names)]
         self.notify(f"theme: {self.theme}")
+        if self.prefs_path is not None:
+            self._run_write(self._save_theme)
+
+    async def _save_theme(self) -> None:
+        try:  # the theme at the time of writing: after `T T` the last write holds the last choice
+            await asyncio.to_thread(save_theme, self.prefs_path, self.theme)
+        except OSError as exc:
+            self.notify(f"{self.prefs_path}: theme not remembered ({exc.strerror})", severity="warning")
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +27,11 @@ KEYS = ("name", "dark", *COLOURS)
 
 
 def shipped_themes_dir() -> Path:
-    # The package is installed editable from the repository, whose root holds themes/.
-    return Path(llmtop.__file__).resolve().parent.parent / "themes"
+    """themes/ lives at the top of the repository; a wheel carries it inside the package as
+    llmtop/shipped_themes (setup.py maps it), while an editable install reads it where it is."""
+    package = Path(llmtop.__file__).resolve().parent
+    installed = package / "shipped_themes"
+    return installed if installed.is_dir() else package.parent / "themes"
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,12 @@ class LoadedThemes:
         return tuple(t.name for t in self.themes)
 
     def resolve(self, wanted: str) -> str | None:
-        """A theme's name from its name or its file's name (what --theme accepts)."""
+        """A theme's name from its name, its file's name, or a shipped theme's short name (what
+        --theme accepts): "dark", "llmtop-dark" and "llmtop-dark.toml" are one theme."""
         if wanted in self.names:
             return wanted
-        return self.stems.get(wanted.removesuffix(".toml"))
+        stem = wanted.removesuffix(".toml")
+        return self.stems.get(stem) or self.stems.get(f"llmtop-{stem}")
 
 
 class ThemeFileError(Exception):
@@ -102,3 +111,32 @@ def load_themes(dirs: tuple[Path, ...] | None = None) -> LoadedThemes:
             themes[theme.name] = theme
             stems[path.stem] = theme.name
     return LoadedThemes(tuple(themes.values()), tuple(errors), stems)
+
+
+def load_saved_theme(path: Path) -> str | None:
+    """The theme last chosen with T, from the UI prefs file; None when there is none to read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # absent, unreadable or mangled: a preference, not worth a word
+        return None
+    theme = data.get("theme") if isinstance(data, dict) else None
+    return theme if isinstance(theme, str) else None
+
+
+def save_theme(path: Path, theme: str) -> None:
+    """Remember the theme, keeping any other prefs in the file; written whole or not at all."""
+    data: dict = {}
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(old, dict):
+            data = old
+    data["theme"] = theme
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ui-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
