@@ -65,6 +65,21 @@ async def running(sim: Simulator, files, *, size=SIZE, read_only=False, timeout_
     app = LlmtopApp(engine, config_path=config_path, read_only=read_only)
     async with app.run_test(size=size) as pilot:
         yield app, pilot
+        await quit_app(app)
+
+
+async def quit_app(app: LlmtopApp) -> None:
+    """Quit as `q` does, and wait until the app has stopped, before run_test tears it down.
+
+    run_test's teardown prunes the screens while the app's timers and message loop still run (a
+    real quit stops those first), so a tick landing in between refreshed a FleetScreen whose
+    widgets were gone: NoMatches 'FleetSummary', more often the more loaded the machine.
+    """
+    app.exit()
+    deadline = time.monotonic() + 30  # outer bound only
+    while app.is_running:
+        assert time.monotonic() < deadline, "the app did not stop"
+        await asyncio.sleep(0.01)
 
 
 def screen_text(app: LlmtopApp) -> str:
@@ -540,6 +555,7 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files):
         assert "12%" in screen_text(app)
         history = list(app.screen.query_one(GpuPanel)._util[0])
         assert 87.0 in history and history[-1] == 12.0
+        await quit_app(app)
 
 
 # -- regressions found in review ------------------------------------------------------------------
