@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from textual.worker import WorkerCancelled
 
 from llmtop.config import load_config
 from llmtop.engine import Engine
@@ -114,6 +116,24 @@ def row_names(app) -> list[str]:
     return [row.key.value for row in table(app).ordered_rows]
 
 
+async def writes_done(app, pilot) -> None:
+    """The admin-state writes that keys asked for have finished, and the screen shows them.
+
+    A write runs in a worker thread (a lock, a write, an fsync); a pause alone does not wait for
+    it, and a loaded disk or CPU let the test read the file before the write was there.
+    """
+    await pilot.pause()  # the keys' handlers and confirmation callbacks have run: their workers exist
+    await workers_done(app, "state-write")
+    await pilot.pause()
+
+
+async def workers_done(app, *groups: str) -> None:
+    """Every worker of these groups has ended; one that failed fails the test."""
+    for worker in [w for w in app.workers if w.group in groups]:
+        with contextlib.suppress(WorkerCancelled):  # an exclusive group's older worker, replaced
+            await worker.wait()
+
+
 async def select(pilot, app, name: str) -> None:
     t = table(app)
     t.move_cursor(row=t.get_row_index(name))
@@ -182,16 +202,17 @@ async def test_d_drains_after_confirmation_and_survives_a_restart(sim, files):
         assert isinstance(app.screen, ConfirmScreen)
         assert "Drain alpha?" in screen_text(app)
         await pilot.press("n")
+        await writes_done(app, pilot)
         assert StateStore(state_path).admin("alpha") == "active"
         await pilot.press("d", "y")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert isinstance(app.screen, FleetScreen)
         assert StateStore(state_path).admin("alpha") == "draining"  # a fresh store: what a restart reads
         await wait_for(pilot, lambda: "⏸ draining" in screen_text(app), what="draining badge")
         await pilot.press("d")
         assert "Undrain alpha?" in screen_text(app)
         await pilot.press("y")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert StateStore(state_path).admin("alpha") == "active"
     # A new app over the same state file starts with what the operator left.
     StateStore(state_path).set_admin("beta", "draining")
@@ -204,11 +225,11 @@ async def test_t_toggles_disabled_and_persists(sim, files):
         await settled(app, pilot)
         await select(pilot, app, "gamma")
         await pilot.press("t")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert StateStore(files[1]).admin("gamma") == "disabled"
         assert "○ disabled" in screen_text(app)
         await pilot.press("t")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert StateStore(files[1]).admin("gamma") == "active"
 
 
@@ -216,7 +237,8 @@ async def test_read_only_turns_off_d_t_and_r(sim, files):
     async with running(sim, files, read_only=True) as (app, pilot):
         await settled(app, pilot)
         await pilot.press("d", "t", "r")
-        await pilot.pause(0.3)
+        await writes_done(app, pilot)
+        await workers_done(app, "config")  # a reload r started by mistake would have ended by now
         assert isinstance(app.screen, FleetScreen)  # no confirmation was asked
         assert StateStore(files[1]).admin(table(app).selected_name) == "active"
         assert not any(e.kind == "config" for e in app.engine.events)  # r did not reload
@@ -580,7 +602,7 @@ async def test_enter_in_the_drain_question_means_no(sim, files):
         await settled(app, pilot)
         await select(pilot, app, "alpha")
         await pilot.press("d", "enter")
-        await pilot.pause(0.2)
+        await writes_done(app, pilot)
         assert StateStore(files[1]).admin("alpha") == "active"
 
 
@@ -588,7 +610,7 @@ async def test_keys_do_nothing_while_the_screen_is_too_small(sim, files):
     async with running(sim, files, size=(50, 12)) as (app, pilot):
         await wait_for(pilot, lambda: app.view is not None and all(b.probe for b in app.view.fleet.backends))
         await pilot.press("t", "d", "y")
-        await pilot.pause(0.2)
+        await writes_done(app, pilot)
         assert StateStore(files[1])._admin == {}
         assert "terminal too small" in screen_text(app)
 
@@ -616,5 +638,5 @@ async def test_probe_all_on_an_empty_fleet_leaves_no_timer_running(sim, files):
     config_path.write_text("[settings]\nhealth_interval_s = 0.5\n")
     async with running(sim, files) as (app, pilot):
         await pilot.press("P")
-        await pilot.pause(0.3)
+        await pilot.pause()
         assert app._round_timer is None
