@@ -106,6 +106,9 @@ class SimBackend:
     waiting: float = 0
     kv_cache: float = 0.3
     wander: random.Random | None = None  # when set, the three gauges take a random step on every scrape
+    # When set, completion requests are held until it is set (for tests that must look at a probe in
+    # flight); token deadlines stay anchored at the request, so a held stream comes out in a burst.
+    hold: asyncio.Event | None = None
     requests: Counter[str] = field(default_factory=Counter)  # per path, relative to the backend base
     tpot_histogram: _Histogram = field(init=False, repr=False)  # mean seconds per output token after the first, per request
     ttft_histogram: _Histogram = field(init=False, repr=False)  # TTFTs served; buckets follow the first provider
@@ -886,6 +889,8 @@ class Simulator:
             return await _send(writer, _json(404, {"error": f"no simulated backend named '{name}'"}), req.keep_alive)
         req = replace(req, path="/" + rest)
         backend.requests[req.path] += 1
+        if backend.hold is not None and req.path in _COMPLETION_PATHS:
+            await backend.hold.wait()
         fault = backend.fault
         if fault == "hang":
             await asyncio.get_running_loop().create_future()  # never resolves: stop() cancels it

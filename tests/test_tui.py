@@ -175,15 +175,21 @@ async def test_p_probes_the_selected_backend_now(sim, files):
 
 
 async def test_P_probes_every_backend_with_visible_progress(sim, files):
-    for b in sim.backends.values():
-        b.ttft_ms = 400  # long enough for the round's progress to be on screen
     async with running(sim, files) as (app, pilot):
         await settled(app, pilot)
+        # The round's completions are held until the test has looked at the progress: a slow
+        # backend (it was a 400 ms TTFT) was over before a pause on a loaded machine returned.
+        hold = asyncio.Event()
+        for b in sim.backends.values():
+            b.hold = hold
         before = {n: b.requests[COMPLETIONS] for n, b in sim.backends.items() if b.provider == "vllm"}
         await pilot.press("P")
         await pilot.pause()
         assert app.view.progress is not None and app.view.progress.total == 3
         assert "⟳ probing" in screen_text(app)
+        await wait_for(pilot, lambda: all(sim.backends[n].requests[COMPLETIONS] > c for n, c in before.items()), what="probes sent")
+        assert app.view.progress is not None  # still probing while they are held
+        hold.set()
         await wait_for(pilot, lambda: app.view.progress is None, what="round finished")
         for name, count in before.items():
             assert sim.backends[name].requests[COMPLETIONS] > count
