@@ -334,12 +334,15 @@ async def test_s_cycles_the_sort_and_the_cursor_stays_on_its_backend(sim, files)
         assert seen == ["ttft", "tps", "queue", "name", "status"]
         await pilot.press("s")  # TTFT, slowest first
         await pilot.pause()
-        # Slowest first, by the TTFTs the probes measured (30/80/150 ms configured; a probe that
-        # failed on a loaded machine has none and sorts last).
+        # Slowest first, by the TTFTs the probes measured and the table shows (a probe that failed
+        # on a loaded machine has none and sorts last). Not by the 30/80/150 ms configured: on a
+        # loaded core a stall of the shared event loop lands in one probe's TTFT and reorders them,
+        # and how true the measurement is belongs to test_integration and the benchmarks. What
+        # holds under any load: no TTFT is shorter than the server's own delay.
         ttft = {b.name: b.probe.ttft_ms if b.probe and b.probe.ttft_ms is not None else -1 for b in app.view.fleet.backends}
         assert row_names(app) == sorted(ttft, key=lambda n: -ttft[n])
-        if min(ttft.values()) > 0:
-            assert row_names(app) == ["gamma", "beta", "alpha"]
+        configured = {b.name: b.ttft_ms for b in sim.backends.values()}
+        assert all(ttft[n] >= configured[n] - 1 for n in ttft if ttft[n] >= 0), (ttft, configured)
         assert "sort: TTFT, slowest first" in screen_text(app)
 
 
