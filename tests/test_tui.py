@@ -587,7 +587,7 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files):
         text = screen_text(app)
         assert "H100" in text and "87%" in text and "61°C" in text and "312" in text
         gpu.gpu_util = 12
-        await pilot.pause(1.3)
+        await wait_for(pilot, lambda: engine.gpu_status.gpus[0].utilization_pct == 12, what="the new GPU reading")
         app.refresh_fleet()
         await pilot.pause()
         assert "12%" in screen_text(app)
