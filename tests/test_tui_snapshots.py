@@ -114,13 +114,18 @@ def app_for(engine: Engine) -> LlmtopApp:
 
 
 async def select(pilot, name: str) -> None:
-    await pilot.pause()  # let the screen's nested widgets mount and take the first view
-    table = pilot.app.screen.query_one(FleetTable)
+    # The screen takes its first view once its nested widgets have mounted, after a refresh: one
+    # pause was usually, not always, enough on a loaded machine. Wait for the row itself.
+    deadline = time.monotonic() + 30  # outer bound only
+    while not (tables := pilot.app.screen.query(FleetTable)) or name not in [r.key.value for r in tables.first().ordered_rows]:
+        assert time.monotonic() < deadline, f"no row {name!r} on screen"
+        await pilot.pause()
+    table = tables.first()
     table.move_cursor(row=table.get_row_index(name))
     await pilot.pause()
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "200x50"])
+@SIZES
 def test_main_screen(snap_compare, engine, size):
     async def pick(pilot):
         await select(pilot, "vllm-a100-2")
