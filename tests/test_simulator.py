@@ -436,11 +436,16 @@ async def test_5xx_answers_500_and_503_for_health():
 
 
 async def test_flapping_alternates_up_and_down():
-    async with serve(SimBackend("v", fault="flapping", fault_arg=0.5)) as (sim, client):
-        started = time.perf_counter()
-        assert (await client.get(sim.url("v") + "/health")).status_code == 200
-        await asyncio.sleep(0.75 - (time.perf_counter() - started))
-        assert (await client.get(sim.url("v") + "/health")).status_code == 503
+    # The phase follows the simulator's clock, stepped here: with the real one, a sleep had to
+    # land in the down half of the period, and a loaded machine made it land in the next up half.
+    now = [0.0]
+    async with Simulator([SimBackend("v", fault="flapping", fault_arg=0.5)], clock=lambda: now[0]) as sim:
+        async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
+            codes = []
+            for at in (0.0, 0.25, 0.5, 0.75, 1.0, 1.49):
+                now[0] = at
+                codes.append((await client.get(sim.url("v") + "/health")).status_code)
+    assert codes == [200, 200, 503, 503, 200, 200]
 
 
 async def test_loading_fails_health_and_completions_but_lists_models():
