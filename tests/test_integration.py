@@ -44,6 +44,14 @@ def state(tmp_path):
     return StateStore(tmp_path / "state.json")
 
 
+async def eventually(condition, what: str, timeout: float = 30) -> None:
+    """Wait until condition() holds; the timeout is only the outer bound for a broken build."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 async def one_round(sim, backends, state, **kw):
     async with Engine(make_config(sim, backends, **kw), state) as engine:
         await engine.run_round()
@@ -220,9 +228,10 @@ async def test_connection_refused(state):
 
 async def test_breaker_opens_stops_probes_then_recovers_through_half_open(state):
     sb = SimBackend("flaky", fault="5xx")
+    now = [1000.0]  # the breaker's clock: the cooldown passes when the test says, not after a sleep
     async with Simulator([sb]) as sim:
         config = make_config(sim, [sb], consecutive_failures=2, consecutive_successes=2, cooldown_s=0.5)
-        async with Engine(config, state) as engine:
+        async with Engine(config, state, clock=lambda: now[0]) as engine:
             await engine.run_round()  # health fails -> no probe this round
             await engine.run_round()
             b = engine.snapshot().backends[0]
@@ -231,7 +240,9 @@ async def test_breaker_opens_stops_probes_then_recovers_through_half_open(state)
             await engine.run_round()
             assert sb.requests["/v1/chat/completions"] == probes  # no probes while open
             sb.fault = None
-            await asyncio.sleep(0.55)
+            now[0] += 0.25
+            assert engine.trackers["flaky"].breaker.state == "open"  # half the cooldown
+            now[0] += 0.3
             assert engine.snapshot().backends[0].circuit == "half_open"
             await engine.run_round()  # trial 1 (probe) succeeds
             await engine.run_round()  # trial 2
@@ -315,12 +326,11 @@ async def test_live_loop_polls_probes_and_force_probe(state):
         config = make_config(sim, [sb], health_interval_s=0.2, probe_interval_s=60)
         async with Engine(config, state) as engine:
             engine.start()
-            await asyncio.sleep(0.8)
-            assert sb.requests["/health"] >= 2
+            # The second poll comes after the first round (poll, then probe) has finished.
+            await eventually(lambda: sb.requests["/health"] >= 2, "two polls")
             assert sb.requests["/v1/chat/completions"] == 1  # the first round probes, the next not for 60s
             engine.force_probe(["live"])
-            await asyncio.sleep(0.3)
-            assert sb.requests["/v1/chat/completions"] == 2
+            await eventually(lambda: sb.requests["/v1/chat/completions"] == 2, "the forced probe")
             await engine.stop()
 
 
@@ -329,13 +339,14 @@ async def test_live_loop_polls_probes_and_force_probe(state):
 
 async def test_half_open_backend_that_stays_unreachable_reopens_with_a_longer_cooldown(state):
     sb = SimBackend("dead", fault="reset")
+    now = [1000.0]  # the breaker's clock, stepped past the cooldown instead of sleeping through it
     async with Simulator([sb]) as sim:
         config = make_config(sim, [sb], consecutive_failures=1, cooldown_s=0.3)
-        async with Engine(config, state) as engine:
+        async with Engine(config, state, clock=lambda: now[0]) as engine:
             await engine.run_round()
             tracker = engine.trackers["dead"]
             assert tracker.breaker.state == "open"
-            await asyncio.sleep(0.35)
+            now[0] += 0.35
             assert tracker.breaker.state == "half_open"
             await engine.run_round()  # the poll is the trial: no probe goes to a server that resets
             assert tracker.breaker.state == "open" and tracker.breaker.cooldown_s == pytest.approx(0.6)
