@@ -479,21 +479,25 @@ async def test_loading_fails_health_and_completions_but_lists_models():
 
 async def test_fault_changes_at_runtime():
     backend = SimBackend("v")
-    async with serve(backend, timeout=0.3) as (sim, client):
+    async with serve(backend) as (sim, client):
         assert (await client.get(sim.url("v") + "/health")).status_code == 200
         backend.fault = "hang"
-        with pytest.raises(httpx.ReadTimeout):
-            await client.get(sim.url("v") + "/health")
+        with pytest.raises(httpx.ReadTimeout):  # the short timeout only here: the others must answer, however slow the machine
+            await client.get(sim.url("v") + "/health", timeout=0.3)
         backend.fault = None
         assert (await client.get(sim.url("v") + "/health")).status_code == 200
 
 
 async def test_stop_closes_hung_connections_promptly():
-    sim = Simulator([SimBackend("v", fault="hang")])
+    backend = SimBackend("v", fault="hang")
+    sim = Simulator([backend])
     await sim.start()
     async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
         pending = asyncio.create_task(client.get(sim.url("v") + "/health"))
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 30  # outer bound only
+        while not backend.requests["/health"]:  # the request is read and hangs (a 0.1 s sleep hoped so)
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
         started = time.perf_counter()
         await sim.stop()
         with pytest.raises(httpx.HTTPError):
