@@ -89,7 +89,9 @@ def screen_text(app: LlmtopApp) -> str:
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
-async def wait_for(pilot, condition, timeout: float = 5.0, what: str = "condition") -> None:
+async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "condition") -> None:
+    """Pause until condition() holds. The timeout is only the outer bound for a broken build (5 s
+    was within reach of a loaded machine); a test that asserts speed says so with its own bound."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -291,7 +293,7 @@ async def test_a_changed_config_file_reloads_by_itself(sim, files):
         await settled(app, pilot)
         backends = [b for b in sim.backends.values() if b.name != "gamma"]
         files[0].write_text(config_text(sim, backends))
-        await wait_for(pilot, lambda: "gamma" not in row_names(app), timeout=6, what="automatic reload")
+        await wait_for(pilot, lambda: "gamma" not in row_names(app), what="automatic reload")
 
 
 async def test_sighup_reloads(sim, files):
