@@ -110,6 +110,20 @@ async def settled(app, pilot) -> None:
     await pilot.pause()
 
 
+async def no_probe_pending(app, pilot) -> None:
+    """No completion in flight and none due for a minute: the probes after this are the keys' own.
+
+    A probe a key asks for while one is in flight is answered by that one, and a probe can be due
+    again soon by itself (a retry); counting requests to see a key's probe needs neither.
+    """
+    engine = app.engine
+    await wait_for(
+        pilot,
+        lambda: all(not t.busy and t.next_probe_at > engine.clock() + 60 for t in engine.trackers.values()),
+        what="no probe pending",
+    )
+
+
 def table(app) -> FleetTable:
     return app.screen.query_one(FleetTable)
 
@@ -169,6 +183,7 @@ async def test_p_probes_the_selected_backend_now(sim, files):
     async with running(sim, files) as (app, pilot):
         await settled(app, pilot)
         await select(pilot, app, "beta")
+        await no_probe_pending(app, pilot)
         before = {n: b.requests["/api/chat"] + b.requests[COMPLETIONS] for n, b in sim.backends.items()}
         await pilot.press("p")
         await wait_for(pilot, lambda: sim.backends["beta"].requests["/api/chat"] > before["beta"], what="beta probed")
@@ -177,8 +192,9 @@ async def test_p_probes_the_selected_backend_now(sim, files):
 
 
 async def test_P_probes_every_backend_with_visible_progress(sim, files):
-    async with running(sim, files) as (app, pilot):
+    async with running(sim, files, timeout_s=30) as (app, pilot):  # a held probe must not time out
         await settled(app, pilot)
+        await no_probe_pending(app, pilot)
         # The round's completions are held until the test has looked at the progress: a slow
         # backend (it was a 400 ms TTFT) was over before a pause on a loaded machine returned.
         hold = asyncio.Event()
