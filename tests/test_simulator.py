@@ -178,17 +178,22 @@ async def test_providers_without_metrics_answer_404(provider):
 
 
 async def test_ttft_histogram_counts_the_first_tokens_actually_served():
+    seen = []  # each first token's arrival after the request went out: no served TTFT is longer
     async with serve(SimBackend("v", ttft_ms=5, gap_ms=1)) as (sim, client):
         for _ in range(2):
-            await sse_lines(client, sim.url("v") + "/v1/chat/completions", chat())
+            lines = await sse_lines(client, sim.url("v") + "/v1/chat/completions", chat())
+            seen.append(next(t for t, line in lines if '"content":"' in line and '"content":""' not in line))
         text = (await client.get(sim.url("v") + "/metrics")).text
     assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
     family = next(f for f in text_string_to_metric_families(text) if f.name == "vllm:time_to_first_token_seconds")
     samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
     assert samples[("vllm:time_to_first_token_seconds_count", None)] == 2
-    assert 0.009 < samples[("vllm:time_to_first_token_seconds_sum", None)] < 0.03
-    assert samples[("vllm:time_to_first_token_seconds_bucket", "0.001")] == 0
-    assert samples[("vllm:time_to_first_token_seconds_bucket", "0.1")] == 2
+    # Between the schedule (a token is never early) and what the client saw (never later than
+    # it): a fixed 30 ms ceiling failed when a loaded core made the server late.
+    assert 2 * 0.005 <= samples[("vllm:time_to_first_token_seconds_sum", None)] <= sum(seen)
+    buckets = {float(le): count for (name, le), count in samples.items() if name.endswith("_bucket")}
+    assert buckets[0.001] == 0
+    assert buckets[min(le for le in buckets if le >= max(seen))] == 2  # the first bucket that holds both for sure
     assert all(s.labels["model_name"] == LLAMA for s in family.samples)
 
 
