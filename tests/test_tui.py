@@ -100,12 +100,10 @@ async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "conditi
 
 
 async def settled(app, pilot) -> None:
-    """Every backend has been polled and probed once."""
-    await wait_for(
-        pilot,
-        lambda: app.view is not None and all(b.probe is not None for b in app.view.fleet.backends),
-        what="first probes",
-    )
+    """Every backend has been polled and probed once, and the screen shows it."""
+    # Asked of the engine, not of app.view: that is only rebuilt on the next tick (1 s), which
+    # every TUI test then waited for; the refresh below shows the probes at once.
+    await wait_for(pilot, lambda: all(b.probe is not None for b in app.engine.snapshot().backends), what="first probes")
     app.refresh_fleet()
     await pilot.pause()
 
