@@ -122,6 +122,9 @@ class SimBackend:
     keep_alive_s: float = 300.0  # Ollama: how long /api/ps says a loaded model stays (-1: for ever)
     bodies: list[dict] = field(default_factory=list)  # the last completion requests' JSON bodies
     echo_headers: bool = False  # its error bodies quote the request's headers back, key and all
+    # When set, completion requests are held until it is set (for tests that must look at a probe in
+    # flight); token deadlines stay anchored at the request, so a held stream comes out in a burst.
+    hold: asyncio.Event | None = None
     requests: Counter[str] = field(default_factory=Counter)  # per path, relative to the backend base
     tpot_histogram: _Histogram = field(init=False, repr=False)  # mean seconds per output token after the first, per request
     ttft_histogram: _Histogram = field(init=False, repr=False)  # TTFTs served; buckets follow the first provider
@@ -861,7 +864,13 @@ def _auth_error(backend: SimBackend, req: _Request) -> _Response | None:
 class Simulator:
     """One loopback listener serving every SimBackend under http://HOST:PORT/{name}."""
 
-    def __init__(self, backends: Iterable[SimBackend], host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        backends: Iterable[SimBackend],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.backends: dict[str, SimBackend] = {}
         for backend in backends:
             if not backend.name or "/" in backend.name or backend.name in self.backends:
@@ -871,6 +880,9 @@ class Simulator:
         self.port = port
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # What "flapping" keeps its phase by: a test can step it instead of sleeping through it.
+        # (Token timing keeps the real clock: it is what a probe measures.)
+        self._clock = clock
         self._started = 0.0
         self._thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 
@@ -886,7 +898,7 @@ class Simulator:
         """Bind and start serving; sets `port` when it was 0."""
         self._server = await asyncio.start_server(self._accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._started = time.perf_counter()
+        self._started = self._clock()
 
     async def stop(self) -> None:
         """Stop listening and close every connection, hung and mid-stream ones included."""
@@ -969,6 +981,8 @@ class Simulator:
             except ValueError:
                 pass
             del backend.bodies[:-10]
+        if backend.hold is not None and req.path in _COMPLETION_PATHS:
+            await backend.hold.wait()
         fault = backend.fault
         if fault == "hang":
             await asyncio.get_running_loop().create_future()  # never resolves: stop() cancels it
@@ -1041,7 +1055,7 @@ class Simulator:
     def _flapped_down(self, backend: SimBackend) -> bool:
         """Up for fault_arg seconds, down for as long, alternating from the simulator's start."""
         period = _arg(backend, 5.0)
-        return int((time.perf_counter() - self._started) / period) % 2 == 1
+        return int((self._clock() - self._started) / period) % 2 == 1
 
 
 # --- Fleets and their configs ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 try:
@@ -50,10 +51,19 @@ class StateStore:
         self.path = Path(path)
         self._admin: dict[str, str] = {}
         self._stamp: tuple[int, int] | None = None
+        # The TUI calls refresh() (each tick) and set_admin() (a key) from worker threads at once.
+        # Unserialised, a refresh that found no file yet could land during the first write and
+        # reset what it recorded, after the write had marked the new file as read: the store
+        # then kept showing the old state for good.
+        self._mutex = threading.Lock()
         self.refresh()
 
     def refresh(self) -> bool:
         """Re-read the file if it changed on disk; True when it did."""
+        with self._mutex:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         try:
             st = self.path.stat()
             stamp = (st.st_mtime_ns, st.st_size)
@@ -94,8 +104,8 @@ class StateStore:
     def apply(self, name: str, command: str) -> tuple[str, str]:
         """Run an operator command (drain, undrain, disable, enable) against the state on disk, under
         the lock, and return (before, after); after == before when there was nothing to change."""
-        with self._lock():
-            self.refresh()
+        with self._lock(), self._mutex:
+            self._refresh()
             before = self.admin(name)
             after = admin_after(before, command)
             if after != before:
@@ -105,11 +115,14 @@ class StateStore:
     def set_admin(self, name: str, state: str) -> None:
         if state not in ADMIN_STATES:
             raise ValueError(f"unknown admin state {state!r}")
-        with self._lock():
-            self.refresh()  # keep changes another process made since we last looked
+        # The file lock first: another process may hold it a long time, and a refresh in this one
+        # must not wait on that (the TUI's state reads would pile up behind it).
+        with self._lock(), self._mutex:
+            self._refresh()  # keep changes another process made since we last looked
             self._set(name, state)
 
     def _set(self, name: str, state: str) -> None:
+        """Change one backend's state and write the file (both locks held)."""
         if state == "active":
             self._admin.pop(name, None)
         else:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmtop.simulator import SimBackend, Simulator
+from served import WAY_IN_AND_OUT_MS, served_ttft_ms
 
 
 def llmtop(*args, env=None, cwd=None):
@@ -178,7 +179,10 @@ def test_check_split_over_worker_processes_reports_every_backend_in_config_order
         if b["name"] == "b3":
             assert b["status"] == "down" and "HTTP 503" in b["error"]
         else:
-            assert b["status"] == "healthy" and abs(b["probe"]["ttft_ms"] - 30) < 25, b
+            # Each backend's own figure, true to what it served (served.py; the simulator thread
+            # is late on a loaded core, 62.8 ms was seen for a 30 ms TTFT), to 0.1 ms in JSON.
+            ttft = served_ttft_ms(sim.backends[b["name"]])
+            assert b["status"] == "healthy" and ttft - 1 <= b["probe"]["ttft_ms"] < ttft + WAY_IN_AND_OUT_MS, (b, ttft)
     table = llmtop("check", "--workers", "2", "--config", str(path), "--state", state)
     assert table.returncode == 1 and "b3: " in table.stdout and table.stdout.count("HEALTHY") == 6
 

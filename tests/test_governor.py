@@ -1,6 +1,7 @@
 """The probe governor: opens on a punctual event loop, closes on a late one, never past its cap."""
 
 import asyncio
+import time
 
 from llmtop.governor import Governor
 
@@ -52,11 +53,26 @@ async def test_admits_no_more_than_allowed_and_releases_waiters():
 
 async def test_a_busy_loop_closes_the_gate():
     gov = Governor(cap=64, start=64)
+    decided = asyncio.Event()
+    adjust = gov.adjust
+
+    def spy(lag_p90: float) -> None:
+        adjust(lag_p90)
+        decided.set()
+
+    gov.adjust = spy
 
     async def hog():
-        end = asyncio.get_running_loop().time() + 0.4
-        while asyncio.get_running_loop().time() < end:
-            sum(range(200_000))  # ~10 ms without yielding: every timer fires late
+        # Block the loop ~10 ms at a time until the sampler has taken its first decision. Hogging for
+        # a fixed 0.4 s instead left the number of samples to the CPU: on a loaded core fewer than
+        # ADJUST_EVERY were taken and the gate was never judged at all. The blocking is measured on
+        # the clock, not in work, so a fast CPU blocks as long as a slow one.
+        deadline = time.monotonic() + 30  # outer bound only: a decision comes within ~0.5 s
+        while not decided.is_set():
+            assert time.monotonic() < deadline, "the sampler never took a decision"
+            end = time.perf_counter() + 0.010
+            while time.perf_counter() < end:
+                pass  # no yielding: every timer fires late
             await asyncio.sleep(0)
 
     async with gov:

@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -279,13 +280,21 @@ async def test_read_async_calls_nvml_off_the_event_loop_thread():
     assert threading.get_ident() not in nvml.threads
 
 
+async def read_blocked(nvml: FakeNvml) -> None:
+    """Until the thread read is inside the gated call (a 50 ms sleep hoped so); 30 s is only the outer bound."""
+    deadline = time.monotonic() + 30
+    while not nvml.calls["nvmlDeviceGetCount"]:
+        assert time.monotonic() < deadline, "the thread read never started"
+        await asyncio.sleep(0.005)
+
+
 async def test_concurrent_read_async_calls_share_one_read():
     nvml = FakeNvml([FakeGpu()])
     nvml.count_gate = threading.Event()
     reader = GpuReader(nvml=nvml, cache_s=0)  # no cache, so only in-flight sharing can explain one read
 
     tasks = [asyncio.create_task(reader.read_async()) for _ in range(3)]
-    await asyncio.sleep(0.05)  # all three are now waiting on the blocked thread read
+    await read_blocked(nvml)  # all three are now waiting on the blocked thread read
     nvml.count_gate.set()
     results = await asyncio.gather(*tasks)
 
@@ -300,7 +309,7 @@ async def test_cancelling_one_read_async_leaves_the_shared_read_for_the_others()
 
     cancelled = asyncio.create_task(reader.read_async())
     kept = asyncio.create_task(reader.read_async())
-    await asyncio.sleep(0.05)
+    await read_blocked(nvml)
     cancelled.cancel()
     nvml.count_gate.set()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from textual.worker import WorkerCancelled
 
 from llmtop.config import load_config
 from llmtop.engine import Engine
@@ -65,6 +67,21 @@ async def running(sim: Simulator, files, *, size=SIZE, read_only=False, timeout_
     app = LlmtopApp(engine, config_path=config_path, read_only=read_only)
     async with app.run_test(size=size) as pilot:
         yield app, pilot
+        await quit_app(app)
+
+
+async def quit_app(app: LlmtopApp) -> None:
+    """Quit as `q` does, and wait until the app has stopped, before run_test tears it down.
+
+    run_test's teardown prunes the screens while the app's timers and message loop still run (a
+    real quit stops those first), so a tick landing in between refreshed a FleetScreen whose
+    widgets were gone: NoMatches 'FleetSummary', more often the more loaded the machine.
+    """
+    app.exit()
+    deadline = time.monotonic() + 30  # outer bound only
+    while app.is_running:
+        assert time.monotonic() < deadline, "the app did not stop"
+        await asyncio.sleep(0.01)
 
 
 def screen_text(app: LlmtopApp) -> str:
@@ -72,7 +89,9 @@ def screen_text(app: LlmtopApp) -> str:
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
-async def wait_for(pilot, condition, timeout: float = 5.0, what: str = "condition") -> None:
+async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "condition") -> None:
+    """Pause until condition() holds. The timeout is only the outer bound for a broken build (5 s
+    was within reach of a loaded machine); a test that asserts speed says so with its own bound."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -81,14 +100,26 @@ async def wait_for(pilot, condition, timeout: float = 5.0, what: str = "conditio
 
 
 async def settled(app, pilot) -> None:
-    """Every backend has been polled and probed once."""
-    await wait_for(
-        pilot,
-        lambda: app.view is not None and all(b.probe is not None for b in app.view.fleet.backends),
-        what="first probes",
-    )
+    """Every backend has been polled and probed once, and the screen shows it."""
+    # Asked of the engine, not of app.view: that is only rebuilt on the next tick (1 s), which
+    # every TUI test then waited for; the refresh below shows the probes at once.
+    await wait_for(pilot, lambda: all(b.probe is not None for b in app.engine.snapshot().backends), what="first probes")
     app.refresh_fleet()
     await pilot.pause()
+
+
+async def no_probe_pending(app, pilot) -> None:
+    """No completion in flight and none due for a minute: the probes after this are the keys' own.
+
+    A probe a key asks for while one is in flight is answered by that one, and a probe can be due
+    again soon by itself (a retry); counting requests to see a key's probe needs neither.
+    """
+    engine = app.engine
+    await wait_for(
+        pilot,
+        lambda: all(not t.busy and t.next_probe_at > engine.clock() + 60 for t in engine.trackers.values()),
+        what="no probe pending",
+    )
 
 
 def table(app) -> FleetTable:
@@ -97,6 +128,24 @@ def table(app) -> FleetTable:
 
 def row_names(app) -> list[str]:
     return [row.key.value for row in table(app).ordered_rows]
+
+
+async def writes_done(app, pilot) -> None:
+    """The admin-state writes that keys asked for have finished, and the screen shows them.
+
+    A write runs in a worker thread (a lock, a write, an fsync); a pause alone does not wait for
+    it, and a loaded disk or CPU let the test read the file before the write was there.
+    """
+    await pilot.pause()  # the keys' handlers and confirmation callbacks have run: their workers exist
+    await workers_done(app, "state-write")
+    await pilot.pause()
+
+
+async def workers_done(app, *groups: str) -> None:
+    """Every worker of these groups has ended; one that failed fails the test."""
+    for worker in [w for w in app.workers if w.group in groups]:
+        with contextlib.suppress(WorkerCancelled):  # an exclusive group's older worker, replaced
+            await worker.wait()
 
 
 async def select(pilot, app, name: str) -> None:
@@ -132,6 +181,7 @@ async def test_p_probes_the_selected_backend_now(sim, files):
     async with running(sim, files) as (app, pilot):
         await settled(app, pilot)
         await select(pilot, app, "beta")
+        await no_probe_pending(app, pilot)
         before = {n: b.requests["/api/chat"] + b.requests[COMPLETIONS] for n, b in sim.backends.items()}
         await pilot.press("p")
         await wait_for(pilot, lambda: sim.backends["beta"].requests["/api/chat"] > before["beta"], what="beta probed")
@@ -140,15 +190,22 @@ async def test_p_probes_the_selected_backend_now(sim, files):
 
 
 async def test_P_probes_every_backend_with_visible_progress(sim, files):
-    for b in sim.backends.values():
-        b.ttft_ms = 400  # long enough for the round's progress to be on screen
-    async with running(sim, files) as (app, pilot):
+    async with running(sim, files, timeout_s=30) as (app, pilot):  # a held probe must not time out
         await settled(app, pilot)
+        await no_probe_pending(app, pilot)
+        # The round's completions are held until the test has looked at the progress: a slow
+        # backend (it was a 400 ms TTFT) was over before a pause on a loaded machine returned.
+        hold = asyncio.Event()
+        for b in sim.backends.values():
+            b.hold = hold
         before = {n: b.requests[COMPLETIONS] for n, b in sim.backends.items() if b.provider == "vllm"}
         await pilot.press("P")
         await pilot.pause()
         assert app.view.progress is not None and app.view.progress.total == 3
         assert "⟳ probing" in screen_text(app)
+        await wait_for(pilot, lambda: all(sim.backends[n].requests[COMPLETIONS] > c for n, c in before.items()), what="probes sent")
+        assert app.view.progress is not None  # still probing while they are held
+        hold.set()
         await wait_for(pilot, lambda: app.view.progress is None, what="round finished")
         for name, count in before.items():
             assert sim.backends[name].requests[COMPLETIONS] > count
@@ -167,16 +224,17 @@ async def test_d_drains_after_confirmation_and_survives_a_restart(sim, files):
         assert isinstance(app.screen, ConfirmScreen)
         assert "Drain alpha?" in screen_text(app)
         await pilot.press("n")
+        await writes_done(app, pilot)
         assert StateStore(state_path).admin("alpha") == "active"
         await pilot.press("d", "y")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert isinstance(app.screen, FleetScreen)
         assert StateStore(state_path).admin("alpha") == "draining"  # a fresh store: what a restart reads
         await wait_for(pilot, lambda: "● draining" in screen_text(app), what="draining badge")
         await pilot.press("d")
         assert "Undrain alpha?" in screen_text(app)
         await pilot.press("y")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert StateStore(state_path).admin("alpha") == "active"
     # A new app over the same state file starts with what the operator left.
     StateStore(state_path).set_admin("beta", "draining")
@@ -189,11 +247,11 @@ async def test_t_toggles_disabled_and_persists(sim, files):
         await settled(app, pilot)
         await select(pilot, app, "gamma")
         await pilot.press("t")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert StateStore(files[1]).admin("gamma") == "disabled"
         assert "○ disabled" in screen_text(app)
         await pilot.press("t")
-        await pilot.pause()
+        await writes_done(app, pilot)
         assert StateStore(files[1]).admin("gamma") == "active"
 
 
@@ -201,7 +259,8 @@ async def test_read_only_turns_off_d_t_and_r_and_hides_them(sim, files):
     async with running(sim, files, read_only=True) as (app, pilot):
         await settled(app, pilot)
         await pilot.press("d", "t", "r")
-        await pilot.pause(0.3)
+        await writes_done(app, pilot)
+        await workers_done(app, "config")  # a reload r started by mistake would have ended by now
         assert isinstance(app.screen, FleetScreen)  # no confirmation was asked
         assert StateStore(files[1]).admin(table(app).selected_name) == "active"
         assert not any(e.kind == "config" for e in app.engine.events)  # r did not reload
@@ -237,8 +296,10 @@ async def test_r_with_a_broken_config_keeps_the_old_one_and_shows_the_error(sim,
         await pilot.pause()
         assert sorted(row_names(app)) == ["alpha", "beta", "gamma"]
         assert "unknown provider 'olama'" in app.engine.config_error
-        text = screen_text(app)
-        assert "config error" in text and "unknown provider" in text
+        # As words: the message wraps, and where depends on the length of its path (pytest's tmp
+        # dir, longer under xdist), which split "unknown provider" over two lines.
+        words = " ".join(screen_text(app).split())
+        assert "config error" in words and "unknown provider 'olama'" in words
         assert any("olama" in n.message for n in app._notifications)
         assert any(e.kind == "config" and e.level == "error" for e in app.view.fleet.events)
 
@@ -248,7 +309,7 @@ async def test_a_changed_config_file_reloads_by_itself(sim, files):
         await settled(app, pilot)
         backends = [b for b in sim.backends.values() if b.name != "gamma"]
         files[0].write_text(config_text(sim, backends))
-        await wait_for(pilot, lambda: "gamma" not in row_names(app), timeout=6, what="automatic reload")
+        await wait_for(pilot, lambda: "gamma" not in row_names(app), what="automatic reload")
 
 
 async def test_sighup_reloads(sim, files):
@@ -257,8 +318,15 @@ async def test_sighup_reloads(sim, files):
         sim.backends["delta"] = SimBackend("delta", "vllm")
         files[0].write_text(config_text(sim, list(sim.backends.values())))
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_for(pilot, lambda: "delta" in row_names(app), timeout=1.5, what="reload on SIGHUP")
-        assert any(n.message.startswith("config reloaded (SIGHUP)") for n in app._notifications)
+        # The reload that SIGHUP asked for, by its own notice: the file watcher (every 2 s) may
+        # pick up the edit first, so the new row alone proves nothing, and a short deadline meant
+        # to beat the watcher was a race on a loaded machine.
+        await wait_for(
+            pilot,
+            lambda: any(n.message.startswith("config reloaded (SIGHUP)") for n in app._notifications),
+            what="reload on SIGHUP",
+        )
+        assert "delta" in row_names(app)
 
 
 # -- view keys ------------------------------------------------------------------------------
@@ -296,12 +364,15 @@ async def test_s_cycles_the_sort_and_the_cursor_stays_on_its_backend(sim, files)
         assert {"latency", "kv", "age", "models"} <= set(seen)
         await pilot.press("s", "s")  # name, then TTFT, slowest first
         await pilot.pause()
-        # Slowest first, by the TTFTs the probes measured (30/80/150 ms configured; a probe that
-        # failed on a loaded machine has none and sorts last).
+        # Slowest first, by the TTFTs the probes measured and the table shows (a probe that failed
+        # on a loaded machine has none and sorts last). Not by the 30/80/150 ms configured: on a
+        # loaded core a stall of the shared event loop lands in one probe's TTFT and reorders them,
+        # and how true the measurement is belongs to test_integration and the benchmarks. What
+        # holds under any load: no TTFT is shorter than the server's own delay.
         ttft = {b.name: b.probe.ttft_ms if b.probe and b.probe.ttft_ms is not None else -1 for b in app.view.fleet.backends}
         assert row_names(app) == sorted(ttft, key=lambda n: -ttft[n])
-        if min(ttft.values()) > 0:
-            assert row_names(app) == ["gamma", "beta", "alpha"]
+        configured = {b.name: b.ttft_ms for b in sim.backends.values()}
+        assert all(ttft[n] >= configured[n] - 1 for n in ttft if ttft[n] >= 0), (ttft, configured)
         assert "sort: TTFT, slowest first" in screen_text(app)
 
 
@@ -570,12 +641,13 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files):
         text = screen_text(app)
         assert "H100" in text and "87%" in text and "61°C" in text and "312" in text
         gpu.gpu_util = 12
-        await pilot.pause(1.3)
+        await wait_for(pilot, lambda: engine.gpu_status.gpus[0].utilization_pct == 12, what="the new GPU reading")
         app.refresh_fleet()
         await pilot.pause()
         assert "12%" in screen_text(app)
         history = list(app.screen.query_one(GpuPanel)._util[0])
         assert 87.0 in history and history[-1] == 12.0
+        await quit_app(app)
 
 
 # -- regressions found in review ------------------------------------------------------------------
@@ -600,7 +672,7 @@ async def test_enter_in_the_drain_question_means_no(sim, files):
         await settled(app, pilot)
         await select(pilot, app, "alpha")
         await pilot.press("d", "enter")
-        await pilot.pause(0.2)
+        await writes_done(app, pilot)
         assert StateStore(files[1]).admin("alpha") == "active"
 
 
@@ -608,7 +680,7 @@ async def test_keys_do_nothing_while_the_screen_is_too_small(sim, files):
     async with running(sim, files, size=(50, 12)) as (app, pilot):
         await wait_for(pilot, lambda: app.view is not None and all(b.probe for b in app.view.fleet.backends))
         await pilot.press("t", "d", "y")
-        await pilot.pause(0.2)
+        await writes_done(app, pilot)
         assert StateStore(files[1])._admin == {}
         assert "terminal too small" in screen_text(app)
 
@@ -636,5 +708,5 @@ async def test_probe_all_on_an_empty_fleet_leaves_no_timer_running(sim, files):
     config_path.write_text("[settings]\nhealth_interval_s = 0.5\n")
     async with running(sim, files) as (app, pilot):
         await pilot.press("P")
-        await pilot.pause(0.3)
+        await pilot.pause()
         assert app._round_timer is None

@@ -1,4 +1,4 @@
-"""SVG snapshots of the main, detail and help screens at 80x24 and 200x50, over a fleet fed fixed results on a fixed clock."""
+"""SVG snapshots of the main, detail and help screens at 80x24, 120x40 and 200x50, over a fleet fed fixed results on a fixed clock."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from llmtop.tui.app import LlmtopApp
 from llmtop.tui.widgets.fleet_table import FleetTable
 
 START = 1_750_000_000.0  # a fixed wall clock: every time on screen is derived from it
-SMALL, LARGE = (80, 24), (200, 50)
+SMALL, MEDIUM, LARGE = (80, 24), (120, 40), (200, 50)
+SIZES = pytest.mark.parametrize("size", [SMALL, MEDIUM, LARGE], ids=["80x24", "120x40", "200x50"])
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -114,13 +115,18 @@ def app_for(engine: Engine) -> LlmtopApp:
 
 
 async def select(pilot, name: str) -> None:
-    await pilot.pause()  # let the screen's nested widgets mount and take the first view
-    table = pilot.app.screen.query_one(FleetTable)
+    # The screen takes its first view once its nested widgets have mounted, after a refresh: one
+    # pause was usually, not always, enough on a loaded machine. Wait for the row itself.
+    deadline = time.monotonic() + 30  # outer bound only
+    while not (tables := pilot.app.screen.query(FleetTable)) or name not in [r.key.value for r in tables.first().ordered_rows]:
+        assert time.monotonic() < deadline, f"no row {name!r} on screen"
+        await pilot.pause()
+    table = tables.first()
     table.move_cursor(row=table.get_row_index(name))
     await pilot.pause()
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "200x50"])
+@SIZES
 def test_main_screen(snap_compare, engine, size):
     async def pick(pilot):
         await select(pilot, "vllm-a100-2")
@@ -128,7 +134,7 @@ def test_main_screen(snap_compare, engine, size):
     assert snap_compare(app_for(engine), terminal_size=size, run_before=pick)
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "200x50"])
+@SIZES
 def test_detail_screen(snap_compare, engine, size):
     async def open_detail(pilot):
         await select(pilot, "ollama-ws")
@@ -138,6 +144,6 @@ def test_detail_screen(snap_compare, engine, size):
     assert snap_compare(app_for(engine), terminal_size=size, run_before=open_detail)
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "200x50"])
+@SIZES
 def test_help_screen(snap_compare, engine, size):
     assert snap_compare(app_for(engine), terminal_size=size, press=["question_mark"])

@@ -1,0 +1,31 @@
+"""What the simulator really did for a streamed request, by its own stamps (taken as it wrote each token).
+
+A measured TTFT or decode rate must match what the server did, not what it was configured to do:
+on a loaded machine the server itself is late (the simulator and the engine share the CPU, often
+the event loop), and a true measurement shows exactly that lateness. Comparing with the
+configured 60 ms made the tests fail whenever a core was busy; comparing with what was served is
+tight and holds under any load. How close the simulator keeps to its schedule is test_simulator's
+concern, with bounds that leave room for a loaded core; precision is the benchmarks' job.
+"""
+
+from __future__ import annotations
+
+from llmtop.simulator import SimBackend
+
+
+def served_ttft_ms(backend: SimBackend) -> float:
+    """The TTFT of the one streamed request `backend` served: its first token's write minus the request's arrival."""
+    assert backend.ttft_histogram.count == 1, f"{backend.name} served {backend.ttft_histogram.count} generations"
+    return backend.ttft_histogram.sum * 1000
+
+
+def served_tokens_per_s(backend: SimBackend) -> float:
+    """The decode rate of that request: (n - 1) tokens over the time from its first token to its last."""
+    assert backend.tpot_histogram.count == 1, f"{backend.name} served {backend.tpot_histogram.count} generations"
+    return 1 / backend.tpot_histogram.sum
+
+
+# A measured TTFT is never shorter than the served one (the client sends before the server reads,
+# and the kernel stamps the token after the server wrote it) and longer only by the request's way
+# in and the token's way out: on loopback, well under a millisecond when quiet, tens under load.
+WAY_IN_AND_OUT_MS = 100
