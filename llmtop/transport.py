@@ -87,9 +87,11 @@ class _StreamIO:
         return self.reads, self.last_read_at, self.last_read_at
 
     async def write(self, data: bytes) -> float:
-        """Send data; the perf_counter() time the last byte was handed to the kernel (or queued)."""
+        """Send data; the perf_counter() time it was handed to the kernel (or queued): taken just
+        before, since the send itself may wake the server, which may then run before this does."""
+        sent = time.perf_counter()
         self.writer.write(data)  # asyncio reports a failed write on the next read, not here
-        return time.perf_counter()
+        return sent
 
     def usable(self) -> bool:
         # StreamReader has no public peek; at_eof() stays False while bytes wait unread.
@@ -162,17 +164,19 @@ class _RawIO:
                 remove(self.fd)
 
     async def write(self, data: bytes) -> float:
-        """Send data; the perf_counter() time its last byte went to the kernel."""
+        """Send data; the perf_counter() time its last part went to the kernel, read just before
+        that send(): the send wakes the server, and on a busy machine the server may run (and
+        answer) before this process is back from the system call, so a stamp taken after it
+        would be late and every TTFT short."""
         view = memoryview(data)
-        self.sent_at = time.perf_counter()  # no answer can arrive before this
         while view:
             if self.closed:
                 raise ConnectionAbortedError(103, "Software caused connection abort")
+            self.sent_at = time.perf_counter()  # no answer can arrive before this
             try:
                 view = view[self.sock.send(view) :]
             except (BlockingIOError, InterruptedError):
                 await self._ready("write")
-        self.sent_at = time.perf_counter()  # the whole request is out: nothing is answered before this
         return self.sent_at
 
     def usable(self) -> bool:
@@ -204,15 +208,45 @@ def _wake(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
+class _ClockPair:
+    """The offset between the kernel's stamps (CLOCK_REALTIME) and perf_counter(), measured only
+    from reads taken back to back.
+
+    Reading one clock and then the other is exact only if nothing runs between the two reads; on
+    a loaded machine the process may be preempted there for milliseconds, and every arrival
+    converted with that pair would come out early by as much (a TTFT shorter than the server
+    took). So the offset is taken from a read of realtime, perf_counter, realtime whose two
+    realtime reads are close, and the last good one is kept for the reads that are not."""
+
+    TIGHT_S = 20e-6
+
+    def __init__(self) -> None:
+        self.offset: float | None = None  # time.time() - time.perf_counter()
+
+    def realtime_to_perf(self, realtime: float) -> float | None:
+        before = time.time()
+        perf = time.perf_counter()
+        after = time.time()
+        if after - before <= self.TIGHT_S or self.offset is None:
+            self.offset = (before + after) / 2 - perf
+            if after - before > self.TIGHT_S:  # the first pair, not a tight one: use it once, measure again next time
+                offset, self.offset = self.offset, None
+                return realtime - offset
+        return realtime - self.offset
+
+
+_CLOCKS = _ClockPair()
+
+
 def _kernel_time(ancillary) -> float:
     """perf_counter() time at which the kernel received the bytes just read."""
     now = time.perf_counter()
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
             sec, nsec = struct.unpack("qq", data[:16])
-            age = time.time() - (sec + nsec / 1e9)
-            if 0 <= age < 60:  # a wall clock stepped mid-read is not believed
-                return now - age
+            arrived = _CLOCKS.realtime_to_perf(sec + nsec / 1e9)
+            if arrived is not None and 0 <= now - arrived < 60:  # a wall clock stepped mid-read is not believed
+                return min(arrived, now)
     return now
 
 

@@ -163,7 +163,7 @@ def test_secret_never_printed(tmp_path, sim):
 def test_check_split_over_worker_processes_reports_every_backend_in_config_order(tmp_path, sim):
     names = [f"b{i}" for i in range(7)]
     for name in names:
-        sim.backends[name] = SimBackend(name, ttft_ms=30, gap_ms=5)
+        sim.backends[name] = SimBackend(name, ttft_ms=30, gap_ms=20)  # tokens far enough apart to be read one by one
     sim.backends["b3"].fault = "5xx"
     path = tmp_path / "seven.toml"
     path.write_text("[settings]\ntimeout_s = 3\n" + "".join(
@@ -175,14 +175,21 @@ def test_check_split_over_worker_processes_reports_every_backend_in_config_order
     assert split.returncode == 1, split.stderr  # b3 is down
     backends = json.loads(split.stdout)["backends"]
     assert [b["name"] for b in backends] == names
+    timed = 0
     for b in backends:
         if b["name"] == "b3":
             assert b["status"] == "down" and "HTTP 503" in b["error"]
-        else:
-            # Each backend's own figure, true to what it served (served.py; the simulator thread
-            # is late on a loaded core, 62.8 ms was seen for a 30 ms TTFT), to 0.1 ms in JSON.
-            ttft = served_ttft_ms(sim.backends[b["name"]])
-            assert b["status"] == "healthy" and ttft - 1 <= b["probe"]["ttft_ms"] < ttft + WAY_IN_AND_OUT_MS, (b, ttft)
+            continue
+        assert b["status"] == "healthy"
+        if b["probe"]["untimed"]:  # read late on a loaded core, even on its retry: no figure, and why
+            assert b["probe"]["ttft_ms"] is None and b["probe"]["tokens_per_s"] is None
+            continue
+        # Each backend's own figure, true to what it served (served.py; the simulator thread
+        # is late on a loaded core, 62.8 ms was seen for a 30 ms TTFT), to 0.1 ms in JSON.
+        ttft = served_ttft_ms(sim.backends[b["name"]])
+        assert ttft - 1 <= b["probe"]["ttft_ms"] < ttft + WAY_IN_AND_OUT_MS, (b, ttft)
+        timed += 1
+    assert timed >= 4  # of 6: late reads are the exception, not the rule
     table = llmtop("check", "--workers", "2", "--config", str(path), "--state", state)
     assert table.returncode == 1 and "b3: " in table.stdout and table.stdout.count("HEALTHY") == 6
 
