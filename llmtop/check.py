@@ -134,9 +134,10 @@ def _result(proc, receive) -> FleetSnapshot:
 
 
 def exit_code(snapshot: FleetSnapshot) -> int:
-    """0 when every active backend is healthy, else 1."""
+    """0 when every active backend is healthy, else 1. A fleet with no active backend at all
+    (every one drained or disabled) is 1: nothing is serving, whatever the reason."""
     active = [b for b in snapshot.backends if b.admin == "active"]
-    return 0 if all(b.status == "healthy" for b in active) else 1
+    return 0 if active and all(b.status == "healthy" for b in active) else 1
 
 
 def to_json(snapshot: FleetSnapshot) -> str:
@@ -198,6 +199,8 @@ def render_table(snapshot: FleetSnapshot) -> str:
             why = f"{why}; until {time.strftime('%H:%M:%S', time.localtime(b.retry_after_at))}"
         if why:
             notes.append(f"  {b.name}: {why}")
+    if snapshot.backends and all(b.admin != "active" for b in snapshot.backends):
+        notes.append("  no backend is active: every one is drained or disabled, so nothing serves (exit 1)")
     if notes:
         lines.append("")
         lines.extend(notes)

@@ -1,4 +1,4 @@
-"""Command line: the TUI by default, plus check, drain/undrain/disable/enable and init."""
+"""Command line: the TUI by default, plus check, serve, drain/undrain/disable/enable and init."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from llmtop import __version__
-from llmtop.config import Config, ConfigError, load_config, resolve_config_path
+from llmtop.config import DEFAULT_LISTEN, Config, ConfigError, load_config, resolve_config_path, split_address
 from llmtop.paths import default_state_path
 from llmtop.sanitize import for_terminal
 from llmtop.state import ADMIN_COMMANDS, LIFTS, StateError, StateStore
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="colour theme: dark, light, high-contrast, or a file name in ~/.config/llmtop/themes/ (T cycles in the app)",
     )
     parser.add_argument("--read-only", action="store_true", help="disable the keys that change state (drain, toggle, reload)")
+    _listen_options(parser, suppress=False, what="also serve serve's HTTP endpoints while the screen runs (off unless given)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     check = sub.add_parser("check", help="poll and probe every backend once, print a table or JSON")
@@ -81,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"processes to split the fleet over (default: one per CPU core, for fleets big enough to need them; at most {MAX_WORKERS})",
     )
 
+    serve = sub.add_parser(
+        "serve", help="run headless: readiness for load balancers, Prometheus metrics, the live fleet and an admin API",
+    )
+    _shared_options(serve, demo=True, suppress=True)
+    _listen_options(serve, suppress=True, what=f"where to answer HTTP (default: [serve] listen, else {DEFAULT_LISTEN})")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default=None,
+        help="event log lines on stderr (default: [serve] log_format, else text)",
+    )
+
     for command in ADMIN_COMMANDS:
         p = sub.add_parser(command, help=ADMIN_HELP[command])
         _shared_options(p, demo=False, suppress=True)
@@ -92,16 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _listen_options(parser: argparse.ArgumentParser, *, suppress: bool, what: str) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--listen", metavar="HOST:PORT", default=default, help=what)
+    parser.add_argument(
+        "--agent-listen", metavar="HOST:PORT", default=default,
+        help="answer HAProxy's agent-check on this TCP port (default: [serve] agent_listen, else off)",
+    )
+
+
 def _check_scope(args) -> None:
     """An option that the command would ignore is a mistake to say, not to swallow."""
     if args.demo and args.config:
         raise UsageError("--demo watches its own simulated fleet; leave out --config (or --demo)")
     if args.command is None:
         return
-    for flag, given in (("--theme", args.theme), ("--read-only", args.read_only), ("--demo", args.demo)):
-        if given and not (flag == "--demo" and args.command == "check"):
-            where = "the live screen and `check`" if flag == "--demo" else "the live screen (llmtop with no command)"
-            raise UsageError(f"{flag} applies to {where}, not to `{args.command}`; leave it out")
+    allowed = {"--demo": ("check", "serve"), "--listen": ("serve",), "--agent-listen": ("serve",)}
+    where = {
+        "--demo": "the live screen, `check` and `serve`",
+        "--listen": "the live screen and `serve`",
+        "--agent-listen": "the live screen and `serve`",
+    }
+    flags = (("--theme", args.theme), ("--read-only", args.read_only), ("--demo", args.demo),
+             ("--listen", args.listen), ("--agent-listen", args.agent_listen))
+    for flag, given in flags:
+        if given and args.command not in allowed.get(flag, ()):
+            place = where.get(flag, "the live screen (llmtop with no command)")
+            raise UsageError(f"{flag} applies to {place}, not to `{args.command}`; leave it out")
 
 
 def _load(args) -> Config:
@@ -177,6 +205,33 @@ def cmd_check(args) -> int:
     return exit_code(snapshot)
 
 
+def cmd_serve(args) -> int:
+    from llmtop.serve.runner import run
+
+    with contextlib.ExitStack() as stack:
+        if args.demo:
+            from llmtop.demo import DemoFleet
+
+            try:
+                demo = stack.enter_context(DemoFleet())
+            except RuntimeError as exc:
+                raise UsageError(str(exc)) from None
+            config, state = load_config(demo.config_path), _state(args, demo.state_path)
+        else:
+            config, state = _load(args), _state(args)
+        if not config.backends:
+            raise UsageError(f"{config.path}: no backends to serve; {ADD_A_BACKEND}")
+        listen = args.listen or config.serve.listen
+        agent_listen = args.agent_listen or config.serve.agent_listen
+        for flag, value in (("--listen", listen), ("--agent-listen", agent_listen)):
+            if value is not None:
+                try:
+                    split_address(value)
+                except ValueError as exc:
+                    raise UsageError(f"{flag}: {exc}") from None
+        return run(config, config.path, state, listen=listen, agent_listen=agent_listen, log_format=args.log_format or config.serve.log_format)
+
+
 def cmd_admin(args) -> int:
     command = args.command
     config = _load(args)
@@ -244,6 +299,8 @@ def main(argv: list[str] | None = None, *, program: bool = False) -> int:
         _check_scope(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command in ADMIN_COMMANDS:
             return cmd_admin(args)
         if args.command == "init":

@@ -50,6 +50,28 @@ class Settings:
     history: int = 120
 
 
+DAY_S = 86_400.0
+# Bounds of each number in [settings] and [breaker]: below them llmtop would poll as fast as it
+# can or time nothing out; above them a duration stops meaning anything (and a timestamp built
+# from one could overflow the clock that prints it).
+LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "health_interval_s": (0.1, DAY_S),
+    "probe_interval_s": (1.0, 7 * DAY_S),
+    "probe_max_tokens": (1, 4096),
+    "timeout_s": (0.1, 600.0),
+    "max_concurrency": (1, 100_000),
+    "probe_concurrency": (1, 100_000),
+    "slow_ttft_ms": (1.0, DAY_S * 1000),
+    "history": (2, 100_000),
+    "consecutive_failures": (1, 1000),
+    "consecutive_successes": (1, 1000),
+    "window_s": (1.0, 7 * DAY_S),
+    "min_requests": (1, 100_000),
+    "cooldown_s": (0.1, DAY_S),
+    "max_cooldown_s": (0.1, 7 * DAY_S),
+}
+
+
 @dataclass(frozen=True)
 class BreakerSettings:
     consecutive_failures: int = 3
@@ -221,6 +243,11 @@ class _Checker:
                 raise self.fail(f"{where}.{key}", f"must be a finite number, got {value}")
             if positive and value <= 0:
                 raise self.fail(f"{where}.{key}", f"must be greater than 0, got {value}")
+            low, high = LIMITS.get(key, (None, None))
+            if low is not None and value < low:
+                raise self.fail(f"{where}.{key}", f"must be at least {low:g}, got {value}; write it like {key} = {low:g}")
+            if high is not None and value > high:
+                raise self.fail(f"{where}.{key}", f"must be at most {high:g}, got {value}; write it like {key} = {high:g}")
             values[key] = expected(value)
         return cls(**values)
 

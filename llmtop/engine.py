@@ -301,6 +301,18 @@ class Engine:
         tracker.update()
         tracker.wake.set()
 
+    async def apply_admin(self, name: str, command: str, by: str | None = None) -> tuple[str, str]:
+        """An operator command (drain, undrain, disable, enable) decided and written under the
+        state file's lock (state.admin_after: undrain lifts only a drain, enable only a disable);
+        (before, after). In a thread, as set_admin."""
+        before, after = await asyncio.to_thread(self.state.apply, name, command)
+        tracker = self.trackers.get(name)
+        if tracker is not None and after != before:
+            self.emit(Event(self.wall(), name, "admin", f"{before} -> {after}" + (f" ({by})" if by else "")))
+            tracker.update()
+            tracker.wake.set()
+        return before, after
+
     async def refresh_state(self) -> None:
         """Pick up admin changes another llmtop wrote to the state file (read in a thread)."""
         if await asyncio.to_thread(self.state.refresh):
@@ -363,6 +375,11 @@ class Engine:
     # -- output -----------------------------------------------------------------------------
 
     def snapshot(self) -> FleetSnapshot:
+        for tracker in self.trackers.values():
+            # Time alone moves a breaker (open -> half-open once its cooldown passed): a cached
+            # snapshot must not go on saying "open" until something else happens to the backend.
+            if tracker.breaker.state != tracker.snapshot_circuit:
+                tracker.update()
         return FleetSnapshot(
             at=self.wall(),
             backends=tuple(t.snapshot() for t in self.trackers.values()),

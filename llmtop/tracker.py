@@ -85,6 +85,7 @@ class BackendTracker:
         self.seq = 0
         self._snapshot: BackendSnapshot | None = None
         self._snapshot_seq = -1
+        self.snapshot_circuit = "closed"  # the breaker state the cached snapshot shows
         self.wake = asyncio.Event()
         self.busy = False
 
@@ -428,4 +429,5 @@ class BackendTracker:
             seq=self.seq,
         )
         self._snapshot, self._snapshot_seq = snap, self.seq
+        self.snapshot_circuit = snap.circuit
         return snap

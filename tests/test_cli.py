@@ -112,6 +112,8 @@ def test_drain_undrain_disable_enable_persist(config, tmp_path):
     assert r.returncode == 0  # only active backends count
     assert llmtop("disable", "ollama", *common).returncode == 0
     assert json.loads(state.read_text())["admin"] == {"fast": "draining", "ollama": "disabled"}
+    r = llmtop("check", *common)  # nothing active: nothing serves, which is no success
+    assert r.returncode == 1 and "no backend is active" in r.stdout
     assert llmtop("undrain", "fast", *common).returncode == 0
     assert llmtop("enable", "ollama", *common).returncode == 0
     assert json.loads(state.read_text()) == {"admin": {}}

@@ -109,3 +109,19 @@ def test_config_path_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("LLMTOP_CONFIG")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     assert resolve_config_path(None) == tmp_path / "xdg" / "llmtop" / "config.toml"
+
+
+def test_every_number_has_bounds_that_say_how_to_write_it():
+    from llmtop.config import LIMITS
+
+    for key, (low, high) in LIMITS.items():
+        table = "settings" if key in ("health_interval_s", "probe_interval_s", "probe_max_tokens", "timeout_s", "max_concurrency",
+                                      "probe_concurrency", "slow_ttft_ms", "history") else "breaker"
+        for bad in (low / 10 if isinstance(low, float) else None, high * 10):
+            if bad is None or (isinstance(low, int) and bad < 1):
+                continue
+            with pytest.raises(ConfigError) as err:
+                loads_config(f"[{table}]\n{key} = {bad!r}\n", "fleet.toml")
+            message = str(err.value)
+            assert message.startswith(f"fleet.toml: {table}.{key}: must be at") and f"write it like {key} = " in message
+            loads_config(message.rsplit("write it like ", 1)[1].join([f"[{table}]\n", "\n"]), "fleet.toml")  # the advice is valid

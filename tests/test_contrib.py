@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+from real import needs
 
 from llmtop.config import BackendConfig, Config, Settings
 from llmtop.engine import Engine
@@ -21,8 +21,8 @@ from llmtop.simulator import SimBackend, Simulator
 from llmtop.state import StateStore
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
-needs_promtool = pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (.ci/run installs it)")
-needs_prometheus = pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus not installed (.ci/run installs it)")
+needs_promtool = needs("promtool")
+needs_prometheus = needs("prometheus")
 
 
 @needs_promtool
@@ -34,7 +34,7 @@ def test_the_alert_rules_check_and_pass_their_unit_tests():
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
 
 
-@pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (.ci/run installs it)")
+@needs("haproxy")
 def test_the_haproxy_example_is_a_valid_config():
     r = subprocess.run(["haproxy", "-c", "-f", str(CONTRIB / "haproxy" / "haproxy.cfg")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr

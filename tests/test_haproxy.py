@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 from contextlib import asynccontextmanager
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from real import needs
 
 from llmtop.config import BackendConfig, BreakerSettings, Config, Settings
 from llmtop.engine import Engine
@@ -21,7 +21,7 @@ from llmtop.serve.http import ServeSite
 from llmtop.simulator import SimBackend, Simulator
 from llmtop.state import StateStore
 
-pytestmark = pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (.ci/run installs it)")
+pytestmark = needs("haproxy")
 AGENT_INTER_MS = 300
 
 
@@ -177,3 +177,36 @@ async def test_a_dead_backend_is_taken_out_through_llmtop(tmp_path):
         assert served(sims)["A"] == before["A"]
         sims["A"].fault = None
         await until(lambda: servers_state(sock)["A"] == (2, 0), "A back in service", timeout=30)
+
+
+async def test_a_d_in_the_live_screen_started_with_listen_moves_real_traffic(tmp_path):
+    from llmtop.tui.app import LlmtopApp
+    from llmtop.tui.widgets.fleet_table import FleetTable
+
+    a, b = SimBackend("m", "vllm", ttft_ms=5, gap_ms=1), SimBackend("m", "vllm", ttft_ms=5, gap_ms=1)
+    async with Simulator([a]) as sim_a, Simulator([b]) as sim_b:
+        config = Config(
+            settings=Settings(timeout_s=1.0, health_interval_s=0.3, probe_interval_s=3600),
+            backends=(BackendConfig("A", "vllm", sim_a.url("m"), tuple(a.models)), BackendConfig("B", "vllm", sim_b.url("m"), tuple(b.models))),
+        )
+        agent_port, front = free_port(), free_port()
+        app = LlmtopApp(Engine(config, StateStore(tmp_path / "state.json")), config_path=None, agent_listen=f"127.0.0.1:{agent_port}")
+        cfg = haproxy_cfg(tmp_path, front, {"A": sim_a.port, "B": sim_b.port}, f"agent:{agent_port}")
+        async with app.run_test(size=(120, 40)) as pilot:
+            haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            sock = tmp_path / "admin.sock"
+            try:
+                await until(lambda: sock.exists() and all(v == (2, 0) for v in servers_state(sock).values()), "both servers in service")
+                table = app.screen.query_one(FleetTable)
+                table.move_cursor(row=table.get_row_index("A"))
+                await pilot.press("d", "y")
+                await until(lambda: servers_state(sock)["A"] != (2, 0), "HAProxy to take A out")
+                sims = {"A": a, "B": b}
+                before = served(sims)
+                await send(f"http://127.0.0.1:{front}/m/version", 100)
+                after = served(sims)
+                assert (after["A"] - before["A"], after["B"] - before["B"]) == (0, 100)
+            finally:
+                haproxy.terminate()
+                haproxy.wait(10)
+            await pilot.press("q")

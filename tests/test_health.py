@@ -121,3 +121,22 @@ def test_status_rules():
     assert derive_status(inputs(error_rate=0.25))[0] == "degraded"
     assert derive_status(inputs(rate_limited=True))[1] == "rate limited (429)"
     assert derive_status(inputs(circuit="half_open"))[0] == "degraded"
+
+
+async def test_a_snapshot_shows_a_breaker_that_time_alone_moved_to_half_open(tmp_path):
+    """The cooldown passing is no event of the backend's own: the next snapshot must say half-open
+    without waiting for the backend's next poll (a readiness answer depends on it)."""
+    from llmtop.config import BackendConfig, BreakerSettings, Config
+    from llmtop.engine import Engine
+    from llmtop.probe import HealthResult, ModelsResult
+    from llmtop.providers.base import PollResult
+    from llmtop.state import StateStore
+
+    now = [100.0]
+    config = Config(breaker=BreakerSettings(consecutive_failures=1, cooldown_s=30), backends=(BackendConfig("b", "vllm", "http://h:1", ("m",)),))
+    engine = Engine(config, StateStore(tmp_path / "s.json"), clock=lambda: now[0], wall=lambda: now[0])
+    failed = PollResult(HealthResult(ok=False, error="refused", unreachable=True), ModelsResult(None, error="refused"), None)
+    engine.trackers["b"].apply_poll(failed)
+    assert engine.snapshot().backends[0].circuit == "open"
+    now[0] += 31
+    assert engine.snapshot().backends[0].circuit == "half_open"

@@ -23,7 +23,7 @@ from llmtop.sanitize import for_terminal
 
 # Deterministic and bounded: the same examples on every run and every machine, no deadline
 # (a loaded CI core is slow, not wrong).
-PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),

@@ -17,6 +17,7 @@ from llmtop.engine import Engine
 from llmtop.serve.exporter import registry
 from llmtop.serve.readiness import readiness
 from llmtop.snapshot import Event, FleetSnapshot
+from llmtop.state import LIFTS
 
 SCHEMA = 1  # of /api/v1/fleet and /api/v1/events; bumped when a field changes meaning
 MAX_REQUEST_BYTES = 64 * 1024  # admin requests carry no body worth more
@@ -50,12 +51,10 @@ class ServeSite:
         listen: str,
         *,
         settings: Callable[[], ServeSettings] | None = None,
-        on_admin: Callable[[str, str, str], None] | None = None,
     ):
         self.engine = engine
         self.listen = listen
         self._settings = settings or (lambda: engine.config.serve)
-        self._on_admin = on_admin
         self._runner: web.AppRunner | None = None
         self._beat = time.monotonic()
         self._heart: asyncio.Task | None = None
@@ -81,7 +80,7 @@ class ServeSite:
         )
         app.on_shutdown.append(self._shutdown)
         # No access log: a balancer asking every second would drown the event log.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)  # event streams end on their own (on_shutdown)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         try:
@@ -225,28 +224,12 @@ class ServeSite:
             self.engine.force_probe([name])
             self.engine.emit(Event(time.time(), name, "admin", f"probe requested (API, from {peer})"))
             return _text(202, "probing")
-        target = admin_target(b.admin, action)
-        if isinstance(target, str) and target.startswith("!"):
-            return _text(409, target[1:])
-        before = b.admin
-        await self.engine.set_admin(name, target, by=f"API, from {peer}")
-        if self._on_admin is not None:
-            self._on_admin(name, before, target)
-        return _text(200, f"{before} -> {target}")
-
-
-def admin_target(current: str, action: str) -> str:
-    """The admin state an action leads to, or "!why not" when it would undo something else:
-    undrain leaves a disabled backend disabled, enable leaves a draining one draining."""
-    if action == "drain":
-        return "draining" if current != "disabled" else "!disabled; enable it first"
-    if action == "disable":
-        return "disabled"
-    if action == "undrain":
-        return "active" if current != "disabled" else "!disabled, not draining; enable it instead"
-    if action == "enable":
-        return "active" if current != "draining" else "!draining, not disabled; undrain it instead"
-    raise ValueError(action)
+        before, after = await self.engine.apply_admin(name, action, by=f"API, from {peer}")
+        if action in LIFTS and before not in (LIFTS[action], "active"):
+            # undrain of a disabled backend, enable of a draining one: left as it is, and why.
+            lift = next(c for c, lifted in LIFTS.items() if lifted == before)
+            return _text(409, f"{before}, not {LIFTS[action]}; left {before} ({lift} lifts it)")
+        return _text(200, f"{before} -> {after}")
 
 
 async def _send(response: web.StreamResponse, kind: str, data: dict) -> None:

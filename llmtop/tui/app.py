@@ -92,9 +92,15 @@ class LlmtopApp(App):
         live: bool = True,
         hint: str | None = None,
         prefs_path: Path | None = None,
+        listen: str | None = None,
+        agent_listen: str | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
+        # serve's endpoints while the screen runs (--listen, --agent-listen): a balancer or a
+        # Prometheus sees what this screen sees, and a `d` here drains it there.
+        self._listen, self._agent_listen = listen, agent_listen
+        self._served: list = []
         self.config_path = config_path
         self.read_only = read_only
         self.live = live
@@ -168,10 +174,29 @@ class LlmtopApp(App):
             self.set_interval(TICK_S, self.refresh_fleet)
             if self.config_path is not None:
                 self.set_interval(CONFIG_CHECK_S, self._check_config_file)
+            await self._start_serving()
+
+    async def _start_serving(self) -> None:
+        from llmtop.serve.agent import AgentServer
+        from llmtop.serve.http import ServeSite
+
+        for make, address, what in ((ServeSite, self._listen, "HTTP"), (AgentServer, self._agent_listen, "HAProxy agent-check")):
+            if address is None:
+                continue
+            server = make(self.engine, address)
+            try:
+                await server.start()
+            except OSError as exc:
+                self.notify(f"not serving {what}: {exc.strerror or exc}", severity="error", timeout=15)
+                continue
+            self._served.append(server)
+            self.notify(f"serving {what} on {address.rpartition(':')[0]}:{server.port}")
 
     async def on_unmount(self) -> None:
         if self.live:
             self._remove_signals()
+            for server in self._served:
+                await server.stop()
             await self.engine.close()
 
     # -- the tick ---------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def run_tui(args) -> int:
                 return _fail(NO_TERMINAL)
             engine = Engine(config, state, gpu=GpuReader())
             app = LlmtopApp(
-                engine, config_path=config_path, read_only=args.read_only, theme=theme, hint=hint, prefs_path=prefs_path
+                engine, config_path=config_path, read_only=args.read_only, theme=theme, hint=hint, prefs_path=prefs_path,
+                listen=getattr(args, "listen", None), agent_listen=getattr(args, "agent_listen", None),
             )
             app.run()
             return app.return_code or 0

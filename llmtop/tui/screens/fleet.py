@@ -73,7 +73,7 @@ class FleetScreen(BlindKeysOff, Screen):
 
     def show_fleet(self, view: FleetView) -> None:
         self.view = view
-        if not self._ready:
+        if not self._ready or not self.is_attached:  # not built yet, or already taken down
             return
         self.query_one(FleetSummary).show(view)
         self.table.show(view)

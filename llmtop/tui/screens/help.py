@@ -25,9 +25,9 @@ KEYS = (
     ("s / S", "sort by the next column / reverse the sort (or click a header)", False),
     ("space", "pause the screen to read it (polls and probes go on)", False),
     ("g", "show or hide the GPU panel", False),
-    ("T", "cycle the colour theme", False),
+    ("T", "cycle the colour theme (remembered for next time)", False),
     ("?", "this help", False),
-    ("q", "quit", False),
+    ("q Ctrl-C", "quit", False),
 )
 LEGEND = (
     "status: the symbol is health, the word is health or the operator's state\n"

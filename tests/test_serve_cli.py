@@ -1,0 +1,152 @@
+"""`llmtop serve` as an operator runs it: a real process, its options, its log, its signals, and
+the live screen's --listen."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmtop.simulator import SimBackend, Simulator
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+
+
+@pytest.fixture
+def sim():
+    simulator = Simulator([SimBackend("a", "vllm"), SimBackend("b", "vllm", fault="reset")])
+    simulator.start_in_thread()
+    yield simulator
+    simulator.stop_thread()
+
+
+@pytest.fixture
+def config(tmp_path, sim) -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        "[settings]\ntimeout_s = 2\nhealth_interval_s = 0.5\n"
+        + "".join(f'[[backend]]\nname = "{n}"\nprovider = "vllm"\nurl = "{sim.url(n)}"\nmodels = ["meta-llama/Llama-3.1-8B-Instruct"]\n' for n in "ab")
+    )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmtop", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("serve never became ready")
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_serve_answers_logs_each_event_on_one_line_and_stops_within_2s_of_sigterm(config, tmp_path, log_format):
+    port = free_port()
+    # Options before the command mean the same as after it.
+    proc = start("--config", str(config), "serve", "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}",
+                 "--log-format", log_format)
+    wait_ready(port, proc)
+    assert httpx.get(f"http://127.0.0.1:{port}/backends/a/ready", trust_env=False).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{port}/backends/b/ready", trust_env=False).status_code == 503
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert time.monotonic() - sent < 2.0 and proc.returncode == 0
+    lines = err.strip().splitlines()
+    assert len(lines) >= 3 and all("Traceback" not in line for line in lines)
+    if log_format == "json":
+        events = [json.loads(line) for line in lines]
+        assert any(e["backend"] == "b" and e["kind"] == "status" and "down" in e["message"] for e in events)
+    else:
+        assert any(" b status: unknown -> down" in line for line in lines)
+        assert lines[-1].endswith("serve: stopping (signal)")
+
+
+def test_a_drain_from_the_cli_reaches_serve_within_a_second(config, tmp_path):
+    port, state = free_port(), tmp_path / "s.json"
+    proc = start("serve", "--config", str(config), "--state", str(state), "--listen", f"127.0.0.1:{port}")
+    try:
+        wait_ready(port, proc)
+        assert subprocess.run([sys.executable, "-m", "llmtop", "drain", "a", "--config", str(config), "--state", str(state)],
+                              capture_output=True, timeout=60).returncode == 0
+        drained = time.monotonic()
+        while httpx.get(f"http://127.0.0.1:{port}/backends/a/ready", trust_env=False).text != "draining\n":
+            assert time.monotonic() - drained < 5, "the drain never reached serve"
+            time.sleep(0.05)
+        assert time.monotonic() - drained < 1.5  # the state file is followed every second
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def test_a_taken_port_and_a_bad_address_are_one_line_errors(config, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}")
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and err.count("\n") == 1 and f"127.0.0.1:{port}" in err and "Traceback" not in err
+    proc = start("serve", "--config", str(config), "--listen", "nowhere")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "--listen" in err and "HOST:PORT" in err
+    proc = start("--listen", "127.0.0.1:1", "check", "--config", str(config))  # given where check would ignore it
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "--listen applies to the live screen and `serve`" in err
+
+
+def test_the_systemd_units_command_line_is_one_serve_accepts():
+    from llmtop.cli import build_parser
+
+    unit = (CONTRIB / "systemd" / "llmtop-serve.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.split("=", 1)[1].split()[1:]
+    args = build_parser().parse_args(argv)
+    assert args.command == "serve" and args.config == "/etc/llmtop/config.toml" and args.log_format == "text"
+
+
+async def test_the_live_screen_serves_the_same_endpoints_and_its_d_drains_there(tmp_path, sim):
+    from llmtop.config import BackendConfig, Config, Settings
+    from llmtop.engine import Engine
+    from llmtop.state import StateStore
+    from llmtop.tui.app import LlmtopApp
+
+    port = free_port()
+    config = Config(settings=Settings(timeout_s=2, health_interval_s=0.5),
+                    backends=(BackendConfig("a", "vllm", sim.url("a"), ("meta-llama/Llama-3.1-8B-Instruct",)),))
+    app = LlmtopApp(Engine(config, StateStore(tmp_path / "s.json")), config_path=None, listen=f"127.0.0.1:{port}")
+    async with app.run_test(size=(120, 40)) as pilot:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            deadline = time.monotonic() + 30
+            while (await client.get("/backends/a/ready")).status_code != 200:
+                assert time.monotonic() < deadline
+                await pilot.pause(0.05)
+            await pilot.press("d", "y")
+            while (r := await client.get("/backends/a/ready")).status_code != 503:
+                assert time.monotonic() < deadline
+                await pilot.pause(0.05)
+            assert r.text == "draining\n"
+        await pilot.press("q")
