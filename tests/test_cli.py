@@ -223,7 +223,7 @@ def test_global_options_work_before_or_after_the_subcommand(config, tmp_path):
     [
         (["--theme", "dark", "check"], "--theme applies to the live screen"),
         (["--read-only", "drain", "x"], "--read-only applies to the live screen"),
-        (["--demo", "drain", "x"], "--demo applies to the live screen and `check`, not to `drain`"),
+        (["--demo", "drain", "x"], "--demo applies to the live screen, `check` and `serve`, not to `drain`"),
         (["check", "--demo", "--config", "fleet.toml"], "--demo watches its own simulated fleet; leave out --config"),
     ],
 )
