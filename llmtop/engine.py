@@ -12,7 +12,7 @@ import httpx
 
 from llmtop.config import Config
 from llmtop.governor import Governor, Pacer
-from llmtop.snapshot import Event, FleetSnapshot, GpuStatus
+from llmtop.snapshot import BackendSnapshot, Event, FleetSnapshot, GpuStatus
 from llmtop.state import StateStore
 from llmtop.tracker import BackendTracker, uses_tls
 from llmtop.transport import backend_client
@@ -373,6 +373,16 @@ class Engine:
         self.emit(Event(self.wall(), None, "config", f"reload failed, keeping the running config: {message}", "error"))
 
     # -- output -----------------------------------------------------------------------------
+
+    def backend_snapshot(self, name: str) -> BackendSnapshot | None:
+        """One backend's latest snapshot, without building the fleet's (a balancer asks for one
+        backend a thousand times a second)."""
+        tracker = self.trackers.get(name)
+        if tracker is None:
+            return None
+        if tracker.breaker.state != tracker.snapshot_circuit:  # time alone moved it (see snapshot)
+            tracker.update()
+        return tracker.snapshot()
 
     def snapshot(self) -> FleetSnapshot:
         for tracker in self.trackers.values():

@@ -304,3 +304,30 @@ def test_log_lines_are_one_line_each_and_safe():
     assert "\x1b" not in text and "FORGED" in text
     data = json.loads(format_event(event, "json"))
     assert data["message"] == event.message and "\x1b" not in format_event(event, "json")
+
+
+async def test_the_fast_exposition_says_exactly_what_prometheus_client_says(tmp_path):
+    """/metrics is written by llmtop itself, for speed; prometheus_client, given the same series
+    through FleetCollector, is the oracle: both formats must parse to the same samples."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+
+    from llmtop.serve.exporter import Exposition, FleetCollector
+
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        await engine.set_admin("partial", "draining")
+        fleet = engine.snapshot()
+        frozen = lambda: fleet  # noqa: E731 - one instant for both writers
+        ready_when = lambda: ("healthy", "degraded")  # noqa: E731
+        ours = Exposition(frozen, ready_when)
+        registry = CollectorRegistry()
+        registry.register(FleetCollector(frozen, ready_when))
+
+        def parsed(text: str, parse) -> dict:
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in parse(text) for s in f.samples if not s.name.endswith("_created")}
+
+        assert parsed(ours.render(False).decode(), text_string_to_metric_families) == parsed(generate_latest(registry).decode(), text_string_to_metric_families)
+        assert parsed(ours.render(True).decode(), parse_openmetrics) == parsed(openmetrics_latest(registry).decode(), parse_openmetrics)
+        assert ours.render(True) == ours.render(True)  # from the cache, the same bytes

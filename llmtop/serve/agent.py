@@ -52,7 +52,7 @@ class AgentServer:
         try:
             line = await asyncio.wait_for(reader.readline(), READ_S)
             name = line.decode("utf-8", "replace").strip()
-            b = self.engine.snapshot().backend(name)
+            b = self.engine.backend_snapshot(name)
             if b is None:
                 self._unknown(name)
                 return

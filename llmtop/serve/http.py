@@ -10,11 +10,10 @@ import time
 from typing import Callable
 
 from aiohttp import web
-from prometheus_client.exposition import choose_encoder
 
 from llmtop.config import ServeSettings, split_address
 from llmtop.engine import Engine
-from llmtop.serve.exporter import registry
+from llmtop.serve.exporter import Exposition
 from llmtop.serve.readiness import readiness
 from llmtop.snapshot import Event, FleetSnapshot
 from llmtop.state import LIFTS
@@ -59,7 +58,7 @@ class ServeSite:
         self._beat = time.monotonic()
         self._heart: asyncio.Task | None = None
         self._closing = asyncio.Event()
-        self._registry = registry(engine.snapshot, lambda: self._settings().ready_when)
+        self._exposition = Exposition(engine.snapshot, lambda: self._settings().ready_when)
         self.port: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -128,7 +127,7 @@ class ServeSite:
 
     async def backend_ready(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        b = self.engine.snapshot().backend(name)
+        b = self.engine.backend_snapshot(name)
         if b is None:
             return _text(404, "no such backend in llmtop's config")
         r = readiness(b, self._settings().ready_when)
@@ -137,8 +136,8 @@ class ServeSite:
     # -- metrics and the fleet -----------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(self._registry), headers={"Content-Type": content_type})
+        body, content_type = self._exposition.answer(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def fleet(self, request: web.Request) -> web.Response:
         body = json.dumps(fleet_document(self.engine.snapshot()), allow_nan=False)
@@ -216,7 +215,7 @@ class ServeSite:
         name, action = request.match_info["name"], request.match_info["action"]
         if action not in ACTIONS:
             return _text(404, f"no such action; use one of {', '.join(ACTIONS)}")
-        b = self.engine.snapshot().backend(name)
+        b = self.engine.backend_snapshot(name)
         if b is None:
             return _text(404, "no such backend in llmtop's config")
         peer = request.remote or "?"
