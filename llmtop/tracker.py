@@ -147,8 +147,13 @@ class BackendTracker:
         return clip(self._redact(text), limit)
 
     def _error(self, message: str) -> None:
-        if not self.recent_errors or self.recent_errors[-1][1] != message:
-            self.recent_errors.append((self.engine.wall(), message))
+        """Keep an error once, at the time it was last seen: a note repeated every poll must not
+        push the one real error out of the list."""
+        for i, (_, seen) in enumerate(self.recent_errors):
+            if seen == message:
+                del self.recent_errors[i]
+                break
+        self.recent_errors.append((self.engine.wall(), message))
 
     def _take_notes(self) -> None:
         """What the adapter read as absent (NaN, Infinity in JSON), recorded as the reason a figure is missing."""

@@ -160,6 +160,8 @@ async def test_nan_and_infinity_never_enter(provider, state):
     b = snap.backends[0]
     assert b.status == "healthy", b.status_reason
     assert finite_numbers(snap.to_json())
+    messages = [m for _, m in b.recent_errors]
+    assert len(messages) == len(set(messages))  # a note seen every poll is one line, not one per poll
     data = json.loads(to_json(snap), parse_constant=lambda c: pytest.fail(f"{c} in check --json"))
     metrics = data["backends"][0]["metrics"]
     if provider in METRIC_PROVIDERS:
