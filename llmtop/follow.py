@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llmtop.config import ConfigError, load_config
 from llmtop.engine import Engine
+from llmtop.snapshot import Event
 from llmtop.state import StateError
 
 CONFIG_CHECK_S = 2.0
@@ -33,6 +34,7 @@ class Follower:
         self._asked: str | None = None
         self._wake = asyncio.Event()
         self._state_error: str | None = None
+        self._last_failure: str | None = None
 
     def reload(self, why: str) -> None:
         """Reload now (SIGHUP), even if the file looks unchanged."""
@@ -48,10 +50,18 @@ class Follower:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            await self._follow_state()
-            if self.config_path is not None and (self._asked or loop.time() >= config_due):
-                config_due = loop.time() + CONFIG_CHECK_S
-                await self._follow_config()
+            try:
+                await self._follow_state()
+                if self.config_path is not None and (self._asked or loop.time() >= config_due):
+                    config_due = loop.time() + CONFIG_CHECK_S
+                    await self._follow_config()
+            except Exception as exc:  # noqa: BLE001 - following must outlive any one bad read, and say what it was
+                message = f"following the config and state files: {type(exc).__name__}: {exc}"
+                if message != self._last_failure:
+                    self.engine.emit(Event(self.engine.wall(), None, "state", message, "error"))
+                self._last_failure = message
+            else:
+                self._last_failure = None
 
     async def _follow_state(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -356,4 +357,9 @@ def _safe_gpu(status: GpuStatus) -> GpuStatus:
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
+    """A figure for JSON; a non-finite one (which strict JSON cannot carry) is no figure. Every
+    number from outside is checked where it enters (inbound.py); this is the backstop, so one
+    backend's bad figure can never break the document for the whole fleet."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits)

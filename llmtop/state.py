@@ -81,6 +81,8 @@ class StateStore:
             return False
         try:
             text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:  # a stray byte: a bad editor save, disk garbage
+            raise self._corrupt("not UTF-8 text") from None
         except OSError as exc:
             raise StateError(f"{self.path}: cannot read state file ({exc.strerror}); {FIX_PATH}") from None
         try:

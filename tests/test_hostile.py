@@ -378,3 +378,44 @@ def test_check_demo_table_is_safe_and_json_exact(tmp_path):
     data = subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=120, env=env)
     hostile = next(b for b in json.loads(data.stdout)["backends"] if b["name"] == "vllm-hostile")
     assert f"model-{HOSTILE_TEXT}" in hostile["models"]
+
+
+async def test_a_rate_that_overflows_from_finite_inputs_breaks_nothing(state):
+    """eval_count over a 1e-300 ns eval_duration: each input finite, the rate infinite. It must read
+    as absent, and check --json and serve's fleet document must stay valid for every backend."""
+    import httpx
+
+    from llmtop.serve.http import ServeSite
+
+    sb = SimBackend("ol", "ollama", ["llama3.2"])
+    async with Simulator([sb]) as sim:
+        original = sim._answer
+
+        async def tiny_durations(backend, req):
+            response = await original(backend, req)
+            if req.path == "/api/chat" and not isinstance(response.body, bytes):
+                inner = response.body
+
+                async def rewritten():
+                    async for piece in inner:
+                        if b'"done":true' in piece:
+                            piece = piece.replace(b'"eval_duration":', b'"eval_duration":1e-300,"x":')
+                        yield piece
+
+                response.body = rewritten()
+            return response
+
+        sim._answer = tiny_durations
+        async with Engine(config(sim, [sb]), state) as engine:
+            await engine.run_round()
+            snap = engine.snapshot()
+            site = ServeSite(engine, "127.0.0.1:0")
+            await site.start()
+            try:
+                async with httpx.AsyncClient(trust_env=False) as client:
+                    fleet = await client.get(f"http://127.0.0.1:{site.port}/api/v1/fleet")
+            finally:
+                await site.stop()
+    assert snap.backends[0].probe.server_tokens_per_s is None
+    json.loads(to_json(snap))
+    assert fleet.status_code == 200 and fleet.json()["backends"][0]["name"] == "ol"

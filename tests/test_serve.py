@@ -331,3 +331,52 @@ async def test_the_fast_exposition_says_exactly_what_prometheus_client_says(tmp_
         assert parsed(ours.render(False).decode(), text_string_to_metric_families) == parsed(generate_latest(registry).decode(), text_string_to_metric_families)
         assert parsed(ours.render(True).decode(), parse_openmetrics) == parsed(openmetrics_latest(registry).decode(), parse_openmetrics)
         assert ours.render(True) == ours.render(True)  # from the cache, the same bytes
+
+
+async def test_a_bad_byte_in_the_state_file_is_said_and_following_goes_on(tmp_path):
+    from llmtop.follow import Follower
+
+    path = tmp_path / "state.json"
+    engine = Engine(Config(backends=(BackendConfig("b", "vllm", "http://127.0.0.1:9"),)), StateStore(path))
+    follower = asyncio.create_task(Follower(engine, None).run())
+    try:
+        path.write_bytes(b'{"admin": {"b": "draining\xff"}}')  # a bad editor save
+        await until(lambda: _said(engine, "not UTF-8"), "the error to be said")
+        path.write_text(json.dumps({"admin": {"b": "draining"}}))  # fixed: `llmtop drain b` from another shell
+        await until(lambda: _admin(engine, "draining"), "the follower to read the fixed file")
+        assert not follower.done()
+    finally:
+        follower.cancel()
+
+
+async def _said(engine: Engine, words: str) -> bool:
+    return any(words in e.message for e in engine.events)
+
+
+async def _admin(engine: Engine, state: str) -> bool:
+    return engine.trackers["b"].admin == state
+
+
+async def test_a_stderr_nobody_reads_never_stalls_the_engine(tmp_path):
+    """The event log into a pipe nobody drains (4 KiB of room): events keep coming, readiness keeps
+    answering, and the lines past the queue are counted, not waited for."""
+    import fcntl
+    import os as os_
+
+    from llmtop.serve.log import EventLog
+
+    read_end, write_end = os_.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a small pipe fills fast
+    stream = os_.fdopen(write_end, "w")
+    async with serving(tmp_path) as (engine, client, agent, _sim):
+        log = EventLog(engine, "text", stream)
+        try:
+            await first_round(engine)
+            for i in range(2000):  # far more than the pipe and the queue hold
+                engine.emit(Event(0.0, "ok", "status", f"line {i} " + "x" * 100))
+            r = await asyncio.wait_for(client.get("/backends/ok/ready"), 5)
+            assert r.status_code == 200
+            assert await asyncio.wait_for(ask_agent(agent, b"ok\n"), 5) == b"ready up\n"
+        finally:
+            os_.close(read_end)  # the reader goes: the writer thread's write fails and it moves on
+            log.close()

@@ -142,7 +142,10 @@ class Ollama(Adapter):
         out: dict[str, Any] = {}
         eval_s = inbound.duration_s(final.get("eval_duration"), 1e-9)
         if eval_count is not None and eval_count > 1 and eval_s:
-            out["server_tokens_per_s"] = eval_count / eval_s
+            # A 1e-300 ns duration is finite, its rate is not: a rate is checked like any number in.
+            rate = inbound.finite(eval_count / eval_s)
+            if rate is not None:
+                out["server_tokens_per_s"] = rate
         load_s = inbound.duration_s(final.get("load_duration"), 1e-9)
         prompt_s = inbound.duration_s(final.get("prompt_eval_duration"), 1e-9)
         if load_s is not None:

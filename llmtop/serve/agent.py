@@ -15,6 +15,7 @@ from llmtop.snapshot import Event
 NAME_MAX = 256  # longer than any backend name; a longer line is not an agent-send
 READ_S = 2.0  # HAProxy sends its line at once; a connection that does not is let go
 UNKNOWN_EVERY_S = 60.0  # an unknown name is logged at most this often
+UNKNOWN_ANY_S = 5.0  # and any unknown name at all at most this often
 
 
 class AgentServer:
@@ -32,6 +33,7 @@ class AgentServer:
         self._settings = settings or (lambda: engine.config.serve)
         self._server: asyncio.Server | None = None
         self._unknown_logged: dict[str, float] = {}
+        self._unknown_any = -UNKNOWN_ANY_S
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -66,12 +68,15 @@ class AgentServer:
             writer.close()
 
     def _unknown(self, name: str) -> None:
+        """Said once a minute per name, and once every UNKNOWN_ANY_S at all: anyone who reaches
+        this port could otherwise fill the event log with names of their choosing."""
         now = time.monotonic()
+        if now - self._unknown_any < UNKNOWN_ANY_S:
+            return
         if now - self._unknown_logged.get(name, -UNKNOWN_EVERY_S) >= UNKNOWN_EVERY_S:
+            self._unknown_any = now
+            self._unknown_logged = {n: at for n, at in self._unknown_logged.items() if now - at < UNKNOWN_EVERY_S}
             self._unknown_logged[name] = now
-            del_old = [n for n, at in self._unknown_logged.items() if now - at > UNKNOWN_EVERY_S]
-            for n in del_old[:100]:
-                self._unknown_logged.pop(n, None)
             self.engine.emit(
                 Event(time.time(), None, "agent", f"HAProxy asked about {for_terminal(name, 64)!r}, which is not in the config; set agent-send to a backend's name", "warning")
             )
