@@ -287,6 +287,16 @@ def cmd_tui(args, program: bool = False) -> int:
     return code
 
 
+def _ended(code: int, program: bool) -> int:
+    """As the program, end the process now: a thread still stuck in a stalled NVML call or a
+    hung file read must not keep a stopped serve alive (SIGTERM to exit within 2 s)."""
+    if program:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def entry() -> None:
     """The `llmtop` program (console script and `python -m llmtop`)."""
     raise SystemExit(main(program=True))
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None, *, program: bool = False) -> int:
         if args.command == "check":
             return cmd_check(args)
         if args.command == "serve":
-            return cmd_serve(args)
+            return _ended(cmd_serve(args), program)
         if args.command in ADMIN_COMMANDS:
             return cmd_admin(args)
         if args.command == "init":

@@ -102,7 +102,9 @@ class Engine:
             tracker.client = tracker.adapter = None
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
         if self.gpu is not None:
-            self.gpu.close()
+            # In a thread: closing waits for an NVML read in flight, and a stalled driver can hold
+            # one for seconds; the loop (and a caller bounding the shutdown) must not wait with it.
+            await asyncio.to_thread(self.gpu.close)
 
     # -- time -------------------------------------------------------------------------------
 

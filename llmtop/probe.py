@@ -19,11 +19,6 @@ class ProbeError(Exception):
         self.transport = transport  # no HTTP answer at all: timeout, refused, reset
 
 
-# A read that got the whole answer at once, this soon after its last byte arrived, was prompt:
-# the answer came in one piece (a buffering proxy), not llmtop reading late.
-PROMPT_READ_S = 0.001
-
-
 def _each_call_a_read(clock: Callable[[], float]) -> Callable[[], tuple[int, float, float]]:
     """Read stamps for a meter fed by hand: every text chunk arrived alone, at clock()."""
     n = 0
@@ -65,7 +60,6 @@ class StreamMeter:
     finished: bool = False
     reads: Callable[[], tuple[int, float, float]] | None = None
     first_read: int | None = None
-    first_lateness_s: float = 0.0  # how long after its bytes arrived the first token's read came
     with_first: int = 0  # later text chunks that came in the first one's read
     spread: bool = False  # some text chunk came in a later read than the first
 
@@ -80,7 +74,7 @@ class StreamMeter:
             self.reads = _each_call_a_read(self.clock)
         seq, arrived, read_at = self.reads()
         if self.first_at is None:
-            self.first_at, self.first_read, self.first_lateness_s = arrived, seq, read_at - arrived
+            self.first_at, self.first_read = arrived, seq
         elif seq == self.first_read:
             self.with_first += 1
         else:
@@ -94,12 +88,18 @@ class StreamMeter:
 
     @property
     def untimed(self) -> str | None:
-        """Why this stream's TTFT and decode rate are not true figures; None when they are."""
+        """Why this stream's TTFT and decode rate are not true figures; None when they are.
+
+        A read that brought the first token and later ones is stamped with the last one's
+        arrival; when the first arrived is lost. Even a read that came at once after its last
+        byte cannot tell a server or proxy that sent the tokens together from llmtop having been
+        busy while they trickled in, so it is not timed either: the reason says both."""
         if not self.with_first:
             return None
-        if self.spread or self.first_lateness_s > PROMPT_READ_S:
-            return f"not timed: llmtop read the first {self.with_first + 1} tokens together, late"
-        return None
+        n = self.with_first + 1
+        if self.spread:
+            return f"not timed: llmtop read the first {n} tokens together, late"
+        return f"not timed: all {n} tokens came in one read (a buffering proxy, or llmtop read late)"
 
     @property
     def ttft_ms(self) -> float | None:
@@ -117,8 +117,8 @@ class StreamMeter:
 
     @property
     def tokens_per_s(self) -> float | None:
-        if self.untimed or (self.with_first and not self.spread):
-            return None  # not timed, or the whole answer came at once: no rate to see
+        if self.untimed:
+            return None
         return decode_rate(self.output_tokens, self.first_at, self.last_at)
 
 

@@ -141,7 +141,9 @@ class BackendSnapshot:
     stale_after_s: float = float("inf")  # probe figures older than this are shown as old
     counters: Counters = field(default_factory=Counters, compare=False)
     labels: tuple[tuple[str, str], ...] = ()  # the config's extra labels for exporters (team, region)
-    alert_rules: tuple[str, ...] = ()  # the configured metric rules, as `alerts` names them when tripped
+    alert_rules: tuple[tuple[str, str], ...] = ()  # the configured metric rules: (as `alerts` names them when tripped, their metric)
+    up: bool | None = None  # the last poll got an answer (ready, loading or 429); None: not polled (or not now)
+    trouble_at: float | None = None  # wall time a poll or probe last failed: figures from before it are old
     version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # Ring-buffer copies (tuples) of recent points: (wall time, value)
@@ -171,7 +173,8 @@ class BackendSnapshot:
         return (
             p is not None
             and p is self.last_ok_probe
-            and self.status not in ("down", "unknown")
+            and self.status not in ("down", "unknown", "loading")
+            and (self.trouble_at is None or p.at > self.trouble_at)  # taken after the last failure, not before it
             and now - p.at <= self.stale_after_s
         )
 

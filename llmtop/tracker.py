@@ -67,6 +67,7 @@ class BackendTracker:
         self.last_ok_probe: ProbeSummary | None = None  # the last one that measured something
         self.probe_note: str | None = None  # why no probe can be sent ("not probed: ...")
         self.last_health_at: float | None = None
+        self.trouble_at: float | None = None  # wall time a poll or probe last failed
         self.retry_after_until: float | None = None  # monotonic
         self.next_probe_at: float = 0.0  # monotonic; 0 = as soon as allowed
         self.status, self.status_reason = "unknown", "not yet probed"
@@ -175,6 +176,8 @@ class BackendTracker:
             self.latency_history.append((wall, health.latency_ms))
         if health.error:
             self._error(health.error)
+        if not health.ok and not health.rate_limited:
+            self.trouble_at = wall
         if self._poll_counts():
             self.breaker.record(health.ok, health.error or "")
         if result.models is not None:
@@ -255,6 +258,8 @@ class BackendTracker:
                 self.last_ok_probe = summary
         else:
             self._error(summary.error or "probe failed")
+            if not result.rate_limited:
+                self.trouble_at = wall
         if not result.rate_limited:
             self.breaker.record(result.ok, summary.error or "")
         self._take_notes()
@@ -391,6 +396,10 @@ class BackendTracker:
             extra["metrics_error"] = self.metrics_error
         if retry_at is not None:
             extra["circuit_retry_at"] = engine.to_wall(retry_at)
+        # While nothing polls it (disabled, or waiting out a Retry-After), what the last poll
+        # read is not what the backend does now: not shown as current.
+        paused = self.admin == "disabled" or self.rate_limited()
+        up = None if health is None or self.admin == "disabled" else bool(health.ok or health.loading or health.rate_limited)
         snap = BackendSnapshot(
             name=self.name,
             provider=self.config.provider,
@@ -400,7 +409,7 @@ class BackendTracker:
             circuit=self.breaker.state,
             admin=self.admin,
             enabled=self.config.enabled,
-            latency_ms=health.latency_ms if health and health.ok else None,
+            latency_ms=health.latency_ms if health and health.ok and not paused else None,
             models=self.models,
             models_total=self.models_total,
             models_error=self.models_error,
@@ -408,7 +417,7 @@ class BackendTracker:
             missing_models=self.missing if self.models is not None else (),
             alerts=self.alerts,
             alerts_unknown=self.alerts_unknown,
-            metrics=self.metrics,
+            metrics=None if paused else self.metrics,
             probe=self.probe,
             last_ok_probe=self.last_ok_probe,
             probe_note=self.probe_note,
@@ -421,7 +430,9 @@ class BackendTracker:
             stale_after_s=2 * settings.probe_interval_s + settings.timeout_s,
             counters=dataclasses.replace(self.counters, breaker_transitions=self.breaker.transition_count),
             labels=self.config.labels,
-            alert_rules=tuple(rule.describe() for rule in self.config.alerts),
+            alert_rules=tuple((rule.describe(), rule.metric) for rule in self.config.alerts),
+            up=up,
+            trouble_at=self.trouble_at,
             version=(health.version if health else None) or self.version,
             extra=extra,
             ttft_history=tuple(self.ttft_history),

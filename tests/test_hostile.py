@@ -419,3 +419,38 @@ async def test_a_rate_that_overflows_from_finite_inputs_breaks_nothing(state):
     assert snap.backends[0].probe.server_tokens_per_s is None
     json.loads(to_json(snap))
     assert fleet.status_code == 200 and fleet.json()["backends"][0]["name"] == "ol"
+
+
+async def test_figures_from_before_an_outage_stay_old_after_the_backend_is_back(state):
+    sb = SimBackend("gpu1", "vllm")
+    async with Simulator([sb]) as sim:
+        async with Engine(config(sim, [sb], timeout_s=1.0), state) as engine:
+            await engine.run_round()  # a probe measures
+            sb.fault = "reset"
+            await engine.run_round(probe=False)  # down: the figures are from before it
+            sb.fault = None
+            await engine.run_round(probe=False)  # back, and no probe since
+            back = engine.snapshot()
+            await engine.run_round()  # a probe after the outage
+            probed = engine.snapshot()
+    b = back.backends[0]
+    assert b.status != "down" and not b.figures_current(back.at)  # still the old figures: shown as old
+    assert json.loads(to_json(back))["backends"][0]["probe_current"] is False
+    assert probed.backends[0].figures_current(probed.at)
+
+
+async def test_a_disabled_backend_shows_no_frozen_gauges_as_live(state, tmp_path):
+    from llmtop.serve.exporter import Exposition
+
+    sb = SimBackend("gpu1", "vllm", waiting=3, kv_cache=0.97)
+    async with Simulator([sb]) as sim:
+        async with Engine(config(sim, [sb]), state) as engine:
+            await engine.run_round()
+            assert engine.snapshot().backends[0].metrics.requests_waiting == 3
+            await engine.set_admin("gpu1", "disabled")
+            sb.waiting, sb.kv_cache = 0, 0.1  # what it does now, which nobody asks while it is disabled
+            await engine.run_round()
+            b = engine.snapshot().backends[0]
+            text = Exposition(engine.snapshot, lambda: ("healthy", "degraded")).render(False).decode()
+    assert b.metrics is None and b.latency_ms is None and b.up is None
+    assert "llmtop_backend_kv_cache_usage_ratio{" not in text and "llmtop_backend_up{" not in text

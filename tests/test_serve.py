@@ -380,3 +380,49 @@ async def test_a_stderr_nobody_reads_never_stalls_the_engine(tmp_path):
         finally:
             os_.close(read_end)  # the reader goes: the writer thread's write fails and it moves on
             log.close()
+
+
+async def test_an_alert_rule_that_cannot_be_judged_is_not_exported_as_not_tripped(tmp_path):
+    from llmtop.config import AlertRule
+    from llmtop.serve.exporter import Exposition
+
+    backends = [SimBackend("gpu1", "vllm")]
+    async with Simulator(backends) as sim:
+        rules = (AlertRule("vllm:num_requests_waiting", above=5), AlertRule("vllm:not_a_real_series", above=0.5))
+        config = Config(backends=(BackendConfig("gpu1", "vllm", sim.url("gpu1"), tuple(backends[0].models), alerts=rules),))
+        async with Engine(config, StateStore(tmp_path / "s.json")) as engine:
+            await engine.run_round()
+            text = Exposition(engine.snapshot, lambda: ("healthy", "degraded")).render(False).decode()
+            b = engine.snapshot().backends[0]
+    got = samples(text)
+    base = {"backend": "gpu1", "provider": "vllm"}
+    assert got[("llmtop_backend_alert_tripped", tuple(sorted({**base, "rule": "vllm:num_requests_waiting > 5"}.items())))] == 0
+    assert not any("not_a_real_series" in str(key) for key in got)  # unknown: no series, as for the missing models
+    assert "not_a_real_series not exposed" in b.alerts_unknown
+
+
+async def test_an_event_stream_client_that_stops_reading_is_let_go(tmp_path, monkeypatch):
+    import socket
+
+    import llmtop.serve.http as http
+
+    monkeypatch.setattr(http, "WRITE_S", 0.5)
+    async with serving(tmp_path) as (engine, _client, _agent, _sim):
+        await first_round(engine)
+        before = len(engine._listeners)
+        sock = socket.create_connection(("127.0.0.1", _client.base_url.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads again
+        try:
+            await until(lambda: _listeners(engine, before + 1), "the stream to subscribe")
+            for _ in range(40):  # 16 MB: far more than the kernel's and the transport's buffers hold
+                for _ in range(10):
+                    engine.emit(Event(0.0, "ok", "probe", "x" * 40_000))
+                await asyncio.sleep(0.01)
+            await until(lambda: _listeners(engine, before), "the stalled client to be let go")
+        finally:
+            sock.close()
+
+
+async def _listeners(engine: Engine, n: int) -> bool:
+    return len(engine._listeners) == n

@@ -150,3 +150,29 @@ async def test_the_live_screen_serves_the_same_endpoints_and_its_d_drains_there(
                 await pilot.pause(0.05)
             assert r.text == "draining\n"
         await pilot.press("q")
+
+
+def test_a_stalled_nvml_call_does_not_hold_serve_past_2s_after_sigterm(config, tmp_path):
+    """A GPU whose NVML calls hang (a wedged driver, a GPU off the bus): serve still stops within
+    2 s of SIGTERM. The stand-in NVML module sleeps in every device count."""
+    fake = tmp_path / "pynvml.py"
+    fake.write_text(
+        "import time\n"
+        "class NVMLError(Exception):\n    value = 0\n"
+        "NVML_ERROR_LIBRARY_NOT_FOUND = 12\nNVML_ERROR_DRIVER_NOT_LOADED = 9\nNVML_ERROR_GPU_IS_LOST = 15\n"
+        "def nvmlInit(): pass\n"
+        "def nvmlShutdown(): pass\n"
+        f"def nvmlDeviceGetCount():\n    open({str(tmp_path / 'inside')!r}, 'w').close()\n    time.sleep(30)\n    return 0\n"
+    )
+    port = free_port()
+    proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}",
+                 env={"PYTHONPATH": str(tmp_path)})
+    wait_ready(port, proc)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "inside").exists():  # the GPU reader's thread is inside its 30 s call
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=40)
+    assert time.monotonic() - sent < 2.0 and proc.returncode == 0

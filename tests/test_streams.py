@@ -327,3 +327,28 @@ async def test_a_busy_event_loop_does_not_make_the_ttft_or_the_latency_longer():
             assert health.latency_ms < 100, health.latency_ms  # the server answers in ~1 ms; a loop stamp says 150+
     finally:
         sim.stop_thread()
+
+
+async def test_a_stream_that_trickled_in_while_the_loop_was_blocked_is_untimed_never_wrong():
+    """The tokens arrive 40, 50, 60, 70 ms after the request while the loop is blocked until about
+    66 to 78 ms: one read gets them all (or all but the last), stamped with the last one's arrival. Reported as a 70 ms TTFT it
+    would be wrong by 30 ms; it must be untimed (a probe is timed truly or not at all)."""
+    import time as time_
+
+    from llmtop.simulator import SimBackend, Simulator
+
+    sim = Simulator([SimBackend("b", "vllm", ttft_ms=40, gap_ms=10, output_tokens=4)]).start_in_thread()
+    try:
+        cfg = BackendConfig("b", "vllm", sim.url("b"), ("meta-llama/Llama-3.1-8B-Instruct",))
+        async with backend_client(5.0) as client:
+            adapter = adapter_class("vllm")(cfg, client, 5.0, 4)
+            await adapter.probe(cfg.models[0])  # a warm keep-alive connection
+            # The block ends at every point around the last token's arrival, 0.5 ms apart: also
+            # within a millisecond after it, where the read looks prompt but is 30 ms late for the first.
+            for step in range(24):
+                asyncio.get_running_loop().call_later(0.002, time_.sleep, 0.064 + step * 0.0005)
+                result = await adapter.probe(cfg.models[0])
+                assert result.ok
+                assert result.untimed and result.ttft_ms is None and result.tokens_per_s is None, result
+    finally:
+        sim.stop_thread()

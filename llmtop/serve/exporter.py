@@ -19,6 +19,7 @@ import itertools
 from typing import Callable, Iterator, NamedTuple
 
 from llmtop import __version__
+from llmtop.metrics import alert_values
 from llmtop.serve.readiness import readiness
 from llmtop.snapshot import ADMIN_STATES, CIRCUITS, STATUSES, TPS_BUCKETS, TTFT_BUCKETS_S, BackendSnapshot, FleetSnapshot
 
@@ -82,8 +83,8 @@ def backend_series(b: BackendSnapshot, now: float, ready_when: tuple[str, ...]) 
         if value is not None:
             out.setdefault(name, []).append((extra, value))
 
-    if b.last_health_at is not None and b.admin != "disabled":
-        put("llmtop_backend_up", 1.0 if b.latency_ms is not None or b.status == "loading" else 0.0)
+    if b.up is not None:
+        put("llmtop_backend_up", 1.0 if b.up else 0.0)
     put("llmtop_backend_ready", 1.0 if readiness(b, ready_when).ready else 0.0)
     put("llmtop_backend_status", {s: b.status == s for s in STATUSES})
     put("llmtop_backend_circuit", {c: b.circuit == c for c in CIRCUITS})
@@ -95,8 +96,10 @@ def backend_series(b: BackendSnapshot, now: float, ready_when: tuple[str, ...]) 
             put("llmtop_backend_model_missing", 1.0 if model in b.missing_models else 0.0, model)
     if b.metrics is not None:
         tripped = {a.split(" (now")[0] for a in b.alerts}
-        for rule in b.alert_rules:
-            put("llmtop_backend_alert_tripped", 1.0 if rule in tripped else 0.0, rule)
+        exposed = alert_values(b.metrics)
+        for rule, metric in b.alert_rules:
+            if metric in exposed:  # a rule whose metric the server does not expose is unknown, not "not tripped"
+                put("llmtop_backend_alert_tripped", 1.0 if rule in tripped else 0.0, rule)
         m = b.metrics
         put("llmtop_backend_requests_running", m.requests_running)
         put("llmtop_backend_requests_waiting", m.requests_waiting)

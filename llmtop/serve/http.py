@@ -23,6 +23,7 @@ MAX_REQUEST_BYTES = 64 * 1024  # admin requests carry no body worth more
 STALL_S = 5.0  # the loop missed its heartbeat this long: not live
 EVENT_QUEUE = 1000  # events held for one slow event-stream client before it is let go
 KEEPALIVE_S = 15.0
+WRITE_S = 5.0  # an event-stream client that takes longer to accept a write is let go
 TICK_S = 0.5  # how often an event stream looks for changed backends
 ACTIONS = ("drain", "undrain", "disable", "enable", "probe")
 
@@ -190,10 +191,10 @@ class ServeSite:
                     gpu = fleet.gpu
                     await _send(response, "gpus", {"gpus": [g.to_json() for g in gpu.gpus], "gpu_message": gpu.message})
                 if time.monotonic() - last_write > KEEPALIVE_S:
-                    await response.write(b": keepalive\n\n")
+                    await asyncio.wait_for(response.write(b": keepalive\n\n"), WRITE_S)
                     last_write = time.monotonic()
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the client went away, or the server is stopping
+        except (ConnectionResetError, asyncio.CancelledError, asyncio.TimeoutError):
+            pass  # the client went away, stopped reading, or the server is stopping
         finally:
             unsubscribe()
         return response
@@ -233,4 +234,5 @@ class ServeSite:
 
 async def _send(response: web.StreamResponse, kind: str, data: dict) -> None:
     # One SSE event: its name, then its JSON on one line (JSON escapes newlines and controls).
-    await response.write(f"event: {kind}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode())
+    # Bounded: a client that stopped reading fills its socket, and would hold its stream for ever.
+    await asyncio.wait_for(response.write(f"event: {kind}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode()), WRITE_S)

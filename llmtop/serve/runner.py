@@ -85,9 +85,19 @@ async def serve(
 
 
 def run(config: Config, config_path: Path | None, state: StateStore, *, listen: str, agent_listen: str | None, log_format: str) -> int:
+    """serve() on a loop of its own that, unlike asyncio.run, does not wait at the end for threads
+    still stuck in a file read or an NVML call: the exit stays within its bound. The caller ends
+    the process right after (cli.entry), so such a thread cannot hold it either."""
+    loop = asyncio.new_event_loop()
     try:
-        asyncio.run(serve(config, config_path, state, listen=listen, agent_listen=agent_listen, log_format=log_format))
+        loop.run_until_complete(serve(config, config_path, state, listen=listen, agent_listen=agent_listen, log_format=log_format))
     except ServeError as exc:
         print(f"llmtop: {exc}", file=sys.stderr)
         return 2
+    finally:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()  # shuts the thread pool down without waiting for it
     return 0
