@@ -89,15 +89,23 @@ def run(config: Config, config_path: Path | None, state: StateStore, *, listen: 
     still stuck in a file read or an NVML call: the exit stays within its bound. The caller ends
     the process right after (cli.entry), so such a thread cannot hold it either."""
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(serve(config, config_path, state, listen=listen, agent_listen=agent_listen, log_format=log_format))
     except ServeError as exc:
         print(f"llmtop: {exc}", file=sys.stderr)
         return 2
     finally:
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()  # shuts the thread pool down without waiting for it
+        try:
+            loop.run_until_complete(_cancel_the_rest())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()  # shuts the thread pool down without waiting for it
     return 0
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
