@@ -328,8 +328,7 @@ class Engine:
         for backend in config.backends:
             prev = old.get(backend.name)
             if prev is not None and (prev.config.provider, prev.config.url) == (backend.provider, backend.url):
-                prev.config = backend
-                prev.adapter = None  # headers, probe model or key env may have changed
+                prev.reconfigure(backend)
                 self.trackers[backend.name] = prev
             else:
                 self.trackers[backend.name] = BackendTracker(self, backend)

@@ -132,9 +132,12 @@ def _histogram_mean(values: dict[str, float], bases: tuple[str, ...], previous: 
         if previous is not None:
             prev_total = previous.raw.get(f"{base}_sum")
             prev_count = previous.raw.get(f"{base}_count")
-            if prev_total is not None and prev_count is not None and count > prev_count:
+            # A counter that went down is a server that restarted: its figures since the start are
+            # the ones to read, not a difference against the old process's (which came out negative).
+            if prev_total is not None and prev_count is not None and count > prev_count and total >= prev_total:
                 return (total - prev_total) / (count - prev_count)
-        return total / count if count > 0 else None
+        mean = total / count if count > 0 else None
+        return mean if mean is None or mean >= 0 else None
     return None
 
 

@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 MASK = "***"
 MIN_SECRET = 4  # shorter values are not worth masking (and would mask ordinary words)
-MIN_PARTIAL = 4  # a cut-off piece of a key at least this long is masked too
+MIN_PARTIAL = 4  # a cut-off piece of a key this long is masked at either end of a text
+MIN_PIECE = 8  # and this long anywhere in it ("Bearer sk-proj-Abc123..." cut by a server, then "...")
 
 
 def _forms(secret: str) -> set[str]:
@@ -47,7 +48,31 @@ class Redactor:
         for form in self._forms:
             if form in text:
                 text = text.replace(form, MASK)
-        return self._cut_ends(text)
+        return self._cut_ends(self._pieces(text))
+
+    def _pieces(self, text: str) -> str:
+        """The start or the end of a key, MIN_PIECE characters or more, wherever it stands: a
+        server that cut the key short and went on ("...", a quote) leaves such a piece mid-text."""
+        for form in self._forms:
+            if len(form) <= MIN_PIECE:
+                continue
+            head, tail = form[:MIN_PIECE], form[-MIN_PIECE:]
+            start = text.find(head)
+            while start != -1:
+                end = start + MIN_PIECE
+                while end < len(text) and end - start < len(form) and text[end] == form[end - start]:
+                    end += 1
+                text = text[:start] + MASK + text[end:]
+                start = text.find(head, start + len(MASK))
+            end = text.find(tail)
+            while end != -1:
+                stop = end + MIN_PIECE
+                begin = end
+                while begin > 0 and stop - begin < len(form) and text[begin - 1] == form[len(form) - (stop - begin) - 1]:
+                    begin -= 1
+                text = text[:begin] + MASK + text[stop:]
+                end = text.find(tail, begin + len(MASK))
+        return text
 
     def _cut_ends(self, text: str) -> str:
         """A piece of a key at the end (a prefix of it, the text cut after) or at the start (a

@@ -121,6 +121,8 @@ class SimBackend:
     loaded: list[str] | None = None  # Ollama: the models /api/ps lists (None: every model)
     keep_alive_s: float = 300.0  # Ollama: how long /api/ps says a loaded model stays (-1: for ever)
     bodies: list[dict] = field(default_factory=list)  # the last completion requests' JSON bodies
+    last_ttft_s: float | None = None  # what the last generation served (tests/served.py)
+    last_tpot_s: float | None = None
     echo_headers: bool = False  # its error bodies quote the request's headers back, key and all
     # When set, completion requests are held until it is set (for tests that must look at a probe in
     # flight); token deadlines stay anchored at the request, so a held stream comes out in a burst.
@@ -346,9 +348,11 @@ async def _tokens(backend: SimBackend, timing: _Timing, n: int) -> AsyncIterator
         if i == 0:
             timing.first = now
             backend.ttft_histogram.observe(now - timing.received)
+            backend.last_ttft_s = now - timing.received
         timing.last = now
         if i == n - 1 and n > 1:
             backend.tpot_histogram.observe((timing.last - timing.first) / (n - 1))
+            backend.last_tpot_s = (timing.last - timing.first) / (n - 1)
         yield _WORDS[i % len(_WORDS)]
 
 

@@ -213,6 +213,19 @@ class BackendTracker:
         version = result.extra.get("version")
         self.version = self._keep(version, 64) if isinstance(version, str) else None
 
+    def reconfigure(self, config: BackendConfig) -> None:
+        """A reloaded config for this backend: its expected models are judged again against the
+        list already read (or called unknown when only part of a long list was kept), not left
+        as the old config's verdict until the next poll (which a disabled backend never gets)."""
+        self.config = config
+        self.adapter = None  # headers, probe model or key env may have changed
+        if self.models is not None:
+            if self.models_total == len(self.models):
+                self._missing_read = missing_models(config.models, self.models, adapter_class(config.provider).ollama_names)
+            else:
+                self.models, self.models_total = None, None
+                self.models_error = "expected models changed; the list is read again at the next poll"
+
     def _poll_counts(self) -> bool:
         """Polls feed the breaker while closed. Once it opened, only completion probes are trials,
         unless this backend cannot be probed (no model, or draining): then polls are its trials.

@@ -379,6 +379,7 @@ class _BoundedDecoder:
         self._request = request
         self._inflate = zlib.decompressobj(wbits)
         self._started = False
+        self._head = b""  # the first bytes of a deflate body, until there are two
 
     @classmethod
     def for_coding(cls, coding: str, request: httpx.Request) -> "_BoundedDecoder":
@@ -393,8 +394,13 @@ class _BoundedDecoder:
     def pieces(self, data: bytes):
         """The decoded bytes of `data`, in pieces of at most DECODED_PIECE."""
         try:
-            if not self._started and self._wbits == zlib.MAX_WBITS and not _zlib_header(data):
-                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send it
+            if not self._started and self._wbits == zlib.MAX_WBITS:
+                # zlib-wrapped or raw deflate is told by the first two bytes; a first chunk may be one.
+                data = self._head = self._head + data
+                if len(data) < 2:
+                    return
+                if not _zlib_header(data):
+                    self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send it
             self._started = True
             while data:
                 out = self._inflate.decompress(data, DECODED_PIECE)

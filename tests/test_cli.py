@@ -22,7 +22,8 @@ def llmtop(*args, env=None, cwd=None):
 
 @pytest.fixture
 def sim():
-    backends = [SimBackend("fast", ttft_ms=20, gap_ms=5), SimBackend("ollama", provider="ollama", models=["llama3.2"])]
+    # Tokens 20 ms apart: read one by one even on a loaded core (closer, a probe may be honestly untimed).
+    backends = [SimBackend("fast", ttft_ms=20, gap_ms=20), SimBackend("ollama", provider="ollama", models=["llama3.2"])]
     sim = Simulator(backends)
     sim.start_in_thread()
     yield sim

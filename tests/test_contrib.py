@@ -63,7 +63,8 @@ async def test_a_real_prometheus_scrapes_serve_and_fires_the_shipped_rules(tmp_p
     (tmp_path / "rules.yml").write_text(re.sub(r"for: \d+m", "for: 1s", rules))
     async with Simulator(backends) as sim:
         config = Config(
-            settings=Settings(timeout_s=1.0, health_interval_s=0.5, probe_interval_s=3600),
+            # 5 s: on a loaded machine the healthy backend must not time out and read as down (the dead one resets at once).
+            settings=Settings(timeout_s=5.0, health_interval_s=0.5, probe_interval_s=3600),
             backends=tuple(
                 BackendConfig(b.name, "vllm", sim.url(b.name), ("meta-llama/Llama-3.1-8B-Instruct",) + (("not-served",) if b.name == "partial" else ()))
                 for b in backends
@@ -104,12 +105,16 @@ async def test_a_real_prometheus_scrapes_serve_and_fires_the_shipped_rules(tmp_p
                         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
                         await asyncio.sleep(0.25)
 
-                async def scraped() -> bool:
+                async def ready() -> bool:
                     try:
-                        return await value('llmtop_backend_up{backend="dead"}') is not None
+                        return (await prom.get("/-/ready")).status_code == 200
                     except httpx.HTTPError:
                         return False
 
+                async def scraped() -> bool:
+                    return await value('llmtop_backend_up{backend="dead"}') is not None
+
+                await until(ready, "Prometheus to start")  # on a loaded machine it answers 503 text meanwhile
                 await until(scraped, "the first scrape")  # Prometheus waits ~5 s before its first
                 assert await value('llmtop_backend_up{backend="dead"}') == 0
                 assert await value('llmtop_backend_up{backend="ok"}') == 1

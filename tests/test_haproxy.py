@@ -99,7 +99,7 @@ async def balanced(tmp_path: Path, check_kind: str):
     async with Simulator([a]) as sim_a, Simulator([b]) as sim_b:
         state = StateStore(tmp_path / "state.json")
         config = Config(
-            settings=Settings(timeout_s=1.0, health_interval_s=0.3, probe_interval_s=3600),
+            settings=Settings(timeout_s=5.0, health_interval_s=0.3, probe_interval_s=3600),  # no healthy backend times out on a loaded core
             breaker=BreakerSettings(cooldown_s=0.5, max_cooldown_s=1.0),  # a recovery is seen in a second, not 30
             backends=(BackendConfig("A", "vllm", sim_a.url("m"), tuple(a.models)), BackendConfig("B", "vllm", sim_b.url("m"), tuple(b.models))),
         )
@@ -186,7 +186,7 @@ async def test_a_d_in_the_live_screen_started_with_listen_moves_real_traffic(tmp
     a, b = SimBackend("m", "vllm", ttft_ms=5, gap_ms=1), SimBackend("m", "vllm", ttft_ms=5, gap_ms=1)
     async with Simulator([a]) as sim_a, Simulator([b]) as sim_b:
         config = Config(
-            settings=Settings(timeout_s=1.0, health_interval_s=0.3, probe_interval_s=3600),
+            settings=Settings(timeout_s=5.0, health_interval_s=0.3, probe_interval_s=3600),  # no healthy backend times out on a loaded core
             backends=(BackendConfig("A", "vllm", sim_a.url("m"), tuple(a.models)), BackendConfig("B", "vllm", sim_b.url("m"), tuple(b.models))),
         )
         agent_port, front = free_port(), free_port()
@@ -198,6 +198,7 @@ async def test_a_d_in_the_live_screen_started_with_listen_moves_real_traffic(tmp
             try:
                 await until(lambda: sock.exists() and all(v == (2, 0) for v in servers_state(sock).values()), "both servers in service")
                 table = app.screen.query_one(FleetTable)
+                await until(lambda: "A" in {row.key.value for row in table.ordered_rows}, "row A on screen")
                 table.move_cursor(row=table.get_row_index("A"))
                 await pilot.press("d", "y")
                 await until(lambda: servers_state(sock)["A"] != (2, 0), "HAProxy to take A out")

@@ -454,3 +454,16 @@ async def test_a_disabled_backend_shows_no_frozen_gauges_as_live(state, tmp_path
             text = Exposition(engine.snapshot, lambda: ("healthy", "degraded")).render(False).decode()
     assert b.metrics is None and b.latency_ms is None and b.up is None
     assert "llmtop_backend_kv_cache_usage_ratio{" not in text and "llmtop_backend_up{" not in text
+
+
+async def test_a_reload_that_expects_another_model_judges_it_at_once(state):
+    sb = SimBackend("gpu1", "vllm")
+    async with Simulator([sb]) as sim:
+        async with Engine(config(sim, [sb]), state) as engine:
+            await engine.run_round()
+            await engine.set_admin("gpu1", "disabled")  # no poll will come to correct it
+            c = engine.config
+            wider = BackendConfig("gpu1", "vllm", sim.url("gpu1"), (*sb.models, "not-served-model"))
+            engine.reload(Config(settings=c.settings, breaker=c.breaker, backends=(wider,)))
+            b = engine.snapshot().backends[0]
+    assert b.missing_models == ("not-served-model",) and b.models_summary() == "1/2"

@@ -177,3 +177,13 @@ def test_server_decode_rate_from_tpot_histograms_and_gauges():
     assert first.server_tokens_per_s == pytest.approx(50.0)
     later = map_metrics(h + "tgi_request_mean_time_per_token_duration_sum 0.3\ntgi_request_mean_time_per_token_duration_count 20\n", tgi, first)
     assert later.server_tokens_per_s == pytest.approx(100.0)  # the last interval's 10 requests at 10 ms
+
+
+def test_a_server_restart_never_makes_a_negative_server_ttft():
+    names = adapter_class("vllm").metric_names
+    page = "# TYPE vllm:time_to_first_token_seconds histogram\nvllm:time_to_first_token_seconds_sum {}\nvllm:time_to_first_token_seconds_count {}\n"
+    before = map_metrics(page.format(100.0, 1000), names)
+    after_restart = map_metrics(page.format(0.3, 1003), names, before)  # the sum started over; the count, by chance, did not
+    assert after_restart.server_ttft_ms == pytest.approx(0.3 / 1003 * 1000)
+    later = map_metrics(page.format(0.6, 1006), names, after_restart)
+    assert later.server_ttft_ms == pytest.approx(100.0)

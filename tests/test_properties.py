@@ -293,3 +293,15 @@ def test_a_backend_table_of_anything_is_a_backend_or_one_config_error(table):
         assert str(exc).startswith("f.toml: backend")
         return
     assert len(config.backends) == 1 and printable(config.backends[0].name)
+
+
+AROUND = st.text(alphabet=" .'\"…,;:()[]{}<>=\n", max_size=20)  # what surrounds a cut key in an error text
+
+
+@PROPERTY
+@given(SECRET.filter(lambda s: len(s) >= 12), AROUND, AROUND, st.integers(min_value=8, max_value=47))
+def test_a_piece_of_a_key_cut_off_mid_text_is_masked(secret, before, after, cut):
+    redact = Redactor([secret])
+    cut = min(cut, len(secret) - 1)
+    assert secret[:cut] not in redact(before + secret[:cut] + "..." + after)  # the server cut it and went on
+    assert secret[-cut:] not in redact(before + "..." + secret[-cut:] + after)

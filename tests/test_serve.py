@@ -426,3 +426,12 @@ async def test_an_event_stream_client_that_stops_reading_is_let_go(tmp_path, mon
 
 async def _listeners(engine: Engine, n: int) -> bool:
     return len(engine._listeners) == n
+
+
+async def test_an_admin_action_the_state_file_refuses_is_one_line_not_a_500(tmp_path, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-admin-token")
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        engine.state.path.mkdir()  # the state file's path is a directory now: nothing can be written
+        r = await client.post("/api/v1/backends/ok/drain", headers={"Authorization": "Bearer s3cret-admin-token"})
+    assert r.status_code == 503 and r.text.startswith("not changed: ") and r.text.count("\n") == 1
+    assert any(e.kind == "state" and e.level == "error" for e in engine.events)

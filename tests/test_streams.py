@@ -352,3 +352,23 @@ async def test_a_stream_that_trickled_in_while_the_loop_was_blocked_is_untimed_n
                 assert result.untimed and result.ttft_ms is None and result.tokens_per_s is None, result
     finally:
         sim.stop_thread()
+
+
+@pytest.mark.parametrize("provider", ["vllm", "lmstudio", "openai", "anthropic"])
+async def test_health_latency_is_the_servers_answer_not_the_monitors_stall(provider):
+    """Where the model list is the health check (LM Studio, OpenAI, Anthropic) as where a health
+    path is: a 50 ms stall of llmtop's own loop is not health latency."""
+    import time as time_
+
+    from llmtop.simulator import SimBackend, Simulator
+
+    sim = Simulator([SimBackend("b", provider, ["m"])]).start_in_thread()
+    try:
+        async with backend_client(5.0) as client:
+            adapter = adapter_class(provider)(BackendConfig("b", provider, sim.url("b"), ("m",)), client, 5.0, 4)
+            await adapter.poll()  # a warm connection
+            asyncio.get_running_loop().call_later(0.0005, time_.sleep, 0.05)
+            health = (await adapter.poll()).health
+    finally:
+        sim.stop_thread()
+    assert health.ok and health.latency_ms < 25, health.latency_ms  # the server answers in well under a millisecond

@@ -460,3 +460,17 @@ async def test_llmtop_asks_for_identity():
         server.close()
         await server.wait_closed()
     assert b"accept-encoding: identity" in seen[0].lower()
+
+
+def test_a_deflate_body_whose_first_chunk_is_one_byte_decodes():
+    import zlib as zlib_
+
+    from llmtop.transport import _BoundedDecoder
+
+    body = b'{"data": [{"id": "m"}]}' * 10
+    request = httpx.Request("GET", "http://x/")
+    for encoded in (zlib_.compress(body), zlib_.compress(body)[2:-4]):  # zlib-wrapped, and raw deflate
+        for split in (1, 2, len(encoded)):
+            decoder = _BoundedDecoder.for_coding("deflate", request)
+            out = b"".join(piece for chunk in (encoded[:split], encoded[split:]) for piece in decoder.pieces(chunk))
+            assert out == body, split

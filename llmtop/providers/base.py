@@ -305,7 +305,9 @@ class Adapter:
 
     async def models(self) -> ModelsResult:
         response = await self.request("GET", self.models_path)
-        return ModelsResult(self.parse_models(response.json(self.models_path)))
+        # Where the model list is the health check, its latency is the request's own (written to
+        # answered, transport.RequestTimings), not a stopwatch around connecting and the loop.
+        return ModelsResult(self.parse_models(response.json(self.models_path)), extra={"latency_ms": response.latency_ms})
 
     def parse_models(self, data: Any) -> tuple[str, ...]:
         try:

@@ -16,7 +16,8 @@ from llmtop.engine import Engine
 from llmtop.serve.exporter import Exposition
 from llmtop.serve.readiness import readiness
 from llmtop.snapshot import Event, FleetSnapshot
-from llmtop.state import LIFTS
+from llmtop.sanitize import for_terminal
+from llmtop.state import LIFTS, StateError
 
 SCHEMA = 1  # of /api/v1/fleet and /api/v1/events; bumped when a field changes meaning
 MAX_REQUEST_BYTES = 64 * 1024  # admin requests carry no body worth more
@@ -224,7 +225,11 @@ class ServeSite:
             self.engine.force_probe([name])
             self.engine.emit(Event(time.time(), name, "admin", f"probe requested (API, from {peer})"))
             return _text(202, "probing")
-        before, after = await self.engine.apply_admin(name, action, by=f"API, from {peer}")
+        try:
+            before, after = await self.engine.apply_admin(name, action, by=f"API, from {peer}")
+        except StateError as exc:  # the file cannot be written (a directory, a full disk, a lock)
+            self.engine.note_state_error(str(exc))
+            return _text(503, f"not changed: {for_terminal(str(exc), 300)}")
         if action in LIFTS and before not in (LIFTS[action], "active"):
             # undrain of a disabled backend, enable of a draining one: left as it is, and why.
             lift = next(c for c, lifted in LIFTS.items() if lifted == before)
