@@ -15,6 +15,8 @@ CIRCUITS = ("closed", "open", "half_open")
 ADMIN_STATES = ("active", "draining", "disabled")
 
 
+RECENT_ERRORS_SENT = 5  # of a backend's recent errors, in its JSON
+
 # Bucket bounds of the probe histograms (blackbox_exporter-like spreads, in base units).
 TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPS_BUCKETS = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
@@ -155,6 +157,8 @@ class BackendSnapshot:
     recent_errors: tuple[tuple[float, str], ...] = ()
     in_flight: bool = False  # a poll or probe of this backend is running now
     seq: int = 0  # bumps whenever anything about this backend changes
+    agent: str | None = None  # the remote llmtop agent that watches it; None: this process does
+    stale_since: float | None = None  # wall time the agent was lost: every figure is as it was then
 
     def models_summary(self) -> str:
         """served/expected for the expected models, else how many are served; `?` for a count
@@ -204,6 +208,19 @@ class BackendSnapshot:
             "probe_note": self.probe_note,
             "rate_limited_until": None if self.retry_after_at is None else round(self.retry_after_at, 3),
             "error": self.error,
+            # What a remote face needs to show this backend as this process does (wire.py reads it back).
+            "agent": self.agent,
+            "stale_since": None if self.stale_since is None else round(self.stale_since, 3),
+            "enabled": self.enabled,
+            "up": self.up,
+            "error_rate": _round(self.error_rate, 4),
+            "last_health_at": None if self.last_health_at is None else round(self.last_health_at, 3),
+            "trouble_at": None if self.trouble_at is None else round(self.trouble_at, 3),
+            "stale_after_s": _round(self.stale_after_s, 3),  # null: never
+            "probe_tokens_per_hour": _round(self.probe_tokens_per_hour),
+            "version": self.version,
+            "labels": dict(self.labels),
+            "recent_errors": [[round(at, 3), message] for at, message in self.recent_errors[-RECENT_ERRORS_SENT:]],
         }
 
     def for_terminal(self) -> "BackendSnapshot":
