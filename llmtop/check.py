@@ -137,12 +137,19 @@ def exit_code(snapshot: FleetSnapshot) -> int:
     """0 when every active backend is healthy, else 1. A fleet with no active backend at all
     (every one drained or disabled) is 1: nothing is serving, whatever the reason."""
     active = [b for b in snapshot.backends if b.admin == "active"]
-    return 0 if active and all(b.status == "healthy" for b in active) else 1
+    return 0 if active and all(b.status == "healthy" and b.stale_since is None for b in active) else 1
 
 
-def to_json(snapshot: FleetSnapshot) -> str:
-    """Strict JSON (no NaN or Infinity tokens, which many parsers refuse) with the exact texts."""
-    return json.dumps(snapshot.to_json(), indent=2, allow_nan=False)
+def to_json(snapshot: FleetSnapshot, agents=()) -> str:
+    """Strict JSON (no NaN or Infinity tokens, which many parsers refuse) with the exact texts;
+    with remote agents, how each stands (every backend names its `agent`)."""
+    doc = snapshot.to_json()
+    if agents:
+        doc["agents"] = [
+            {"name": s.name, "url": s.url, "standing": s.standing, "detail": s.detail, "backends": s.backends}
+            for s in (a.state() for a in agents)
+        ]
+    return json.dumps(doc, indent=2, allow_nan=False)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -162,8 +169,9 @@ def _row(b: BackendSnapshot, now: float) -> list[str]:
             ttft, tps = f"({ttft})", f"({tps})" if tps != "-" else tps
     kv = "-" if m is None or m.kv_cache_usage is None else f"{m.kv_cache_usage:.0%}"
     queue = "-" if m is None or m.requests_waiting is None else f"{m.requests_waiting:g}"
+    status = b.status.upper() if b.admin == "active" else b.admin.upper()
     return [
-        b.status.upper() if b.admin == "active" else b.admin.upper(),
+        "STALE" if b.stale_since is not None else status,
         b.name,
         b.provider,
         b.circuit.replace("_", "-"),
@@ -183,9 +191,14 @@ def render_table(snapshot: FleetSnapshot) -> str:
     """The table for a terminal: every text from a backend or the config made safe to print first."""
     snapshot = TerminalView()(snapshot)
     now = snapshot.at
-    rows = [HEADERS] + [_row(b, now) for b in snapshot.backends]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
+    headers, rows = HEADERS, [_row(b, now) for b in snapshot.backends]
     right = {4, 5, 6, 7, 8, 9}
+    if any(b.agent is not None for b in snapshot.backends):  # whose each row is, after its name
+        headers = [*HEADERS[:2], "AGENT", *HEADERS[2:]]
+        rows = [[*r[:2], b.agent or "local", *r[2:]] for r, b in zip(rows, snapshot.backends)]
+        right = {i + 1 for i in right}
+    rows = [headers] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
     lines = []
     for row in rows:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
@@ -193,7 +206,9 @@ def render_table(snapshot: FleetSnapshot) -> str:
     notes = []
     for b in snapshot.backends:
         why = b.status_reason if b.status not in ("healthy",) else b.probe_note
-        if b.admin != "active":
+        if b.stale_since is not None:
+            why = f"stale since {time.strftime('%H:%M:%S', time.localtime(b.stale_since))}: its agent {b.agent} was lost; figures are as they were then"
+        elif b.admin != "active":
             why = f"{b.admin} by the operator"
         elif b.retry_after_at is not None:
             why = f"{why}; until {time.strftime('%H:%M:%S', time.localtime(b.retry_after_at))}"

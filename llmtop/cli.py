@@ -53,6 +53,10 @@ def _shared_options(parser: argparse.ArgumentParser, *, demo: bool, suppress: bo
     )
     if demo:
         parser.add_argument(
+            "--connect", metavar="URL", action="append", default=default,
+            help="also show the fleet of the llmtop agent (`llmtop serve`) at URL; repeat for more ([[remote]] in the config does the same)",
+        )
+        parser.add_argument(
             "--demo", action="store_true", default=argparse.SUPPRESS if suppress else False,
             help="watch a built-in simulated fleet on 127.0.0.1",
         )
@@ -118,22 +122,26 @@ def _check_scope(args) -> None:
         raise UsageError("--demo watches its own simulated fleet; leave out --config (or --demo)")
     if args.command is None:
         return
-    allowed = {"--demo": ("check", "serve"), "--listen": ("serve",), "--agent-listen": ("serve",)}
+    allowed = {"--demo": ("check", "serve"), "--listen": ("serve",), "--agent-listen": ("serve",), "--connect": ("check",)}
     where = {
+        "--connect": "the live screen and `check`",
         "--demo": "the live screen, `check` and `serve`",
         "--listen": "the live screen and `serve`",
         "--agent-listen": "the live screen and `serve`",
     }
     flags = (("--theme", args.theme), ("--read-only", args.read_only), ("--demo", args.demo),
-             ("--listen", args.listen), ("--agent-listen", args.agent_listen))
+             ("--listen", args.listen), ("--agent-listen", args.agent_listen), ("--connect", args.connect))
     for flag, given in flags:
         if given and args.command not in allowed.get(flag, ()):
             place = where.get(flag, "the live screen (llmtop with no command)")
             raise UsageError(f"{flag} applies to {place}, not to `{args.command}`; leave it out")
 
 
-def _load(args) -> Config:
+def _load(args, optional: bool = False) -> Config:
+    """The config; with `optional` (agents given with --connect), none at the default path is an empty fleet."""
     path = resolve_config_path(args.config)
+    if optional and not path.exists() and not args.config and not os.environ.get("LLMTOP_CONFIG"):
+        return Config()
     if not path.exists():
         raise ConfigError(f"{path}: no config file; run `llmtop init` to write one, or try `llmtop --demo`")
     return load_config(path)
@@ -193,16 +201,40 @@ def cmd_check(args) -> int:
                 raise UsageError(str(exc)) from None
             config, state = load_config(demo.config_path), _state(args, demo.state_path)
         else:
-            config, state = _load(args), _state(args)
-        if not config.backends:
+            config, state = _load(args, optional=bool(args.connect)), _state(args)
+        agents = _agents(args, config)
+        if not config.backends and not agents:
             # Zero backends checked is not "every backend is healthy": a script must not read it as success.
             raise UsageError(f"{config.path}: no backends to check; {ADD_A_BACKEND}")
+        snapshot = None
+        if config.backends:
+            try:
+                snapshot = check_fleet(config, state, args.rounds, args.interval, GpuReader(), args.workers)
+            except CheckWorkerError as exc:  # a worker process failed: one line, exit 2
+                raise UsageError(" ".join(str(exc).split())[:300]) from None
+    if agents:
+        from llmtop.remote.check import check_agents
+
+        snapshot, lost = check_agents(snapshot, agents)
+        for line in lost:
+            _err(f"llmtop: {for_terminal(line, 300)}")
+    _out(to_json(snapshot, agents) if args.json else render_table(snapshot))
+    return 1 if agents and any(a.state().standing != "connected" for a in agents) else exit_code(snapshot)
+
+
+def _agents(args, config: Config) -> list:
+    """The remote agents to read: --connect URLs, then the config's [[remote]] tables."""
+    from llmtop.remote.agents import AgentSource
+
+    agents = []
+    for url in getattr(args, "connect", None) or ():
         try:
-            snapshot = check_fleet(config, state, args.rounds, args.interval, GpuReader(), args.workers)
-        except CheckWorkerError as exc:  # a worker process failed: one line, exit 2
-            raise UsageError(" ".join(str(exc).split())[:300]) from None
-    _out(to_json(snapshot) if args.json else render_table(snapshot))
-    return exit_code(snapshot)
+            agents.append(AgentSource(url))
+        except ValueError as exc:
+            raise UsageError(f"--connect: {exc}") from None
+    for remote in config.remotes:
+        agents.append(AgentSource(remote.url, remote.name, remote.token_env))
+    return agents
 
 
 def cmd_serve(args) -> int:

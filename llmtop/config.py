@@ -124,12 +124,22 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """A `[[remote]]` table: another llmtop agent (`llmtop serve`) whose fleet this one shows."""
+
+    url: str
+    name: str | None = None  # shown in the agent column; default: the URL's host:port
+    token_env: str | None = None  # NAME of the env var with its admin token; default LLMTOP_TOKEN
+
+
+@dataclass(frozen=True)
 class Config:
     settings: Settings = field(default_factory=Settings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     backends: tuple[BackendConfig, ...] = ()
     path: Path | None = None
     serve: ServeSettings = field(default_factory=ServeSettings)
+    remotes: tuple[RemoteConfig, ...] = ()
 
     def backend(self, name: str) -> BackendConfig | None:
         return next((b for b in self.backends if b.name == name), None)
@@ -150,7 +160,7 @@ _BACKEND_KEYS = {
 NAME_MAX = 64  # backend names fit a table column and a log line
 MODEL_MAX = 256  # longer than any model id a server uses
 _ALERT_KEYS = {"metric": str, "above": (int, float), "below": (int, float)}
-_TOP_KEYS = ("settings", "breaker", "backend", "serve")
+_TOP_KEYS = ("settings", "breaker", "backend", "serve", "remote")
 _SERVE_KEYS = {"listen": str, "agent_listen": str, "ready_when": list, "admin_token_env": str, "log_format": str}
 READY_STATUSES = ("healthy", "degraded")  # what ready_when may name: the rest never take traffic
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -452,7 +462,30 @@ def parse_config(data: dict, source: str = "<config>", path: Path | None = None)
         seen.add(backend.name)
         backends.append(backend)
     serve = _serve(chk, data.get("serve", {}))
-    return Config(settings=settings, breaker=breaker, backends=tuple(backends), path=path, serve=serve)
+    raw_remotes = data.get("remote", [])
+    if not isinstance(raw_remotes, list):
+        raise chk.fail("remote", 'write agents as [[remote]] tables with url = "http://host:9850"')
+    remotes = tuple(_remote(chk, raw, i) for i, raw in enumerate(raw_remotes))
+    return Config(settings=settings, breaker=breaker, backends=tuple(backends), path=path, serve=serve, remotes=remotes)
+
+
+def _remote(chk: _Checker, raw: Any, index: int) -> RemoteConfig:
+    where = f"remote[{index}]"
+    if not isinstance(raw, dict):
+        raise chk.fail(where, 'expected a [[remote]] table with url = "http://host:9850"')
+    chk.unknown_keys(raw, ["url", "name", "token_env"], where)
+    if "url" not in raw:
+        raise chk.fail(f"{where}.url", 'missing; write it like url = "http://gpu-box-1:9850"')
+    url = _check_url(chk, chk.typed(raw["url"], str, f"{where}.url"), f"{where}.url")
+    name = raw.get("name")
+    if name is not None:
+        name = _check_name(chk, chk.typed(name, str, f"{where}.name"), f"{where}.name", 64)
+    env = raw.get("token_env")
+    if env is not None:
+        chk.typed(env, str, f"{where}.token_env")
+        if not _looks_like_env_name(env):
+            raise chk.fail(f"{where}.token_env", 'must be the NAME of an environment variable (like "LLMTOP_TOKEN"), never the token itself')
+    return RemoteConfig(url=url, name=name, token_env=env)
 
 
 def loads_config(text: str, source: str = "<config>", path: Path | None = None) -> Config:

@@ -180,6 +180,7 @@ class BackendSnapshot:
             and self.status not in ("down", "unknown", "loading")
             and (self.trouble_at is None or p.at > self.trouble_at)  # taken after the last failure, not before it
             and now - p.at <= self.stale_after_s
+            and self.stale_since is None  # its agent is lost: what it said then is not now
         )
 
     def to_json(self, now: float) -> dict[str, Any]:
@@ -279,6 +280,7 @@ class GpuSnapshot:
     power_w: float | None
     power_limit_w: float | None
     processes: tuple[GpuProcess, ...] = ()
+    agent: str | None = None  # the remote agent whose machine it is in; None: this one
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -305,8 +307,11 @@ class FleetSnapshot:
         counts = {s: 0 for s in STATUSES}
         counts["draining"] = 0
         counts["disabled"] = 0
+        counts["stale"] = 0
         for b in self.backends:
-            if b.admin != "active":
+            if b.stale_since is not None:
+                counts["stale"] += 1  # its agent is lost: neither up nor down, unseen
+            elif b.admin != "active":
                 counts[b.admin] += 1
             else:
                 counts[b.status] += 1

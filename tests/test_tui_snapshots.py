@@ -147,3 +147,54 @@ def test_detail_screen(snap_compare, engine, size):
 @SIZES
 def test_help_screen(snap_compare, engine, size):
     assert snap_compare(app_for(engine), terminal_size=size, press=["question_mark"])
+
+
+class FixedSource:
+    """A remote source with fixed rows (the engine's, as another agent's) and a fixed standing."""
+
+    def __init__(self, name: str, backends, standing: str, since: float | None = None, detail: str | None = None):
+        import dataclasses
+
+        from llmtop.remote import SourceState
+
+        self._backends = tuple(dataclasses.replace(b, agent=name, stale_since=since if standing == "stale" else None) for b in backends)
+        self._state = SourceState(name, f"http://{name}:9850", standing, since, detail, can_act=False, backends=len(self._backends))
+
+    def state(self):
+        return self._state
+
+    def backends(self):
+        return self._backends
+
+    def gpus(self):
+        return GpuStatus()
+
+    def events(self):
+        return ()
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+    async def act(self, backend, action):
+        raise AssertionError("a fixed source takes no action")
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "200x50"])
+def test_merged_view_with_a_stale_agent(snap_compare, engine, size):
+    """Local rows, a connected agent's (one name the same as a local one: shown as rack1/...), and
+    a lost agent's, greyed as stale since the time it was lost, never as down."""
+    fleet = engine.snapshot().backends
+    sources = [
+        FixedSource("rack1", fleet[:2], "connected"),
+        FixedSource("rack2", [b for b in fleet if b.name in ("sglang-70b", "ollama-ws", "tgi-mistral")], "stale",
+                    since=START + 900, detail="cannot connect (is `llmtop serve` running there?)"),
+    ]
+    app = LlmtopApp(engine, config_path=None, live=False, sources=sources)
+
+    async def pick(pilot):
+        await select(pilot, "rack1/vllm-a100-2")
+
+    assert snap_compare(app, terminal_size=size, run_before=pick)

@@ -26,6 +26,7 @@ EVENT_QUEUE = 1000  # events held for one slow event-stream client before it is 
 KEEPALIVE_S = 15.0
 WRITE_S = 5.0  # an event-stream client that takes longer to accept a write is let go
 TICK_S = 0.5  # how often an event stream looks for changed backends
+RECENT_EVENTS = 50  # sent after the fleet to each new event-stream client
 ACTIONS = ("drain", "undrain", "disable", "enable", "probe")
 
 
@@ -164,6 +165,8 @@ class ServeSite:
         try:
             fleet = self.engine.snapshot()
             await _send(response, "fleet", fleet_document(fleet))
+            for event in fleet.events[-RECENT_EVENTS:]:  # a screen that connects sees what led here
+                await _send(response, "event", event_document(event))
             seqs = {b.name: b.seq for b in fleet.backends}
             gpu = fleet.gpu
             last_write = time.monotonic()

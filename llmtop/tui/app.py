@@ -1,8 +1,9 @@
-"""The Textual app: runs the engine on its event loop, shows a snapshot each tick, and turns keys into engine calls."""
+"""The Textual app: runs the engine on its event loop, shows a snapshot (its own backends and remote agents') each tick, and turns keys into engine or agent calls."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sys
 import time
@@ -18,6 +19,8 @@ from textual.screen import Screen
 
 from llmtop.config import Config, ConfigError, load_config
 from llmtop.engine import Engine
+from llmtop.remote import ActionRefused, Source, SourceState
+from llmtop.remote.merged import MergedFleet
 from llmtop.sanitize import for_terminal
 from llmtop.snapshot import FleetSnapshot, TerminalView
 from llmtop.state import LIFTS, StateError, admin_after
@@ -40,6 +43,14 @@ WRITES_BEFORE_EXIT_S = 5.0  # how long quitting waits for a state or prefs write
 LIFT_KEYS = {"undrain": "d undrains it", "enable": "t enables it"}
 
 Stamp = tuple[int, int] | None
+
+
+def _safe_state(state: SourceState) -> SourceState:
+    """A source's name and reason as they may be printed (a reason may quote an agent)."""
+    return dataclasses.replace(
+        state, name=for_terminal(state.name, 40), url=for_terminal(state.url, 120),
+        detail=None if state.detail is None else for_terminal(state.detail, 160),
+    )
 
 
 def _stamp(path: Path) -> Stamp:
@@ -94,9 +105,12 @@ class LlmtopApp(App):
         prefs_path: Path | None = None,
         listen: str | None = None,
         agent_listen: str | None = None,
+        sources: list[Source] | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
+        # What the screen shows: the engine's own backends and those of each remote source (--connect).
+        self.fleet_source = MergedFleet(engine.snapshot, list(sources or ()))
         # serve's endpoints while the screen runs (--listen, --agent-listen): a balancer or a
         # Prometheus sees what this screen sees, and a `d` here drains it there.
         self._listen, self._agent_listen = listen, agent_listen
@@ -171,6 +185,7 @@ class LlmtopApp(App):
         if self.live:
             await self.engine.open()
             self.engine.start()
+            await self.fleet_source.start()
             self.set_interval(TICK_S, self.refresh_fleet)
             if self.config_path is not None:
                 self.set_interval(CONFIG_CHECK_S, self._check_config_file)
@@ -197,6 +212,7 @@ class LlmtopApp(App):
             self._remove_signals()
             for server in self._served:
                 await server.stop()
+            await self.fleet_source.stop()
             await self.engine.close()
 
     # -- the tick ---------------------------------------------------------------------------
@@ -216,9 +232,10 @@ class LlmtopApp(App):
                 show(self.view)
 
     def _build_view(self) -> FleetView:
-        fleet = self._terminal_view(self.engine.snapshot())
+        fleet = self._terminal_view(self.fleet_source.snapshot())
         probing = self._round_progress(fleet)
         return FleetView(
+            sources=tuple(_safe_state(s) for s in self.fleet_source.states()),
             fleet=fleet,
             settings=self.engine.config.settings,
             probing=probing,
@@ -246,7 +263,7 @@ class LlmtopApp(App):
     # -- probe rounds -----------------------------------------------------------------------
 
     def on_probe_requested(self, message: ProbeRequested) -> None:
-        fleet = self.engine.snapshot()
+        fleet = self.fleet_source.snapshot()
         backends = {b.name: b for b in fleet.backends}
         names = list(backends) if message.names is None else [n for n in message.names if n in backends]
         if message.names is not None and len(names) == 1:
@@ -268,7 +285,12 @@ class LlmtopApp(App):
                 self._round_total += 1
         settings = self.engine.config.settings
         self._round_deadline = time.monotonic() + 2 * settings.timeout_s + settings.health_interval_s
-        self.engine.force_probe(names)
+        local = [n for n in names if self.fleet_source.route(n)[0] is None]
+        if local:
+            self.engine.force_probe(local)
+        remote = [n for n in names if self.fleet_source.route(n)[0] is not None]
+        if remote:
+            self._act_remote(remote, "probe", quiet=message.names is None)
         if self._round_timer is None:
             self._round_timer = self.set_interval(ROUND_TICK_S, self.refresh_fleet)
         self.refresh_fleet()
@@ -309,10 +331,14 @@ class LlmtopApp(App):
         if self.read_only:
             self.notify(READ_ONLY, severity="warning")
             return
-        b = self.engine.snapshot().backend(message.backend)
+        b = self.fleet_source.snapshot().backend(message.backend)
         if b is None:
             return
         name = b.name
+        refused = self.fleet_source.read_only(name)
+        if refused:
+            self.notify(f"{name}: {refused}", severity="warning")
+            return
         if message.action == "toggle":
             if not b.enabled:
                 self.notify(f"{name} has enabled = false in the config; edit the config to turn it on", severity="warning")
@@ -353,9 +379,38 @@ class LlmtopApp(App):
             if not self._writes_pending:
                 self._writes_done.set()
 
+    def _act_remote(self, names: list[str], action: str, quiet: bool = False) -> None:
+        """Send an action to the agents that watch these rows; each answer or refusal is one toast."""
+
+        async def send() -> None:
+            refusals: dict[str, str] = {}
+            for name in names:
+                try:
+                    answer = await self.fleet_source.act(name, action)
+                except ActionRefused as exc:
+                    refusals.setdefault(str(exc).split(":", 1)[0], f"{name}: {exc}")
+                else:
+                    if not quiet:
+                        self.notify(answer)
+            for line in refusals.values():  # one per agent, not one per row
+                self.notify(line, severity="warning", timeout=8)
+            self.refresh_fleet()
+
+        self.run_worker(send, group="remote-action", exit_on_error=False)
+
     async def _write_admin(self, name: str, command: str) -> None:
-        if self.engine.snapshot().backend(name) is None:
+        b = self.fleet_source.snapshot().backend(name)
+        if b is None:
             return  # a reload removed it while the question was open
+        if self.fleet_source.route(name)[0] is not None:
+            if command == "toggle":
+                command = "enable" if b.admin == "disabled" else "disable"
+            try:
+                self.notify(await self.fleet_source.act(name, command))
+            except ActionRefused as exc:
+                self.notify(f"{name}: {exc}", severity="warning", timeout=8)
+            self.refresh_fleet()
+            return
         try:
             # Decide against the file as it is now, not the snapshot the key saw: the write of a key
             # pressed just before may have landed since, or another llmtop may have written.

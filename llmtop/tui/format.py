@@ -52,9 +52,15 @@ KV_WARN, KV_BAD = 0.80, 0.95
 MARKS = {WARN: "!", BAD: "!!"}
 
 
+STALE = Cell("◷ stale", MUTED)
+
+
 def status_badge(b: BackendSnapshot) -> Cell:
     """One meaning at every width: the symbol is the backend's health, the word is its health
-    or, when the operator took it out of service, that (`● draining`: drained and healthy)."""
+    or, when the operator took it out of service, that (`● draining`: drained and healthy).
+    A row whose agent is lost is `stale`: not known to be down, only unseen since then."""
+    if b.stale_since is not None:
+        return STALE
     if b.admin == "disabled":
         return ADMIN_BADGES["disabled"]  # nothing is sent to it: no health to show
     if b.admin == "draining":
@@ -215,12 +221,12 @@ def clock_time(at: float) -> str:
 
 
 def matches(b: BackendSnapshot, needle: str) -> bool:
-    """The `/` filter: a case-insensitive substring of the name, provider, status, admin state or
-    a model name (served or expected). Costs at most what the engine keeps per backend."""
+    """The `/` filter: a case-insensitive substring of the name, provider, status, admin state,
+    agent (`local` for this machine's own) or a model name (served or expected). Costs at most what the engine keeps per backend."""
     if not needle:
         return True
     needle = needle.lower()
-    fields = (b.name, b.provider, b.status, b.admin, *b.expected_models, *(b.models or ()))
+    fields = (b.name, b.provider, b.status, b.admin, b.agent or "local", *b.expected_models, *(b.models or ()))
     return any(needle in field.lower() for field in fields)
 
 
@@ -233,6 +239,8 @@ NO_FIGURE = float("inf")
 
 
 def _status_rank(b: BackendSnapshot) -> int:
+    if b.stale_since is not None:
+        return 3  # unseen: with the unknown
     return _ADMIN_RANK.get(b.admin, _STATUS_RANK.get(b.status, 3))
 
 

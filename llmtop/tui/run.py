@@ -54,6 +54,20 @@ def _discovered(config_path: Path) -> tuple[Config, str]:
     return Config(backends=tuple(as_backends(found))), hint
 
 
+def _agents(args, config: Config):
+    """The agents to show: --connect URLs, then the config's [[remote]] tables (or why not, a line)."""
+    from llmtop.remote.agents import AgentSource
+
+    sources = []
+    for url in getattr(args, "connect", None) or ():
+        try:
+            sources.append(AgentSource(url))
+        except ValueError as exc:
+            return f"--connect: {exc}"
+    sources += [AgentSource(r.url, r.name, r.token_env) for r in config.remotes]
+    return sources
+
+
 def pick_theme(wanted: str | None, loaded: LoadedThemes, prefs_path: Path | None) -> str | None:
     """--theme if given (ValueError when unknown), else the one last chosen with T, else the default (None)."""
     if wanted:
@@ -90,7 +104,9 @@ def run_tui(args) -> int:
             else:
                 config_path = resolve_config_path(args.config)
                 # A path the user named (--config, $LLMTOP_CONFIG) must exist; only the default may be absent.
-                if config_path.exists() or config_path != default_config_path():
+                if getattr(args, "connect", None) and not config_path.exists() and config_path == default_config_path():
+                    config, config_path = Config(), None  # only the agents: no local discovery
+                elif config_path.exists() or config_path != default_config_path():
                     config = load_config(config_path)
                     if not config.backends:
                         hint = no_backends_hint(config_path)
@@ -100,10 +116,13 @@ def run_tui(args) -> int:
             state = StateStore(state_path)
             if not _on_a_terminal():
                 return _fail(NO_TERMINAL)
+            sources = _agents(args, config)
+            if isinstance(sources, str):
+                return _fail(sources)
             engine = Engine(config, state, gpu=GpuReader())
             app = LlmtopApp(
                 engine, config_path=config_path, read_only=args.read_only, theme=theme, hint=hint, prefs_path=prefs_path,
-                listen=getattr(args, "listen", None), agent_listen=getattr(args, "agent_listen", None),
+                listen=getattr(args, "listen", None), agent_listen=getattr(args, "agent_listen", None), sources=sources,
             )
             app.run()
             return app.return_code or 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmtop.config import Settings
+from llmtop.remote import SourceState
 from llmtop.snapshot import FleetSnapshot
 
 
@@ -25,3 +26,4 @@ class FleetView:
     read_only: bool = False
     hint: str | None = None
     paused: bool = False  # the operator froze the screen (space); the engine goes on
+    sources: tuple[SourceState, ...] = ()  # remote agents (and Prometheus) this screen reads, and how each stands

@@ -33,6 +33,7 @@ COLUMNS: dict[str, Column] = {
     "status": Column("status", 10, "left", lambda b, c: fmt.status_badge(b)),
     "name": Column("name", 0, "left", lambda b, c: Cell(b.name)),
     "provider": Column("provider", 9, "left", lambda b, c: Cell(b.provider, fmt.MUTED)),
+    "agent": Column("agent", 15, "left", lambda b, c: Cell(b.agent or "local", fmt.MUTED)),
     "ttft": Column("TTFT", 7, "right", lambda b, c: fmt.ttft_cell(b, c.settings.slow_ttft_ms, c.now)),
     "tps": Column("tok/s", 7, "right", lambda b, c: fmt.tps_cell(b, c.now)),
     "age": Column("age", 4, "right", lambda b, c: fmt.age_cell(b, c.now)),
@@ -44,9 +45,9 @@ COLUMNS: dict[str, Column] = {
     "trend": Column("TTFT trend", 12, "left", lambda b, c: Cell(fmt.spark((v for _, v in b.ttft_history), 12), fmt.MUTED)),
 }
 # Left to right as shown; the first set always, then each extra as the width allows, in this order.
-ORDER = ("status", "name", "provider", "ttft", "tps", "age", "latency", "queue", "kv", "models", "circuit", "trend")
+ORDER = ("status", "name", "agent", "provider", "ttft", "tps", "age", "latency", "queue", "kv", "models", "circuit", "trend")
 ESSENTIAL = ("status", "name", "ttft", "tps", "queue", "kv", "models", "circuit")
-EXTRAS = ("latency", "age", "provider", "trend")
+EXTRAS = ("agent", "latency", "age", "provider", "trend")  # agent: only in a fleet with remote rows
 # The age changes every second for every row; everything else only when the backend's seq does.
 _TICKING = ("age", "ttft", "tps")
 
@@ -60,15 +61,22 @@ def _fixed_width(keys: tuple[str, ...]) -> int:
     return sum(COLUMNS[k].width for k in keys if k != "name") + 2 * CELL_PADDING * len(keys) + SCROLLBAR
 
 
-def layout(width: int, longest_name: int) -> tuple[tuple[str, ...], int]:
+def layout(width: int, longest_name: int, agents: bool = False) -> tuple[tuple[str, ...], int]:
     """The columns for this width (the essential ones, then extras while they fit) and the name width."""
     chosen = set(ESSENTIAL)
     for extra in EXTRAS:
+        if extra == "agent" and not agents:
+            continue
         if width - _fixed_width(tuple(chosen | {extra})) >= min(NAME_ROOMY, max(NAME_MIN, longest_name)):
             chosen.add(extra)
     columns = tuple(k for k in ORDER if k in chosen)
     room = width - _fixed_width(columns)
     return columns, max(NAME_MIN, min(longest_name, NAME_MAX, room))
+
+
+def _dim(cell: Cell, b: BackendSnapshot) -> Cell:
+    """Every figure of a row whose agent is lost is greyed: what it was, not what it is."""
+    return cell if b.stale_since is None or cell.level == fmt.MUTED else Cell(cell.text, fmt.MUTED)
 
 
 class FleetTable(ThemedPalette, DataTable):
@@ -155,7 +163,8 @@ class FleetTable(ThemedPalette, DataTable):
 
     def _layout(self) -> tuple[tuple[str, ...], int]:
         names = [b.name for b in self._fleet.backends] if self._fleet else []
-        return layout(self.size.width, max((len(n) for n in names), default=NAME_MIN))
+        agents = self._fleet is not None and any(b.agent is not None for b in self._fleet.backends)
+        return layout(self.size.width, max((len(n) for n in names), default=NAME_MIN), agents)
 
     def _rebuild(self) -> None:
         """Start again from the columns (a layout or theme change); the cursor stays on its backend."""
@@ -217,15 +226,15 @@ class FleetTable(ThemedPalette, DataTable):
 
     def _row_cells(self, b: BackendSnapshot, context: RowContext) -> dict[str, Cell]:
         busy = b.name in self._probing
-        cache_key = (b.seq, busy)
+        cache_key = (b.seq, busy, b.stale_since, b.agent)  # an agent lost changes no seq of its backends
         old = self._cells.get(b.name)
         if old is not None and self._cache_keys.get(b.name) == cache_key:
             cells = dict(old)
             for key in _TICKING:  # figures turn old with time alone
                 if key in cells:
-                    cells[key] = COLUMNS[key].cell(b, context)
+                    cells[key] = _dim(COLUMNS[key].cell(b, context), b)
             return cells
-        cells = {key: COLUMNS[key].cell(b, context) for key in self._columns}
+        cells = {key: _dim(COLUMNS[key].cell(b, context), b) for key in self._columns}
         if busy:
             cells["status"] = fmt.PROBING
         self._cache_keys[b.name] = cache_key

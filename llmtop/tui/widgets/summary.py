@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from textual.content import Content
 from textual.widgets import Static
 
@@ -16,7 +18,16 @@ _COUNTS = (
     ("unknown", "?", "unknown", "$foreground-muted"),
     ("draining", "⏸", "draining", "$text-warning"),
     ("disabled", "○", "disabled", "$foreground-muted"),
+    ("stale", "◷", "stale", "$foreground-muted"),
 )
+# How a remote source stands, as a mark that reads without colour.
+_STANDING = {
+    "connected": ("●", "$text-success"),
+    "connecting": ("◌", "$foreground-muted"),
+    "stale": ("◷", "$text-warning"),
+    "unauthorized": ("✖", "$text-error"),
+    "error": ("✖", "$text-error"),
+}
 _ALWAYS = ("healthy", "degraded", "down")  # shown even at zero: "0 down" is news too
 
 
@@ -40,6 +51,8 @@ class FleetSummary(Static):
         if sum(len(p if isinstance(p, str) else p[0]) for p in parts) > width:
             parts = self._counts(view, short=True)
         fleet = view.fleet
+        if view.sources:
+            parts += ["\n", *self._sources(view, width)]
         if fleet.config_error:
             message = f"✖ config error, still running the previous config: {fleet.config_error}"
             parts += ["\n", (message, "bold $text-error")]
@@ -50,6 +63,27 @@ class FleetSummary(Static):
             self.update(Content.assemble(*parts))
 
     @staticmethod
+    def _sources(view: FleetView, width: int) -> list:
+        """One line for the agents: each one's name and standing, with the reason for the first
+        that is not connected (the events log has every change)."""
+        parts: list = [("agents", "bold")]
+        said = False
+        for s in view.sources:
+            mark, colour = _STANDING.get(s.standing, ("?", "$foreground-muted"))
+            text = f" {mark} {s.name}"
+            if s.standing == "connected":
+                text += f" {s.backends}" + ("" if s.can_act else " read-only")
+            elif s.standing == "stale" and s.since is not None:
+                text += f" stale since {time.strftime('%H:%M:%S', time.localtime(s.since))}"
+            else:
+                text += f" {s.standing}"
+            if s.standing != "connected" and s.detail and not said:
+                text += f" ({s.detail})"
+                said = True
+            parts.append((text, colour if s.standing != "connected" else "$foreground"))
+        return parts
+
+    @staticmethod
     def _counts(view: FleetView, short: bool) -> list:
         fleet, progress = view.fleet, view.progress
         counts = fleet.counts()
@@ -57,7 +91,7 @@ class FleetSummary(Static):
         for key, symbol, word, colour in _COUNTS:
             if counts.get(key) or key in _ALWAYS:
                 parts.append((f" {symbol}{counts.get(key, 0)}" if short else f" {symbol} {counts.get(key, 0)} {word}", colour))
-        circuits = [b.circuit for b in fleet.backends]
+        circuits = [b.circuit for b in fleet.backends if b.stale_since is None]  # a lost agent's: not known now
         opened, half = circuits.count("open"), circuits.count("half_open")
         if opened or half:
             parts.append((f"  ⚡{opened} open" if short else f"  ⚡ circuits: {opened} open", "bold $text-error"))
