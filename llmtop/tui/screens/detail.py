@@ -186,8 +186,15 @@ class DetailScreen(BlindKeysOff, Screen):
             _styled(fmt.admin_badge(b)),
         )
         version = f"  version {b.version}" if b.version else ""
-        second = Content.styled(f"{b.provider}  {b.url}{version}", "$foreground-muted")
-        return Content("\n").join([first, second])
+        agent = f"  via agent {b.agent}" if b.agent else ""
+        second = Content.styled(f"{b.provider}  {b.url}{version}{agent}", "$foreground-muted")
+        lines = [first, second]
+        if b.stale_since is not None:
+            lines.append(Content.styled(
+                f"◷ stale since {fmt.clock_time(b.stale_since)}: agent {b.agent} is lost; everything below is as it was then",
+                "bold $text-warning",
+            ))
+        return Content("\n").join(lines)
 
     def _chart(self, key: str, history, now: float) -> None:
         widget = self.query_one(f"#chart-{key}", PlotextPlot)

@@ -77,7 +77,7 @@ class FleetSummary(Static):
                 text += f" stale since {time.strftime('%H:%M:%S', time.localtime(s.since))}"
             else:
                 text += f" {s.standing}"
-            if s.standing != "connected" and s.detail and not said:
+            if s.detail and not said:  # why it is not connected, or that its clock is off
                 text += f" ({s.detail})"
                 said = True
             parts.append((text, colour if s.standing != "connected" else "$foreground"))
