@@ -16,7 +16,9 @@ from llmtop.snapshot import (
     ADMIN_STATES,
     CIRCUITS,
     STATUSES,
+    PROBE_MODES,
     BackendSnapshot,
+    Counters,
     Event,
     GpuProcess,
     GpuSnapshot,
@@ -83,6 +85,9 @@ def _probe(data: Any) -> ProbeSummary | None:
         tls_ms=_nonneg(phases.get("tls_ms")),
         ttfb_ms=_nonneg(phases.get("ttfb_ms")),
         untimed=_text(data.get("untimed"), 200),
+        input_tokens=count(data.get("input_tokens")),
+        reasoning_only=data.get("reasoning_only") is True,
+        note=_text(data.get("note"), 400),
     )
 
 
@@ -109,6 +114,7 @@ def backend(data: Any, agent: str | None, history: dict[str, tuple] | None = Non
     labels = data.get("labels") if isinstance(data.get("labels"), dict) else {}
     errors = data.get("recent_errors") if isinstance(data.get("recent_errors"), list) else []
     stale_after = _nonneg(data.get("stale_after_s"))
+    spent = data.get("spent") if isinstance(data.get("spent"), dict) else {}
     history = history or {}
     return BackendSnapshot(
         name=name,
@@ -149,6 +155,17 @@ def backend(data: Any, agent: str | None, history: dict[str, tuple] | None = Non
         # An agent that itself reads other agents passes on whose rows they are; else the agent's own name.
         agent=agent if agent is not None else _text(data.get("agent"), NAME_MAX),
         stale_since=_when(data.get("stale_since")),
+        probe_mode=_choice(data.get("probe_mode"), PROBE_MODES, "completion"),
+        probe_interval_s=_nonneg(data.get("probe_interval_s")),
+        probe_input_tokens_per_hour=_nonneg(data.get("probe_input_tokens_per_hour")) or 0.0,
+        probe_cost_per_hour=_nonneg(data.get("probe_cost_per_hour")),
+        counters=Counters(
+            probes=count(spent.get("probes")) or 0,
+            probes_skipped=count(spent.get("probes_skipped")) or 0,
+            probe_tokens=count(spent.get("output_tokens")) or 0,
+            probe_input_tokens=count(spent.get("input_tokens")) or 0,
+            probe_cost=_nonneg(spent.get("cost")) or 0.0,
+        ),
         ttft_history=history.get("ttft", ()),
         tps_history=history.get("tps", ()),
         latency_history=history.get("latency", ()),
