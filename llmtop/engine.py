@@ -155,17 +155,22 @@ class Engine:
         if rule is not None and tracker.metrics is not None:
             value = alert_values(tracker.metrics).get(rule.metric)
             if value is not None and value > rule.above:
+                self._refund(tracker, 0.0)  # a probe booked for now and not sent costs nothing
                 tracker.next_probe_at = self.clock() + self._jittered(tracker.plan.interval_s)
                 tracker.skipped(f"probe skipped: {rule.metric} {value:g} > {rule.above:g}")
                 return False
+        if tracker.charged:  # booked earlier for now: already paid for
+            return True
         pacers = [p for p in (self._fleet_pacer(), tracker.own_pacer()) if p is not None]
+        if not pacers:
+            return True
         now = self.clock()
-        if paced and not all(p.admits(now) for p in pacers):
-            return False
         out_tokens, in_tokens = tracker.probe_cost()
         tracker.charged = out_tokens + in_tokens
-        for p in pacers:
-            p.charge(tracker.charged, now)
+        go = max(p.book(tracker.charged, now) for p in pacers)
+        if paced and go > now:
+            tracker.next_probe_at = go  # the live loop wakes for it then (_next_round_at)
+            return False
         return True
 
     def _fleet_pacer(self) -> budget.Pacer | None:
@@ -220,7 +225,8 @@ class Engine:
             tracker.apply_probe(result)
             tracker.plan = self._plan(tracker)
             policy = tracker.policy
-            interval = min(policy.health_interval_s, tracker.plan.interval_s) if again else tracker.plan.interval_s
+            interval = tracker.plan.interval_s * (budget.ASK_EARLY if tracker.plan.why else 1.0)
+            interval = min(policy.health_interval_s, interval) if again else interval
             tracker.next_probe_at = self.clock() + self._jittered(interval)
             tracker.update()
 
@@ -247,8 +253,11 @@ class Engine:
 
         async def work(t: BackendTracker) -> None:
             await self._poll(t)
-            if probe and self._probe_wanted(t) and self._admit(t, paced):
-                await self._probe(t)
+            if probe and self._probe_wanted(t):
+                if self._admit(t, paced):
+                    await self._probe(t)
+            elif probe and t.charged:
+                self._refund(t, 0.0)  # booked, then the backend could not take it: the budget is given back
 
         await self._step(tracker, work)
 
@@ -286,7 +295,7 @@ class Engine:
             # cut the next wait short, not be lost until the interval after.
             tracker.wake.clear()
             await self._round(tracker)
-            await self._wait(tracker, max(0.0, self._next_round_at(tracker) - self.clock()))
+            await self._wait(tracker, max(0.0, tracker.next_round_at - self.clock()))
 
     async def _round(self, tracker: BackendTracker) -> None:
         """What the live loop does when a backend's time comes: a poll, and the probe if one is due."""
@@ -302,6 +311,7 @@ class Engine:
         if plan != tracker.plan:  # the fleet's plan moved (a backend came or went, a cost changed)
             tracker.plan = plan
             tracker.update()
+        tracker.next_round_at = self._next_round_at(tracker)
 
     def _next_round_at(self, tracker: BackendTracker) -> float:
         """The next poll; sooner when a probe falls due before it (a probe keeps its own interval,
@@ -319,9 +329,17 @@ class Engine:
         for a driver that steps a fake clock (tests, benchmarks) instead of waiting. Returns how
         many backends had a round."""
         now = self.clock()
-        due = [t for t in self.trackers.values() if now >= self._next_round_at(t)]
+        due = [t for t in self.trackers.values() if now >= t.next_round_at or t.wake.is_set() or self._trial_due(t, now)]
+        for t in due:
+            t.wake.clear()
         await asyncio.gather(*(self._round(t) for t in due))
         return len(due)
+
+    @staticmethod
+    def _trial_due(tracker: BackendTracker, now: float) -> bool:
+        """An open breaker's cooldown has passed (time alone moves it): its trial is due now."""
+        retry_at = tracker.breaker.retry_at()
+        return retry_at is not None and now >= retry_at
 
     def _probe_due(self, tracker: BackendTracker) -> bool:
         if tracker.policy.probe != "completion":

@@ -75,7 +75,8 @@ class BackendTracker:
         self.trouble_at: float | None = None  # wall time a poll or probe last failed
         self.retry_after_until: float | None = None  # monotonic
         self.next_probe_at: float = 0.0  # monotonic; 0 = as soon as allowed
-        self.next_poll_at: float = 0.0  # monotonic: when the live loop's next round is due
+        self.next_poll_at: float = 0.0  # monotonic: when the live loop's next poll is due
+        self.next_round_at: float = 0.0  # monotonic: its next round, a poll or a probe that falls due first
         self.charged = 0.0  # tokens the budgets were charged for the probe in flight
         self.forced = False  # the operator asked for a probe now: no budget holds it back
         self.plan = Plan(self.policy.probe_interval_s)  # the probe interval a budget leaves (engine._plan)
