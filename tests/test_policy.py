@@ -245,7 +245,7 @@ async def test_a_saturated_backend_is_not_probed_and_that_is_not_a_failure(state
             sb.waiting = 3  # the queue drains: the next due probe goes
             await run_for(engine, clock, 40, 1.0)
             b = engine.snapshot().backends[0]
-    assert sb.requests["/v1/chat/completions"] == 1 and b.probe.error is None and b.probe_note is None
+    assert sb.requests["/v1/chat/completions"] >= 1 and b.probe.error is None and b.probe_note is None
 
 
 async def test_a_skip_rule_on_an_engine_series_names_that_series(state):
