@@ -467,3 +467,24 @@ async def test_an_operators_probe_is_never_held_back_by_the_budget_but_is_counte
             assert sb.requests["/v1/chat/completions"] == 2
             b = engine.snapshot().backends[0]
     assert b.counters.probes == 2 and dataclasses.asdict(b.counters)["probe_input_tokens"] == 2 * PROMPT_TOKENS
+
+
+async def test_the_table_says_why_a_policy_left_no_figure_and_marks_reasoning(state):
+    from llmtop.tui.format import ttft_cell
+
+    off, health, busy = SimBackend("off"), SimBackend("health"), SimBackend("busy", waiting=50)
+    think = SimBackend("think", reasoning="all", output_tokens=1)
+    hidden = SimBackend("hidden", provider="openai", models=["o4"], reasoning="hidden")
+    fleet = [off, health, busy, think, hidden]
+    policies = {
+        "off": PolicyKeys(probe="off"),
+        "health": PolicyKeys(probe="health"),
+        "busy": PolicyKeys(skip_probe_when=SkipRule("requests_waiting", 20)),
+    }
+    async with Simulator(fleet) as sim:
+        async with Engine(config_for(sim, fleet, policies), state) as engine:
+            await engine.run_round()
+            snap = engine.snapshot()
+    cells = {b.name: ttft_cell(b, 5000, snap.at).text for b in snap.backends}
+    assert cells["off"] == "off" and cells["health"] == "health only" and cells["busy"] == "skipped"
+    assert cells["think"].endswith("ʳ") and cells["hidden"] == "thinking"
