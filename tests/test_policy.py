@@ -488,3 +488,14 @@ async def test_the_table_says_why_a_policy_left_no_figure_and_marks_reasoning(st
     cells = {b.name: ttft_cell(b, 5000, snap.at).text for b in snap.backends}
     assert cells["off"] == "off" and cells["health"] == "health only" and cells["busy"] == "skipped"
     assert cells["think"].endswith("ʳ") and cells["hidden"] == "thinking"
+
+
+async def test_check_passes_a_fleet_whose_unwatched_backend_is_off_by_choice(state):
+    from llmtop.check import exit_code
+
+    up, quiet = SimBackend("up"), SimBackend("quiet")
+    async with Simulator([up, quiet]) as sim:
+        async with Engine(config_for(sim, [up, quiet], {"quiet": PolicyKeys(probe="off")}), state) as engine:
+            await engine.run_round()
+            snap = engine.snapshot()
+    assert [b.status for b in snap.backends] == ["healthy", "unknown"] and exit_code(snap) == 0
