@@ -150,7 +150,8 @@ class Engine:
     def _admit(self, tracker: BackendTracker, paced: bool) -> bool:
         """Whether a wanted probe goes now. Not while skip_probe_when says the backend is
         saturated (the probe is skipped: counted and said, never a failure); and, when `paced`,
-        not before the budgets have accrued its tokens (it waits for a later poll)."""
+        not before the budgets have accrued its tokens (it is booked the time they will have, and
+        the live loop wakes for it then). A probe that goes unpaced is booked all the same."""
         rule = tracker.policy.skip_probe_when
         if rule is not None and tracker.metrics is not None:
             value = alert_values(tracker.metrics).get(rule.metric)
