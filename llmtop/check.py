@@ -136,7 +136,7 @@ def _result(proc, receive) -> FleetSnapshot:
 def exit_code(snapshot: FleetSnapshot) -> int:
     """0 when every active backend is healthy, else 1. A fleet with no active backend at all
     (every one drained or disabled) is 1: nothing is serving, whatever the reason."""
-    active = [b for b in snapshot.backends if b.admin == "active"]
+    active = [b for b in snapshot.backends if b.admin == "active" and b.probe_mode != "off"]  # off: not watched, by choice
     return 0 if active and all(b.status == "healthy" and b.stale_since is None for b in active) else 1
 
 

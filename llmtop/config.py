@@ -69,7 +69,13 @@ LIMITS: dict[str, tuple[float | None, float | None]] = {
     "min_requests": (1, 100_000),
     "cooldown_s": (0.1, DAY_S),
     "max_cooldown_s": (0.1, 7 * DAY_S),
+    "health_status": (100, 599),
+    "probe_tokens_per_hour": (1, 1e12),
+    "tokens_per_hour": (1, 1e12),
+    "price_per_1k_output_tokens": (0.0, 1e6),
+    "price_per_1k_input_tokens": (0.0, 1e6),
 }
+PROBE_MODES = ("completion", "health", "off")
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,70 @@ class AlertRule:
 
 
 @dataclass(frozen=True)
+class EnvValue:
+    """A header value read from the environment when a request is built: a secret, never shown."""
+
+    env: str
+
+
+@dataclass(frozen=True)
+class SkipRule:
+    """Skip a due completion probe while this metric is above `above` (the backend is saturated)."""
+
+    metric: str
+    above: float
+
+
+@dataclass(frozen=True)
+class PolicyKeys:
+    """The probe-policy keys as one table set them ([settings] or a [[backend]]); None: not set there."""
+
+    probe: str | None = None  # completion | health | off
+    probe_interval_s: float | None = None
+    probe_max_tokens: int | None = None
+    health_interval_s: float | None = None
+    timeout_s: float | None = None
+    headers: tuple[tuple[str, str | EnvValue], ...] | None = None
+    health_path: str | None = None
+    health_status: int | None = None
+    probe_prompt: str | None = None
+    probe_messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
+    skip_probe_when: SkipRule | None = None
+    probe_tokens_per_hour: float | None = None
+    price_per_1k_output_tokens: float | None = None
+    price_per_1k_input_tokens: float | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What llmtop does to one backend, resolved: the backend's key, else [settings]', else the default."""
+
+    probe: str = "completion"
+    probe_interval_s: float = 60.0
+    probe_max_tokens: int = 8
+    health_interval_s: float = 5.0
+    timeout_s: float = 10.0
+    headers: tuple[tuple[str, str | EnvValue], ...] = ()
+    health_path: str | None = None  # None: the adapter's own health check
+    health_status: int = 200
+    probe_prompt: str | None = None  # None: the built-in prompt (providers/base.PROBE_PROMPT)
+    probe_messages: tuple[tuple[str, str], ...] | None = None
+    skip_probe_when: SkipRule | None = None
+    probe_tokens_per_hour: float | None = None
+    price_per_1k_output_tokens: float | None = None
+    price_per_1k_input_tokens: float | None = None
+
+    @property
+    def priced(self) -> bool:
+        return self.price_per_1k_output_tokens is not None or self.price_per_1k_input_tokens is not None
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    tokens_per_hour: float | None = None  # the fleet's probe tokens (input + output) per hour; None: no cap
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     name: str
     provider: str
@@ -121,6 +191,7 @@ class BackendConfig:
     alerts: tuple[AlertRule, ...] = ()
     probe_unloaded: bool = False  # Ollama: probe a model even when it is not loaded (loading it)
     labels: tuple[tuple[str, str], ...] = ()  # extra exporter labels, e.g. team and region
+    policy: PolicyKeys = PolicyKeys()  # this backend's own probe-policy keys (Config.policy resolves them)
 
 
 @dataclass(frozen=True)
@@ -140,9 +211,31 @@ class Config:
     path: Path | None = None
     serve: ServeSettings = field(default_factory=ServeSettings)
     remotes: tuple[RemoteConfig, ...] = ()
+    defaults: PolicyKeys = PolicyKeys()  # the policy keys [settings] set for every backend
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
 
     def backend(self, name: str) -> BackendConfig | None:
         return next((b for b in self.backends if b.name == name), None)
+
+    def policy(self, backend: BackendConfig) -> Policy:
+        """The backend's own key, else the one in [settings], else the built-in default."""
+        s = self.settings
+        values: dict[str, Any] = {
+            "probe_interval_s": s.probe_interval_s,
+            "probe_max_tokens": s.probe_max_tokens,
+            "health_interval_s": s.health_interval_s,
+            "timeout_s": s.timeout_s,
+        }
+        for f in fields(PolicyKeys):
+            own, default = getattr(backend.policy, f.name), getattr(self.defaults, f.name)
+            value = own if own is not None else default
+            if f.name == "headers" and own is not None and default is not None:
+                merged = dict(default)
+                merged.update(own)  # a backend's header replaces [settings]' of the same name
+                value = tuple(merged.items())
+            if value is not None:
+                values[f.name] = value
+        return Policy(**values)
 
 
 _BACKEND_KEYS = {
@@ -157,10 +250,34 @@ _BACKEND_KEYS = {
     "probe_unloaded": bool,
     "labels": dict,
 }
+# Keys that [settings] and each [[backend]] may both set (a backend's wins).
+_POLICY_KEYS = {
+    "probe": str,
+    "probe_interval_s": float,
+    "probe_max_tokens": int,
+    "health_interval_s": float,
+    "timeout_s": float,
+    "headers": dict,
+    "health_path": str,
+    "health_status": int,
+    "probe_prompt": str,
+    "probe_messages": list,
+    "skip_probe_when": dict,
+    "probe_tokens_per_hour": float,
+    "price_per_1k_output_tokens": float,
+    "price_per_1k_input_tokens": float,
+}
+_SETTINGS_ONLY_POLICY = tuple(k for k in _POLICY_KEYS if k not in ("probe_interval_s", "probe_max_tokens", "health_interval_s", "timeout_s"))
+# Headers llmtop or HTTP itself sets: a config header must not replace one.
+_RESERVED_HEADERS = frozenset(("host", "content-length", "transfer-encoding", "connection", "content-type", "accept-encoding"))
+# A literal value under one of these names is a credential: it belongs in an env var.
+_SECRET_HEADER_WORDS = ("authorization", "key", "token", "secret", "password", "cookie", "auth")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+PROBE_ROLES = ("system", "user", "assistant")
 NAME_MAX = 64  # backend names fit a table column and a log line
 MODEL_MAX = 256  # longer than any model id a server uses
 _ALERT_KEYS = {"metric": str, "above": (int, float), "below": (int, float)}
-_TOP_KEYS = ("settings", "breaker", "backend", "serve", "remote")
+_TOP_KEYS = ("settings", "breaker", "backend", "serve", "budget", "remote")
 _SERVE_KEYS = {"listen": str, "agent_listen": str, "ready_when": list, "admin_token_env": str, "log_format": str}
 READY_STATUSES = ("healthy", "degraded")  # what ready_when may name: the rest never take traffic
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -318,7 +435,7 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
     label = raw.get("name") if isinstance(raw.get("name"), str) else None
     if label and is_clean_name(label) and len(label) <= NAME_MAX:
         where = f"backend '{label}'"
-    chk.unknown_keys(raw, list(_BACKEND_KEYS), where)
+    chk.unknown_keys(raw, [*_BACKEND_KEYS, *_POLICY_KEYS], where)
     for key in ("name", "provider", "url"):
         if key not in raw:
             raise chk.fail(where, f"missing required key '{key}'")
@@ -378,7 +495,131 @@ def _backend(chk: _Checker, raw: Any, index: int) -> BackendConfig:
         alerts=tuple(alerts),
         probe_unloaded=raw.get("probe_unloaded", False),
         labels=_labels(chk, raw.get("labels", {}), f"{where}.labels"),
+        policy=_policy(chk, raw, where),
     )
+
+
+def _number(chk: _Checker, value: Any, expected: Any, where: str, key: str) -> Any:
+    """A policy number: the type the key wants, finite, and inside LIMITS (or above 0)."""
+    chk.typed(value, expected, where)
+    if not math.isfinite(value):
+        raise chk.fail(where, f"must be a finite number, got {value}")
+    low, high = LIMITS.get(key, (None, None))
+    if low is None and value <= 0:
+        raise chk.fail(where, f"must be greater than 0, got {value}")
+    if low is not None and value < low:
+        raise chk.fail(where, f"must be at least {low:g}, got {value}; write it like {key} = {low:g}")
+    if high is not None and value > high:
+        raise chk.fail(where, f"must be at most {high:g}, got {value}; write it like {key} = {high:g}")
+    return expected(value) if expected in (int, float) else value
+
+
+def _policy(chk: _Checker, table: dict, where: str) -> PolicyKeys:
+    """The probe-policy keys of one table ([settings] or a [[backend]]), each checked."""
+    values: dict[str, Any] = {}
+    for key, expected in _POLICY_KEYS.items():
+        if key not in table:
+            continue
+        value, at = table[key], f"{where}.{key}"
+        if expected in (int, float):
+            values[key] = _number(chk, value, expected, at, key)
+            continue
+        chk.typed(value, expected, at)
+        if key == "probe":
+            if value not in PROBE_MODES:
+                guess = difflib.get_close_matches(value, PROBE_MODES, n=1)
+                hint = f"did you mean '{guess[0]}'? " if guess else ""
+                raise chk.fail(at, f"{for_terminal(repr(value), 40)} is not a probe mode; {hint}choose one of {', '.join(PROBE_MODES)}")
+        elif key == "headers":
+            value = _headers(chk, value, at)
+        elif key == "health_path":
+            if not value.startswith("/") or not is_clean_name(value) or any(c.isspace() for c in value) or len(value) > 512:
+                raise chk.fail(at, 'must be a path on the backend\'s URL, starting with /, like health_path = "/healthz"')
+        elif key == "probe_prompt":
+            value = _check_name(chk, value, at, 4000) if value.strip() else None
+            if value is None:
+                raise chk.fail(at, "must not be empty; remove it to use llmtop's own prompt")
+        elif key == "probe_messages":
+            value = _messages(chk, value, at)
+        elif key == "skip_probe_when":
+            value = _skip_rule(chk, value, at)
+        values[key] = value
+    if "probe_prompt" in values and "probe_messages" in values:
+        raise chk.fail(f"{where}.probe_prompt", "set either probe_prompt or probe_messages, not both")
+    return PolicyKeys(**values)
+
+
+def _headers(chk: _Checker, table: dict, where: str) -> tuple[tuple[str, str | EnvValue], ...]:
+    out: dict[str, str | EnvValue] = {}
+    for name, value in table.items():
+        shown = for_terminal(name, 60)
+        if not _HEADER_NAME.fullmatch(name):
+            raise chk.fail(f"{where}.{shown}", "is not an HTTP header name; use letters, digits and -, like \"X-Org\"")
+        if name.lower() in _RESERVED_HEADERS:
+            raise chk.fail(f"{where}.{name}", "is a header HTTP or llmtop sets itself; remove it")
+        if name.lower() in {n.lower() for n in out}:
+            raise chk.fail(f"{where}.{name}", "is set twice (header names ignore case); keep one")
+        if isinstance(value, dict):
+            if set(value) != {"env"} or not isinstance(value["env"], str):
+                raise chk.fail(f"{where}.{name}", 'write a value from the environment as { env = "NAME" }')
+            if not _looks_like_env_name(value["env"]):
+                raise chk.fail(f"{where}.{name}.env", 'must be the NAME of an environment variable (like "ORG_ID"), never the value itself')
+            out[name] = EnvValue(value["env"])
+            continue
+        if not isinstance(value, str):
+            raise chk.fail(f"{where}.{name}", f'expected a string or {{ env = "NAME" }}, got {type(value).__name__}')
+        if any(word in name.lower() for word in _SECRET_HEADER_WORDS):
+            # The value is not echoed: it is most likely a credential, and the config holds none.
+            raise chk.fail(f"{where}.{name}", 'looks like a credential; put it in an environment variable and write { env = "NAME" }')
+        if not is_clean_name(value) or "\r" in value or "\n" in value or len(value) > 1024:
+            raise chk.fail(f"{where}.{name}", "must be one line of printable text, at most 1024 characters")
+        out[name] = value
+    return tuple(out.items())
+
+
+def _messages(chk: _Checker, raw: list, where: str) -> tuple[tuple[str, str], ...]:
+    if not raw:
+        raise chk.fail(where, 'must hold at least one message, like [{ role = "user", content = "Say hi" }]')
+    out = []
+    for i, message in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(message, dict):
+            raise chk.fail(at, 'each message is a table, like { role = "user", content = "Say hi" }')
+        chk.unknown_keys(message, ["role", "content"], at)
+        for key in ("role", "content"):
+            if key not in message:
+                raise chk.fail(at, f"missing required key '{key}'")
+            chk.typed(message[key], str, f"{at}.{key}")
+        if message["role"] not in PROBE_ROLES:
+            raise chk.fail(f"{at}.role", f"{for_terminal(repr(message['role']), 40)} is not one of {', '.join(PROBE_ROLES)}")
+        if len(message["content"]) > 8000:
+            raise chk.fail(f"{at}.content", f"is {len(message['content'])} characters long; a probe prompt keeps to 8000")
+        out.append((message["role"], message["content"]))
+    if out[-1][0] != "user":
+        raise chk.fail(f"{where}[{len(out) - 1}].role", 'the last message must be the user\'s (role = "user")')
+    return tuple(out)
+
+
+def _skip_rule(chk: _Checker, raw: dict, where: str) -> SkipRule:
+    chk.unknown_keys(raw, ["metric", "above"], where)
+    for key in ("metric", "above"):
+        if key not in raw:
+            raise chk.fail(where, f'missing required key \'{key}\'; write it like {{ metric = "requests_waiting", above = 20 }}')
+    chk.typed(raw["metric"], str, f"{where}.metric")
+    _check_name(chk, raw["metric"], f"{where}.metric", MODEL_MAX)
+    chk.typed(raw["above"], (int, float), f"{where}.above")
+    if not math.isfinite(raw["above"]):
+        raise chk.fail(f"{where}.above", f"must be a finite number, got {raw['above']}")
+    return SkipRule(raw["metric"], float(raw["above"]))
+
+
+def _budget(chk: _Checker, table: Any) -> BudgetSettings:
+    if not isinstance(table, dict):
+        raise chk.fail("budget", f"expected a table [budget], got {type(table).__name__}")
+    chk.unknown_keys(table, ["tokens_per_hour"], "budget")
+    if "tokens_per_hour" not in table:
+        return BudgetSettings()
+    return BudgetSettings(_number(chk, table["tokens_per_hour"], float, "budget.tokens_per_hour", "tokens_per_hour"))
 
 
 def _labels(chk: _Checker, table: dict, where: str) -> tuple[tuple[str, str], ...]:
@@ -444,7 +685,14 @@ def parse_config(data: dict, source: str = "<config>", path: Path | None = None)
     """Validate an already-parsed TOML document."""
     chk = _Checker(source)
     chk.unknown_keys(data, list(_TOP_KEYS), "")
-    settings = chk.dataclass_table(Settings, data.get("settings", {}), "settings")
+    raw_settings = data.get("settings", {})
+    defaults = PolicyKeys()
+    if isinstance(raw_settings, dict):
+        own = {k: raw_settings[k] for k in _SETTINGS_ONLY_POLICY if k in raw_settings}
+        raw_settings = {k: v for k, v in raw_settings.items() if k not in own}
+        defaults = _policy(chk, own, "settings")
+        chk.unknown_keys(raw_settings, [f.name for f in fields(Settings)] + list(_SETTINGS_ONLY_POLICY), "settings")
+    settings = chk.dataclass_table(Settings, raw_settings, "settings")
     breaker = chk.dataclass_table(BreakerSettings, data.get("breaker", {}), "breaker")
     if breaker.error_rate > 1:
         raise chk.fail("breaker.error_rate", f"is a fraction between 0 and 1, got {breaker.error_rate}")
@@ -466,7 +714,16 @@ def parse_config(data: dict, source: str = "<config>", path: Path | None = None)
     if not isinstance(raw_remotes, list):
         raise chk.fail("remote", 'write agents as [[remote]] tables with url = "http://host:9850"')
     remotes = tuple(_remote(chk, raw, i) for i, raw in enumerate(raw_remotes))
-    return Config(settings=settings, breaker=breaker, backends=tuple(backends), path=path, serve=serve, remotes=remotes)
+    config = Config(
+        settings=settings, breaker=breaker, backends=tuple(backends), path=path, serve=serve,
+        defaults=defaults, budget=_budget(chk, data.get("budget", {})), remotes=remotes,
+    )
+    for i, backend in enumerate(config.backends):
+        policy = config.policy(backend)
+        if policy.health_status != 200 and policy.health_path is None:
+            where = "settings" if backend.policy.health_status is None else f"backend '{backend.name}'"
+            raise chk.fail(f"{where}.health_status", "applies to a health_path of your own; set health_path too")
+    return config
 
 
 def _remote(chk: _Checker, raw: Any, index: int) -> RemoteConfig:

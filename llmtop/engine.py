@@ -10,8 +10,10 @@ from typing import Callable, Iterable
 
 import httpx
 
+from llmtop import budget
 from llmtop.config import Config
 from llmtop.governor import Governor, Pacer
+from llmtop.metrics import alert_values
 from llmtop.snapshot import BackendSnapshot, Event, FleetSnapshot, GpuStatus
 from llmtop.state import StateStore
 from llmtop.tracker import BackendTracker, uses_tls
@@ -63,6 +65,9 @@ class Engine:
         self._closing: set[asyncio.Future] = set()
         self._running = False
         self._rng = random.Random()
+        self.budget: budget.Pacer | None = None  # [budget] tokens_per_hour's hard pace
+        self._budget_for: float | None = None
+        self._stretch: tuple[float, float] | None = None  # (clock, factor) of the last fleet plan
         for backend in config.backends:
             self.trackers[backend.name] = BackendTracker(self, backend)
 
@@ -81,7 +86,7 @@ class Engine:
         if any(uses_tls(b.url) for b in self.config.backends):
             self._ssl = httpx.create_ssl_context()
 
-    def new_client(self, tls: bool = True) -> httpx.AsyncClient:
+    def new_client(self, tls: bool = True, timeout_s: float | None = None) -> httpx.AsyncClient:
         """A small connection pool for one backend (transport.py).
 
         One pool per backend rather than one for the fleet: the fleet-wide bounds are the
@@ -91,7 +96,7 @@ class Engine:
         """
         if tls and self._ssl is None:  # the first https backend, added by a reload
             self._ssl = httpx.create_ssl_context()
-        return backend_client(self.config.settings.timeout_s, self._ssl if tls else None)
+        return backend_client(timeout_s or self.config.settings.timeout_s, self._ssl if tls else None)
 
     async def close(self) -> None:
         await self.stop()
@@ -125,8 +130,8 @@ class Engine:
     # -- one backend ------------------------------------------------------------------------
 
     async def _poll(self, tracker: BackendTracker) -> None:
-        """Health, models and metrics (skipped while disabled or inside a Retry-After)."""
-        if tracker.admin == "disabled" or tracker.rate_limited():
+        """Health, models and metrics (skipped while disabled, inside a Retry-After, or probe = "off")."""
+        if tracker.admin == "disabled" or tracker.rate_limited() or tracker.policy.probe == "off":
             return
         async with self._poll_gate:
             await self._pacer.wait()
@@ -142,25 +147,96 @@ class Engine:
             return False
         return tracker.may_probe()
 
+    def _admit(self, tracker: BackendTracker, paced: bool) -> bool:
+        """Whether a wanted probe goes now. Not while skip_probe_when says the backend is
+        saturated (the probe is skipped: counted and said, never a failure); and, when `paced`,
+        not before the budgets have accrued its tokens (it is booked the time they will have, and
+        the live loop wakes for it then). A probe that goes unpaced is booked all the same."""
+        rule = tracker.policy.skip_probe_when
+        if rule is not None and tracker.metrics is not None:
+            value = alert_values(tracker.metrics).get(rule.metric)
+            if value is not None and value > rule.above:
+                self._refund(tracker, 0.0)  # a probe booked for now and not sent costs nothing
+                tracker.next_probe_at = self.clock() + self._jittered(tracker.plan.interval_s)
+                tracker.skipped(f"probe skipped: {rule.metric} {value:g} > {rule.above:g}")
+                return False
+        if tracker.charged:  # booked earlier for now: already paid for
+            return True
+        pacers = [p for p in (self._fleet_pacer(), tracker.own_pacer()) if p is not None]
+        if not pacers:
+            return True
+        now = self.clock()
+        out_tokens, in_tokens = tracker.probe_cost()
+        tracker.charged = out_tokens + in_tokens
+        go = max(p.book(tracker.charged, now) for p in pacers)
+        if paced and go > now:
+            tracker.next_probe_at = go  # the live loop wakes for it then (_next_round_at)
+            return False
+        return True
+
+    def _fleet_pacer(self) -> budget.Pacer | None:
+        cap = self.config.budget.tokens_per_hour
+        if cap != self._budget_for:
+            self.budget, self._budget_for, self._stretch = (budget.Pacer(cap) if cap else None), cap, None
+        return self.budget
+
+    def _plan(self, tracker: BackendTracker) -> budget.Plan:
+        """The backend's probe interval: its own, stretched by its probe_tokens_per_hour, then by
+        the fleet's tokens_per_hour, which stretches every probing backend's alike."""
+        policy = tracker.policy
+        out_tokens, in_tokens = tracker.probe_cost()
+        plan = budget.own_interval(policy.probe_interval_s, out_tokens + in_tokens, policy.probe_tokens_per_hour)
+        cap = self.config.budget.tokens_per_hour
+        if cap is None:
+            return plan
+        return budget.stretched(plan, self._fleet_factor(), cap)
+
+    def _fleet_factor(self) -> float:
+        """How much the fleet's budget stretches every interval; planned again at most once a second."""
+        now = self.clock()
+        if self._stretch is not None and now - self._stretch[0] < 1.0:
+            return self._stretch[1]
+        demands = []
+        for t in self.trackers.values():
+            if t.can_complete():
+                out_tokens, in_tokens = t.probe_cost()
+                own = budget.own_interval(t.policy.probe_interval_s, out_tokens + in_tokens, t.policy.probe_tokens_per_hour)
+                demands.append((own.interval_s, out_tokens + in_tokens))
+        factor = budget.fleet_stretch(demands, self.config.budget.tokens_per_hour)
+        self._stretch = (now, factor)
+        return factor
+
     async def _probe(self, tracker: BackendTracker) -> None:
         # Probes pass a gate of their own: their figures are only true while this process reads
         # each chunk as it arrives (see governor.py).
         async with self._probe_gate:
             if not self._probe_wanted(tracker):  # the breaker or admin state may have moved while queued
+                self._refund(tracker, 0.0)
                 return
             await self._pacer.wait()
             result = await tracker.get_adapter().probe(tracker.probe_target().model)
         if result.untimed:
             self._probe_gate.note_untimed()
+        self._refund(tracker, float((result.output_tokens or 0) + (result.input_tokens or 0)))
         if self.trackers.get(tracker.name) is tracker:
-            s = self.config.settings
             # A probe this process read too late to time (probe.StreamMeter) is tried once more
             # soon, not a whole probe interval later; a second one in a row waits its interval
             # (probes cost tokens, and a loaded host would only be loaded again).
             again = result.untimed and not (tracker.probe is not None and tracker.probe.untimed)
-            interval = min(s.health_interval_s, s.probe_interval_s) if again else s.probe_interval_s
-            tracker.next_probe_at = self.clock() + self._jittered(interval)
             tracker.apply_probe(result)
+            tracker.plan = self._plan(tracker)
+            policy = tracker.policy
+            interval = tracker.plan.interval_s * (budget.ASK_EARLY if tracker.plan.why else 1.0)
+            interval = min(policy.health_interval_s, interval) if again else interval
+            tracker.next_probe_at = self.clock() + self._jittered(interval)
+            tracker.update()
+
+    def _refund(self, tracker: BackendTracker, spent: float) -> None:
+        """Correct the budgets by what the probe cost against what was charged when it was admitted."""
+        charged, tracker.charged = tracker.charged, 0.0
+        for p in (self.budget, tracker.pacer):
+            if p is not None:
+                p.correct(spent - charged)
 
     async def _step(self, tracker: BackendTracker, work) -> None:
         tracker.busy = True
@@ -171,14 +247,18 @@ class Engine:
             tracker.busy = False
             tracker.update()
 
-    async def refresh_backend(self, name: str, probe: bool = True) -> None:
-        """One backend: a poll, then a completion probe when one is wanted."""
+    async def refresh_backend(self, name: str, probe: bool = True, paced: bool = False) -> None:
+        """One backend: a poll, then a completion probe when one is wanted (`paced`: and the
+        budgets allow it now; an operator's or a check's probe is counted, never held back)."""
         tracker = self.trackers[name]
 
         async def work(t: BackendTracker) -> None:
             await self._poll(t)
             if probe and self._probe_wanted(t):
-                await self._probe(t)
+                if self._admit(t, paced):
+                    await self._probe(t)
+            elif probe and t.charged:
+                self._refund(t, 0.0)  # booked, then the backend could not take it: the budget is given back
 
         await self._step(tracker, work)
 
@@ -194,10 +274,10 @@ class Engine:
         await self.read_gpu()  # first: its thread start and NVML calls must not land inside a timing
         await asyncio.gather(*(self._step(t, self._poll) for t in trackers))
         if probe:
-            await asyncio.gather(*(self._step(t, self._probe) for t in trackers if self._probe_wanted(t)))
+            await asyncio.gather(*(self._step(t, self._probe) for t in trackers if self._probe_wanted(t) and self._admit(t, False)))
             # Probes this process read too late to time truly are sent again once the rest are
             # done and the loop is quiet: a figure is true or it is not shown (probe.StreamMeter).
-            late = [t for t in trackers if t.probe is not None and t.probe.untimed and self._probe_wanted(t)]
+            late = [t for t in trackers if t.probe is not None and t.probe.untimed and self._probe_wanted(t) and self._admit(t, False)]
             if late:
                 await asyncio.gather(*(self._step(t, self._probe) for t in late))
 
@@ -210,22 +290,61 @@ class Engine:
 
     async def _backend_loop(self, tracker: BackendTracker) -> None:
         # Spread the first polls over one interval so 300 backends are not hit at the same instant.
-        await self._wait(tracker, self._rng.uniform(0, min(1.0, self.config.settings.health_interval_s)))
+        await self._wait(tracker, self._rng.uniform(0, min(1.0, tracker.policy.health_interval_s)))
         while self._running and self.trackers.get(tracker.name) is tracker:
             # Cleared before the round, not after: a `p` pressed while this backend is busy must
             # cut the next wait short, not be lost until the interval after.
             tracker.wake.clear()
-            try:
-                await self.refresh_backend(tracker.name, probe=self._probe_due(tracker))
-            except Exception as exc:  # noqa: BLE001 - a bug in one backend's handling must not stop its loop
-                tracker._error(f"internal error: {type(exc).__name__}: {exc}")
-                tracker.update()
-            delay = self._jittered(self.config.settings.health_interval_s)
-            if tracker.breaker.state == "half_open" and tracker.admin == "active":
-                delay = min(delay, 1.0)  # a trial is due now, do not wait a whole interval
-            await self._wait(tracker, delay)
+            await self._round(tracker)
+            await self._wait(tracker, max(0.0, tracker.next_round_at - self.clock()))
+
+    async def _round(self, tracker: BackendTracker) -> None:
+        """What the live loop does when a backend's time comes: a poll, and the probe if one is due."""
+        forced = tracker.forced or tracker.breaker.state == "half_open"
+        tracker.forced = False
+        try:
+            await self.refresh_backend(tracker.name, probe=self._probe_due(tracker), paced=not forced)
+        except Exception as exc:  # noqa: BLE001 - a bug in one backend's handling must not stop its loop
+            tracker._error(f"internal error: {type(exc).__name__}: {exc}")
+            tracker.update()
+        tracker.next_poll_at = self.clock() + self._jittered(tracker.policy.health_interval_s)
+        plan = self._plan(tracker) if tracker.can_complete() else budget.Plan(tracker.policy.probe_interval_s)
+        if plan != tracker.plan:  # the fleet's plan moved (a backend came or went, a cost changed)
+            tracker.plan = plan
+            tracker.update()
+        tracker.next_round_at = self._next_round_at(tracker)
+
+    def _next_round_at(self, tracker: BackendTracker) -> float:
+        """The next poll; sooner when a probe falls due before it (a probe keeps its own interval,
+        not the next poll's), or a half-open trial is due."""
+        now = self.clock()
+        at = tracker.next_poll_at
+        if tracker.breaker.state == "half_open" and tracker.admin == "active":
+            at = min(at, now + 1.0)  # a trial is due now, do not wait a whole interval
+        if tracker.can_complete() and now < tracker.next_probe_at < at:
+            at = tracker.next_probe_at
+        return at
+
+    async def run_due(self) -> int:
+        """Every backend whose round is due at clock() now, once, as the live loop would run it:
+        for a driver that steps a fake clock (tests, benchmarks) instead of waiting. Returns how
+        many backends had a round."""
+        now = self.clock()
+        due = [t for t in self.trackers.values() if now >= t.next_round_at or t.wake.is_set() or self._trial_due(t, now)]
+        for t in due:
+            t.wake.clear()
+        await asyncio.gather(*(self._round(t) for t in due))
+        return len(due)
+
+    @staticmethod
+    def _trial_due(tracker: BackendTracker, now: float) -> bool:
+        """An open breaker's cooldown has passed (time alone moves it): its trial is due now."""
+        retry_at = tracker.breaker.retry_at()
+        return retry_at is not None and now >= retry_at
 
     def _probe_due(self, tracker: BackendTracker) -> bool:
+        if tracker.policy.probe != "completion":
+            return False
         if tracker.breaker.state == "half_open":
             return True
         return self.clock() >= tracker.next_probe_at
@@ -285,6 +404,7 @@ class Engine:
             tracker = self.trackers.get(name)
             if tracker is not None:
                 tracker.next_probe_at = 0.0
+                tracker.forced = True
                 tracker.wake.set()
 
     # -- operator actions -------------------------------------------------------------------
@@ -324,6 +444,10 @@ class Engine:
     def reload(self, config: Config) -> None:
         """Swap in a new config. Backends whose name, provider and URL are unchanged keep their history."""
         old = self.trackers
+        timeouts = {name: t.policy.timeout_s for name, t in old.items()}
+        before = self.config.settings
+        self.config = config  # first: the trackers resolve their policy from it
+        self.config_error = None
         self.trackers = {}
         for backend in config.backends:
             prev = old.get(backend.name)
@@ -332,12 +456,10 @@ class Engine:
                 self.trackers[backend.name] = prev
             else:
                 self.trackers[backend.name] = BackendTracker(self, backend)
-        before = self.config.settings
-        self.config = config
-        self.config_error = None
         s = config.settings
         self._poll_gate.set_cap(s.max_concurrency)
         self._probe_gate.set_cap(s.probe_concurrency)
+        self._stretch = None
         for name, tracker in old.items():
             if self.trackers.get(name) is not tracker:
                 task = self._tasks.pop(name, None)
@@ -345,7 +467,7 @@ class Engine:
                     task.cancel()
                 self._close_client(tracker)
         for tracker in self.trackers.values():
-            if s.timeout_s != before.timeout_s:
+            if tracker.policy.timeout_s != timeouts.get(tracker.name, tracker.policy.timeout_s):
                 self._close_client(tracker)  # the connect timeout lives in the client
             if s.history != before.history:
                 for name in ("ttft_history", "tps_history", "latency_history", "queue_history"):
@@ -398,4 +520,5 @@ class Engine:
             events=tuple(self.events),
             config_path=str(self.config.path) if self.config.path else None,
             config_error=self.config_error,
+            budget_tokens_per_hour=self.config.budget.tokens_per_hour,
         )

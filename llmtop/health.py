@@ -203,6 +203,7 @@ class StatusInputs:
     models_unknown: str | None = None  # why the model list could not be read
     alerts_unknown: str | None = None  # why some alert rules could not be judged
     not_probed: str | None = None  # why no completion probe can be sent
+    not_monitored: str | None = None  # the config says not to poll or probe it (probe = "off"), and so
 
 
 def derive_status(i: StatusInputs) -> tuple[str, str | None]:
@@ -211,6 +212,8 @@ def derive_status(i: StatusInputs) -> tuple[str, str | None]:
     The one place that decides: an input that could not be read (a model list, a metric an alert
     rule needs, a probe that cannot be sent) is never read as good; it makes the backend degraded,
     with the reason in words."""
+    if i.not_monitored:
+        return "unknown", i.not_monitored
     if not i.probed:
         return "unknown", "not yet probed"
     if i.circuit == OPEN:

@@ -62,14 +62,20 @@ class StreamMeter:
     first_read: int | None = None
     with_first: int = 0  # later text chunks that came in the first one's read
     spread: bool = False  # some text chunk came in a later read than the first
+    reasoning_chunks: int = 0  # text chunks that were reasoning (thinking), not the answer
+    input_tokens: int | None = None  # prompt tokens, from the server's usage
+    hit_limit: bool = False  # the server said it stopped at max_tokens
 
     def begin(self) -> None:
         self.start = self.clock()
 
-    def text(self, text: str | None) -> None:
-        """Call on every chunk as it arrives, with the generated text it carries (may be empty)."""
+    def text(self, text: str | None, reasoning: bool = False) -> None:
+        """Call on every chunk as it arrives, with the generated text it carries (may be empty);
+        reasoning text counts as a token like the answer's (DESIGN.md), and is counted apart."""
         if not text:
             return
+        if reasoning:
+            self.reasoning_chunks += 1
         if self.reads is None:
             self.reads = _each_call_a_read(self.clock)
         seq, arrived, read_at = self.reads()
@@ -85,6 +91,15 @@ class StreamMeter:
     def usage(self, output_tokens: int | None) -> None:
         if output_tokens is not None:
             self.usage_tokens = int(output_tokens)
+
+    def input_usage(self, input_tokens: int | None) -> None:
+        if input_tokens is not None:
+            self.input_tokens = int(input_tokens)
+
+    @property
+    def reasoning_only(self) -> bool:
+        """Every text chunk was reasoning: the model spent the probe's tokens thinking."""
+        return self.text_chunks > 0 and self.reasoning_chunks == self.text_chunks
 
     @property
     def untimed(self) -> str | None:
@@ -155,6 +170,9 @@ class ProbeResult:
     status_code: int | None = None  # the HTTP status of a refused probe (429: rate limited)
     phases: Phases = field(default_factory=Phases)
     untimed: str | None = None  # why a probe that generated text has no TTFT or rate (probe.StreamMeter)
+    input_tokens: int | None = None  # prompt tokens, where the server's usage says
+    reasoning_only: bool = False  # all its text was reasoning (its TTFT is the first reasoning token)
+    note: str | None = None  # what is worth knowing about a probe that did not fail (not an error)
 
     @property
     def rate_limited(self) -> bool:
@@ -165,7 +183,24 @@ class ProbeResult:
         cls, model: str | None, meter: StreamMeter, what: str = "stream", phases: Phases | None = None, **server
     ) -> "ProbeResult":
         if meter.first_at is None:
-            return cls(model, ok=False, error=f"{what}: the stream ended without any generated text", phases=phases or Phases())
+            if meter.hit_limit:
+                # A reasoning model that thinks without streaming its thoughts (OpenAI's o-series)
+                # spends a small max_tokens before any text: it answered, there is just nothing to time.
+                return cls(
+                    model,
+                    ok=True,
+                    output_tokens=meter.usage_tokens,
+                    tokens_estimated=meter.usage_tokens is None,
+                    phases=phases or Phases(),
+                    input_tokens=meter.input_tokens,
+                    reasoning_only=True,
+                    note="max_tokens reached before any text (hidden reasoning): nothing to time; raise probe_max_tokens to time it",
+                    **server,
+                )
+            return cls(
+                model, ok=False, error=f"{what}: the stream ended without any generated text", phases=phases or Phases(),
+                input_tokens=meter.input_tokens,
+            )
         return cls(
             model,
             ok=True,
@@ -175,6 +210,8 @@ class ProbeResult:
             tokens_estimated=meter.tokens_estimated,
             phases=phases or Phases(),
             untimed=meter.untimed,
+            input_tokens=meter.input_tokens,
+            reasoning_only=meter.reasoning_only,
             **server,
         )
 

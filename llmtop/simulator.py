@@ -124,6 +124,11 @@ class SimBackend:
     last_ttft_s: float | None = None  # what the last generation served (tests/served.py)
     last_tpot_s: float | None = None
     echo_headers: bool = False  # its error bodies quote the request's headers back, key and all
+    headers_seen: list[dict] = field(default_factory=list)  # the last requests' headers (names lower-cased)
+    # A reasoning model: "all" streams every token as reasoning text (reasoning_content, thinking);
+    # "hidden" streams none of it and stops at the limit, as OpenAI's o-series does with a small max.
+    reasoning: str | None = None
+    health_route: tuple[str, int] | None = None  # (path, status): a proxy's own health route, answered first
     # When set, completion requests are held until it is set (for tests that must look at a probe in
     # flight); token deadlines stay anchored at the request, so a held stream comes out in a burst.
     hold: asyncio.Event | None = None
@@ -143,6 +148,8 @@ class SimBackend:
             raise ValueError(f"unknown provider {value!r}; choose one of {', '.join(PROVIDERS)}")
         if name == "fault" and value is not None and value not in FAULTS:
             raise ValueError(f"unknown fault {value!r}; choose one of {', '.join(FAULTS)}")
+        if name == "reasoning" and value not in (None, "all", "hidden"):
+            raise ValueError(f"unknown reasoning {value!r}; choose all or hidden")
         super().__setattr__(name, value)
 
 
@@ -504,10 +511,18 @@ async def _openai_chat(backend: SimBackend, req: _Request) -> _Response:
         n,
         content_type=_SSE,
         preamble=[chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])],
-        token=lambda word: chunk([{"index": 0, "delta": {"content": word}, "finish_reason": None}]),
+        token=lambda word: (
+            b": thinking\n\n"  # an SSE comment: the tokens are spent, nothing is shown
+            if backend.reasoning == "hidden"
+            else chunk([{"index": 0, "delta": {_delta_key(backend): word}, "finish_reason": None}])
+        ),
         epilogue=epilogue,
         bad_chunk=b"data: {not json}\n\n",
     )
+
+
+def _delta_key(backend: SimBackend) -> str:
+    return "reasoning_content" if backend.reasoning == "all" else "content"
 
 
 def _llamacpp_timings(timing: _Timing, prompt: int, n: int) -> dict[str, float]:
@@ -699,6 +714,8 @@ async def _ollama_chat(backend: SimBackend, req: _Request) -> _Response:
     def frame(content: str, done: bool, **extra: Any) -> dict[str, Any]:
         created_at = _iso(datetime.now(timezone.utc))
         message = {"role": "assistant", "content": content}
+        if backend.reasoning == "all" and content:
+            message = {"role": "assistant", "content": "", "thinking": content}
         return {"model": model, "created_at": created_at, "message": message, "done": done, **extra}
 
     def stats(timing: _Timing) -> dict[str, Any]:
@@ -797,7 +814,9 @@ async def _anthropic_messages(backend: SimBackend, req: _Request) -> _Response:
         ],
         token=lambda word: _event(
             "content_block_delta",
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}},
+            {"type": "content_block_delta", "index": 0, "delta": (
+                {"type": "thinking_delta", "thinking": word} if backend.reasoning == "all" else {"type": "text_delta", "text": word}
+            )},
         ),
         epilogue=epilogue,
         bad_chunk=b"event: content_block_delta\ndata: {not json}\n\n",
@@ -979,6 +998,8 @@ class Simulator:
             return await _send(writer, _json(404, {"error": f"no simulated backend named '{name}'"}), req.keep_alive)
         req = replace(req, path="/" + rest)
         backend.requests[req.path] += 1
+        backend.headers_seen.append(req.headers)
+        del backend.headers_seen[:-20]
         if req.path in _COMPLETION_PATHS and req.method == "POST":
             try:
                 backend.bodies.append(json.loads(req.body or b"{}"))
@@ -1043,6 +1064,8 @@ class Simulator:
         if fault == "gzip_bomb" and (req.method == "POST" or req.path in ("/v1/models", "/api/tags")):
             content_type = _SSE if req.method == "POST" else _JSON
             return _Response(200, _gzip_bomb(), content_type, (("content-encoding", "gzip"),))
+        if backend.health_route is not None and req.path == backend.health_route[0]:
+            return _Response(backend.health_route[1], b"", None)
         handler = _ROUTES[backend.provider].get((req.method, req.path))
         if handler is None:
             return _error(backend, 404, f"no route for {req.method} {req.path}", "not_found_error")

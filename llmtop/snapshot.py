@@ -13,6 +13,7 @@ from llmtop.sanitize import for_terminal
 STATUSES = ("unknown", "loading", "healthy", "degraded", "down")
 CIRCUITS = ("closed", "open", "half_open")
 ADMIN_STATES = ("active", "draining", "disabled")
+PROBE_MODES = ("completion", "health", "off")  # as config.PROBE_MODES
 
 
 RECENT_ERRORS_SENT = 5  # of a backend's recent errors, in its JSON
@@ -30,6 +31,9 @@ class Counters:
     probes: int = 0  # completion probes sent (and answered, failed or refused)
     probe_failures: int = 0
     probe_tokens: int = 0  # output tokens the probes were given (usage, or counted chunks)
+    probe_input_tokens: int = 0  # prompt tokens the probes were charged (from usage; 0 where none is reported)
+    probe_cost: float = 0.0  # what those tokens cost at the configured prices (0 without prices)
+    probes_skipped: int = 0  # due probes not sent because skip_probe_when said the backend was saturated
     breaker_transitions: int = 0
     ttft_buckets: tuple[int, ...] = (0,) * (len(TTFT_BUCKETS_S) + 1)  # per bound, not cumulative; last: +Inf
     ttft_sum_s: float = 0.0
@@ -55,6 +59,9 @@ class ProbeSummary:
     ttfb_ms: float | None = None
     untimed: str | None = None  # why a probe that generated text carries no TTFT or rate
     rate_limited: bool = False  # refused with a 429
+    input_tokens: int | None = None  # prompt tokens, from the server's usage
+    reasoning_only: bool = False  # all its text was reasoning: TTFT is the first reasoning token
+    note: str | None = None  # about a probe that did not fail (hidden reasoning used up max_tokens)
 
     def to_json(self, now: float) -> dict[str, Any]:
         out = {
@@ -73,6 +80,9 @@ class ProbeSummary:
             },
             "untimed": self.untimed,
             "error": self.error,
+            "input_tokens": self.input_tokens,
+            "reasoning_only": self.reasoning_only,
+            "note": self.note,
         }
         for key in ("server_ttft_ms", "server_tokens_per_s", "load_ms"):
             value = getattr(self, key)
@@ -159,6 +169,10 @@ class BackendSnapshot:
     seq: int = 0  # bumps whenever anything about this backend changes
     agent: str | None = None  # the remote llmtop agent that watches it; None: this process does
     stale_since: float | None = None  # wall time the agent was lost: every figure is as it was then
+    probe_mode: str = "completion"  # the config's probe = completion | health | off
+    probe_interval_s: float | None = None  # between completion probes now (a budget may stretch it); None: none sent
+    probe_input_tokens_per_hour: float = 0.0  # what the probes' prompts cost per hour at that interval
+    probe_cost_per_hour: float | None = None  # at the configured prices; None: no price set
 
     def models_summary(self) -> str:
         """served/expected for the expected models, else how many are served; `?` for a count
@@ -219,6 +233,17 @@ class BackendSnapshot:
             "trouble_at": None if self.trouble_at is None else round(self.trouble_at, 3),
             "stale_after_s": _round(self.stale_after_s, 3),  # null: never
             "probe_tokens_per_hour": _round(self.probe_tokens_per_hour),
+            "probe_mode": self.probe_mode,
+            "probe_interval_s": _round(self.probe_interval_s),
+            "probe_input_tokens_per_hour": _round(self.probe_input_tokens_per_hour),
+            "probe_cost_per_hour": _round(self.probe_cost_per_hour, 6),
+            "spent": {
+                "probes": self.counters.probes,
+                "probes_skipped": self.counters.probes_skipped,
+                "output_tokens": self.counters.probe_tokens,
+                "input_tokens": self.counters.probe_input_tokens,
+                "cost": _round(self.counters.probe_cost, 6),
+            },
             "version": self.version,
             "labels": dict(self.labels),
             "recent_errors": [[round(at, 3), message] for at, message in self.recent_errors[-RECENT_ERRORS_SENT:]],
@@ -259,7 +284,9 @@ def _safe(text: str | None, limit: int) -> str | None:
 def _safe_probe(p: ProbeSummary | None) -> ProbeSummary | None:
     if p is None:
         return None
-    return dataclasses.replace(p, model=_safe(p.model, 120), error=_safe(p.error, 300), untimed=_safe(p.untimed, 120))
+    return dataclasses.replace(
+        p, model=_safe(p.model, 120), error=_safe(p.error, 300), untimed=_safe(p.untimed, 120), note=_safe(p.note, 160)
+    )
 
 
 @dataclass(frozen=True)
@@ -302,6 +329,20 @@ class FleetSnapshot:
     events: tuple[Event, ...]
     config_path: str | None = None
     config_error: str | None = None
+    budget_tokens_per_hour: float | None = None  # the fleet's [budget] tokens_per_hour; None: no cap
+
+    def spend(self) -> dict[str, Any]:
+        """What the fleet's probes cost: planned per hour (tokens are input + output) and spent since start."""
+        planned = sum(b.probe_tokens_per_hour + b.probe_input_tokens_per_hour for b in self.backends)
+        costs = [b.probe_cost_per_hour for b in self.backends if b.probe_cost_per_hour is not None]
+        return {
+            "tokens_per_hour": planned,
+            "cost_per_hour": sum(costs) if costs else None,
+            "budget_tokens_per_hour": self.budget_tokens_per_hour,
+            "spent_output_tokens": sum(b.counters.probe_tokens for b in self.backends),
+            "spent_input_tokens": sum(b.counters.probe_input_tokens for b in self.backends),
+            "spent_cost": sum(b.counters.probe_cost for b in self.backends) if costs else None,
+        }
 
     def counts(self) -> dict[str, int]:
         counts = {s: 0 for s in STATUSES}
@@ -328,6 +369,7 @@ class FleetSnapshot:
             "backends": [b.to_json(self.at) for b in self.backends],
             "gpus": [g.to_json() for g in self.gpu.gpus],
             "gpu_message": self.gpu.message,
+            "probe_spend": {k: _round(v, 6) if isinstance(v, float) else v for k, v in self.spend().items()},
         }
 
 

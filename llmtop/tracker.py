@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from llmtop.config import BackendConfig
+from llmtop.budget import Pacer, Plan
+from llmtop.config import BackendConfig, Policy
 from llmtop.health import OPEN, CircuitBreaker, StatusInputs, derive_status, missing_models, tripped_alerts
 from llmtop.metrics import alert_values
 from llmtop.probe import HealthResult, ModelsResult, ProbeResult
@@ -33,6 +34,10 @@ TEXT_KEPT = 300
 MODEL_ID_KEPT = 256
 # A 429 without a Retry-After still pauses the backend: this long.
 DEFAULT_RETRY_AFTER_S = 30.0
+MODE_NOTES = {
+    "health": 'health checks only: no completion probes (probe = "health")',
+    "off": 'not monitored: no polls or probes, only the admin state (probe = "off")',
+}
 
 
 def uses_tls(url: str) -> bool:
@@ -70,6 +75,14 @@ class BackendTracker:
         self.trouble_at: float | None = None  # wall time a poll or probe last failed
         self.retry_after_until: float | None = None  # monotonic
         self.next_probe_at: float = 0.0  # monotonic; 0 = as soon as allowed
+        self.next_poll_at: float = 0.0  # monotonic: when the live loop's next poll is due
+        self.next_round_at: float = 0.0  # monotonic: its next round, a poll or a probe that falls due first
+        self.charged = 0.0  # tokens the budgets were charged for the probe in flight
+        self.forced = False  # the operator asked for a probe now: no budget holds it back
+        self.plan = Plan(self.policy.probe_interval_s)  # the probe interval a budget leaves (engine._plan)
+        self.skip_note: str | None = None  # "probe skipped: ..." until a probe is sent again
+        self.pacer: Pacer | None = None  # probe_tokens_per_hour's hard pace
+        self._pacer_for: float | None = None
         self.status, self.status_reason = "unknown", "not yet probed"
         self.missing: tuple[str, ...] = ()  # as last announced
         self._missing_read: tuple[str, ...] = ()  # as the latest model list says
@@ -95,6 +108,40 @@ class BackendTracker:
         return self.config.name
 
     @property
+    def policy(self) -> Policy:
+        """This backend's resolved probe policy, made again only when the config changed."""
+        key = (self.engine.config, self.config)
+        cached = getattr(self, "_policy", None)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+            cached = (key, self.engine.config.policy(self.config))
+            self._policy = cached
+        return cached[1]
+
+    def own_pacer(self) -> Pacer | None:
+        budget = self.policy.probe_tokens_per_hour
+        if budget != self._pacer_for:
+            self.pacer, self._pacer_for = (Pacer(budget) if budget else None), budget
+        return self.pacer
+
+    def probe_cost(self) -> tuple[float, float]:
+        """(output, input) tokens one probe is expected to cost: the last probe's, where the server
+        said, else max_tokens and about four characters a token of the prompt."""
+        policy = self.policy
+        p = self.probe
+        out = p.output_tokens if p is not None and p.output_tokens else policy.probe_max_tokens
+        if p is not None and p.input_tokens is not None:
+            return float(out), float(p.input_tokens)
+        adapter = self.get_adapter()
+        chars = sum(len(m["content"]) for m in adapter.probe_messages())
+        return float(out), float(max(1, chars // 4))
+
+    def price(self, output_tokens: int, input_tokens: int) -> float:
+        policy = self.policy
+        return (
+            output_tokens * (policy.price_per_1k_output_tokens or 0.0) + input_tokens * (policy.price_per_1k_input_tokens or 0.0)
+        ) / 1000.0
+
+    @property
     def admin(self) -> str:
         if not self.config.enabled:
             return "disabled"
@@ -102,11 +149,11 @@ class BackendTracker:
 
     def get_adapter(self) -> Adapter:
         if self.adapter is None:
-            s = self.engine.config.settings
+            policy = self.policy
             cls = adapter_class(self.config.provider)
             if self.client is None:
-                self.client = self.engine.new_client(tls=uses_tls(self.config.url))
-            self.adapter = cls(self.config, self.client, s.timeout_s, s.probe_max_tokens)
+                self.client = self.engine.new_client(tls=uses_tls(self.config.url), timeout_s=policy.timeout_s)
+            self.adapter = cls(self.config, self.client, policy.timeout_s, policy.probe_max_tokens, policy=policy)
             self._redact = Redactor(self.adapter.secrets())
         return self.adapter
 
@@ -121,13 +168,14 @@ class BackendTracker:
         pending, and a model to ask."""
         return (
             self.admin == "active"
+            and self.policy.probe == "completion"
             and self.breaker.allows_probe()
             and not self.rate_limited()
             and self.probe_target().model is not None
         )
 
     def can_complete(self) -> bool:
-        return self.admin == "active" and self.probe_target().model is not None
+        return self.admin == "active" and self.policy.probe == "completion" and self.probe_target().model is not None
 
     def rate_limited(self) -> bool:
         return self.retry_after_until is not None and self.engine.clock() < self.retry_after_until
@@ -259,8 +307,12 @@ class BackendTracker:
             ttfb_ms=phases.ttfb_ms,
             untimed=result.untimed,
             rate_limited=result.rate_limited,
+            input_tokens=result.input_tokens,
+            reasoning_only=result.reasoning_only,
+            note=self._keep(result.note),
         )
         self.probe = summary
+        self.skip_note = None
         self._count(result, wall)
         if result.ok:
             if result.ttft_ms is not None:
@@ -284,6 +336,8 @@ class BackendTracker:
             "probes": c.probes + 1,
             "probe_failures": c.probe_failures + (not result.ok),
             "probe_tokens": c.probe_tokens + (result.output_tokens or 0),
+            "probe_input_tokens": c.probe_input_tokens + (result.input_tokens or 0),
+            "probe_cost": c.probe_cost + self.price(result.output_tokens or 0, result.input_tokens or 0),
         }
         if result.ttft_ms is not None and result.ok:
             buckets = list(c.ttft_buckets)
@@ -294,6 +348,12 @@ class BackendTracker:
             buckets[bisect.bisect_left(TPS_BUCKETS, result.tokens_per_s)] += 1
             changes.update(tps_buckets=tuple(buckets), tps_sum=c.tps_sum + result.tokens_per_s)
         self.counters = dataclasses.replace(c, **changes)
+
+    def skipped(self, note: str) -> None:
+        """A due probe not sent because the backend is saturated: said, counted, not a failure."""
+        self.skip_note = note
+        self.counters = dataclasses.replace(self.counters, probes_skipped=self.counters.probes_skipped + 1)
+        self.update()
 
     # -- status -----------------------------------------------------------------------------
 
@@ -322,8 +382,11 @@ class BackendTracker:
                 self.missing = missing
 
         self._update_alerts()
-        choice = self.probe_target() if self.admin == "active" else None
-        self.probe_note = choice.why_not if choice is not None else None
+        mode = self.policy.probe
+        choice = self.probe_target() if self.admin == "active" and mode == "completion" else None
+        self.probe_note = (
+            MODE_NOTES.get(mode) or (choice.why_not if choice is not None else None) or self.skip_note or self.plan.why
+        )
 
         health = self.health
         probe = self.probe
@@ -349,6 +412,7 @@ class BackendTracker:
                 ttft_ms=probe.ttft_ms if probe else None,
                 slow_ttft_ms=engine.config.settings.slow_ttft_ms,
                 rate_limited=rate_limited,
+                not_monitored=MODE_NOTES["off"] if mode == "off" else None,
             )
         )
         # A first healthy reading is not news; every other change of status is.
@@ -390,9 +454,11 @@ class BackendTracker:
         if self._snapshot is not None and self._snapshot_seq == self.seq:
             return self._snapshot
         engine = self.engine
-        settings = engine.config.settings
-        tokens = (self.probe.output_tokens if self.probe and self.probe.output_tokens else None) or settings.probe_max_tokens
+        policy = self.policy
         probing = self.can_complete()
+        out_tokens, in_tokens = self.probe_cost() if probing else (0.0, 0.0)
+        interval = self.plan.interval_s
+        per_hour = 3600.0 / interval if probing else 0.0
         retry_at = self.breaker.retry_at()
         health = self.health
         error = None
@@ -438,9 +504,13 @@ class BackendTracker:
             error_rate=self.breaker.window.error_rate(),
             last_health_at=self.last_health_at,
             retry_after_at=engine.to_wall(self.retry_after_until) if self.rate_limited() else None,
-            probe_tokens_per_hour=(3600.0 / settings.probe_interval_s) * tokens if probing else 0.0,
+            probe_tokens_per_hour=per_hour * out_tokens,
+            probe_input_tokens_per_hour=per_hour * in_tokens,
+            probe_cost_per_hour=per_hour * self.price(out_tokens, in_tokens) if policy.priced else None,
+            probe_mode=policy.probe,
+            probe_interval_s=interval if probing else None,
             # Figures older than this are shown as old: two missed probe rounds and a timeout.
-            stale_after_s=2 * settings.probe_interval_s + settings.timeout_s,
+            stale_after_s=2 * interval + policy.timeout_s,
             counters=dataclasses.replace(self.counters, breaker_transitions=self.breaker.transition_count),
             labels=self.config.labels,
             alert_rules=tuple((rule.describe(), rule.metric) for rule in self.config.alerts),

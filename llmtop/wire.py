@@ -16,7 +16,9 @@ from llmtop.snapshot import (
     ADMIN_STATES,
     CIRCUITS,
     STATUSES,
+    PROBE_MODES,
     BackendSnapshot,
+    Counters,
     Event,
     GpuProcess,
     GpuSnapshot,
@@ -61,6 +63,15 @@ def _choice(value: Any, allowed: tuple[str, ...], default: str) -> str:
     return value if isinstance(value, str) and value in allowed else default
 
 
+def _ttft(shown: Any, precise: Any) -> float | None:
+    """The phases keep one more digit than the top-level figure; the finer one, unless rounding it
+    again would not give the figure the agent printed (54.745 -> 54.75 -> 54.8, not 54.7)."""
+    shown, precise = _nonneg(shown), _nonneg(precise)
+    if precise is not None and shown is not None and round(precise, 1) != shown:
+        return shown
+    return precise if precise is not None else shown
+
+
 def _probe(data: Any) -> ProbeSummary | None:
     if not isinstance(data, dict):
         return None
@@ -70,7 +81,7 @@ def _probe(data: Any) -> ProbeSummary | None:
     phases = data.get("phases") if isinstance(data.get("phases"), dict) else {}
     return ProbeSummary(
         model=_text(data.get("model"), NAME_MAX),
-        ttft_ms=_nonneg(phases.get("ttft_ms", data.get("ttft_ms"))),  # the phases keep one more digit
+        ttft_ms=_ttft(data.get("ttft_ms"), phases.get("ttft_ms")),
         tokens_per_s=_nonneg(data.get("tokens_per_s")),
         output_tokens=count(data.get("output_tokens")),
         tokens_estimated=data.get("tokens_estimated") is True,
@@ -83,6 +94,9 @@ def _probe(data: Any) -> ProbeSummary | None:
         tls_ms=_nonneg(phases.get("tls_ms")),
         ttfb_ms=_nonneg(phases.get("ttfb_ms")),
         untimed=_text(data.get("untimed"), 200),
+        input_tokens=count(data.get("input_tokens")),
+        reasoning_only=data.get("reasoning_only") is True,
+        note=_text(data.get("note"), 400),
     )
 
 
@@ -109,6 +123,7 @@ def backend(data: Any, agent: str | None, history: dict[str, tuple] | None = Non
     labels = data.get("labels") if isinstance(data.get("labels"), dict) else {}
     errors = data.get("recent_errors") if isinstance(data.get("recent_errors"), list) else []
     stale_after = _nonneg(data.get("stale_after_s"))
+    spent = data.get("spent") if isinstance(data.get("spent"), dict) else {}
     history = history or {}
     return BackendSnapshot(
         name=name,
@@ -149,6 +164,17 @@ def backend(data: Any, agent: str | None, history: dict[str, tuple] | None = Non
         # An agent that itself reads other agents passes on whose rows they are; else the agent's own name.
         agent=agent if agent is not None else _text(data.get("agent"), NAME_MAX),
         stale_since=_when(data.get("stale_since")),
+        probe_mode=_choice(data.get("probe_mode"), PROBE_MODES, "completion"),
+        probe_interval_s=_nonneg(data.get("probe_interval_s")),
+        probe_input_tokens_per_hour=_nonneg(data.get("probe_input_tokens_per_hour")) or 0.0,
+        probe_cost_per_hour=_nonneg(data.get("probe_cost_per_hour")),
+        counters=Counters(
+            probes=count(spent.get("probes")) or 0,
+            probes_skipped=count(spent.get("probes_skipped")) or 0,
+            probe_tokens=count(spent.get("output_tokens")) or 0,
+            probe_input_tokens=count(spent.get("input_tokens")) or 0,
+            probe_cost=_nonneg(spent.get("cost")) or 0.0,
+        ),
         ttft_history=history.get("ttft", ()),
         tps_history=history.get("tps", ()),
         latency_history=history.get("latency", ()),

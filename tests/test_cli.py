@@ -45,7 +45,7 @@ def test_check_json_shape_and_exit_zero_when_all_healthy(config, tmp_path):
     r = llmtop("check", "--json", "--config", str(config), "--state", str(tmp_path / "s.json"))
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
-    assert set(data) == {"at", "time", "backends", "gpus", "gpu_message"} and data["gpus"] == []
+    assert set(data) == {"at", "time", "backends", "gpus", "gpu_message", "probe_spend"} and data["gpus"] == []
     assert abs(data["at"] - time.time()) < 60 and data["time"].endswith("Z")
     assert data["gpu_message"]  # why there are no GPUs, in words
     b = data["backends"][0]

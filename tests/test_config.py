@@ -116,12 +116,15 @@ def test_every_number_has_bounds_that_say_how_to_write_it():
 
     for key, (low, high) in LIMITS.items():
         table = "settings" if key in ("health_interval_s", "probe_interval_s", "probe_max_tokens", "timeout_s", "max_concurrency",
-                                      "probe_concurrency", "slow_ttft_ms", "history") else "breaker"
-        for bad in (low / 10 if isinstance(low, float) else None, high * 10):
+                                      "probe_concurrency", "slow_ttft_ms", "history", "health_status", "probe_tokens_per_hour",
+                                      "price_per_1k_output_tokens", "price_per_1k_input_tokens") else "breaker"
+        table = "budget" if key == "tokens_per_hour" else table
+        extra = '\nhealth_path = "/h"' if key == "health_status" else ""  # health_status needs a route of its own
+        for bad in (low / 10 if isinstance(low, float) and low else None, high * 10):
             if bad is None or (isinstance(low, int) and bad < 1):
                 continue
             with pytest.raises(ConfigError) as err:
-                loads_config(f"[{table}]\n{key} = {bad!r}\n", "fleet.toml")
+                loads_config(f"[{table}]\n{key} = {bad!r}{extra}\n", "fleet.toml")
             message = str(err.value)
             assert message.startswith(f"fleet.toml: {table}.{key}: must be at") and f"write it like {key} = " in message
-            loads_config(message.rsplit("write it like ", 1)[1].join([f"[{table}]\n", "\n"]), "fleet.toml")  # the advice is valid
+            loads_config(message.rsplit("write it like ", 1)[1].join([f"[{table}]\n", extra + "\n"]), "fleet.toml")  # the advice is valid

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, ClassVar, NamedTuple
 import httpx
 
 from llmtop import inbound
-from llmtop.config import BackendConfig
+from llmtop.config import BackendConfig, EnvValue, Policy
 from llmtop.metrics import MetricNames, MetricsParseError, map_metrics
 from llmtop.probe import HealthResult, ModelsResult, Phases, ProbeError, ProbeResult, StreamMeter
 from llmtop.snapshot import Metrics
@@ -118,11 +118,19 @@ class Adapter:
     metric_names: ClassVar[MetricNames | None] = None
     ollama_names: ClassVar[bool] = False  # untagged names mean ':latest'
 
-    def __init__(self, backend: BackendConfig, client: httpx.AsyncClient, timeout_s: float, max_tokens: int):
+    def __init__(
+        self, backend: BackendConfig, client: httpx.AsyncClient, timeout_s: float, max_tokens: int, policy: Policy | None = None
+    ):
         self.backend = backend
         self.client = client
         self.timeout_s = timeout_s
         self.max_tokens = max_tokens
+        self.policy = policy or Policy(timeout_s=timeout_s, probe_max_tokens=max_tokens)
+        # A health route of the operator's own (a proxy's): asked instead of the protocol's, and
+        # judged by its status alone.
+        self.custom_health = self.policy.health_path is not None
+        if self.custom_health:
+            self.health_path = self.policy.health_path
         url = backend.url
         self.base = url[: -len("/v1")] if url.endswith("/v1") else url
         self.notes: list[str] = []  # values read as absent (NaN, Infinity) since the engine last took them
@@ -142,16 +150,45 @@ class Adapter:
             raise ProbeError(f"${self.backend.api_key_env} holds non-ASCII characters; an API key never does")
         return key or None
 
-    def headers(self) -> dict[str, str]:
+    def auth_headers(self) -> dict[str, str]:
         key = self.api_key()
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def headers(self) -> dict[str, str]:
+        """The protocol's own headers, then the config's `headers` (which win over them)."""
+        return {**self.auth_headers(), **self.config_headers()}
+
+    def config_headers(self) -> dict[str, str]:
+        """The config's headers, values named by env read now. An env var that is empty or unset
+        fails this backend's requests with a line that says which (never a header sent empty)."""
+        out = {}
+        for name, value in self.policy.headers:
+            if isinstance(value, EnvValue):
+                text = os.environ.get(value.env, "").strip()
+                if not text:
+                    raise ProbeError(f"header {name}: ${value.env} is empty or unset; export it, or remove the header from the config")
+                if not text.isascii() or not text.isprintable():
+                    raise ProbeError(f"header {name}: ${value.env} holds characters a header cannot carry")
+                value = text
+            out[name] = value
+        return out
 
     def secrets(self) -> tuple[str, ...]:
         """What this adapter sends that must never be shown: the engine masks it in every text
         it keeps from this backend (redact.py)."""
-        if not self.backend.api_key_env:
-            return ()
-        return (os.environ.get(self.backend.api_key_env, ""),)
+        names = [self.backend.api_key_env] if self.backend.api_key_env else []
+        names += [v.env for _, v in self.policy.headers if isinstance(v, EnvValue)]
+        found = []
+        for name in names:
+            value = os.environ.get(name, "")
+            found += [value, value.strip()]
+        return tuple(found)
+
+    def probe_messages(self) -> list[dict[str, str]]:
+        """The probe's conversation: probe_messages, else probe_prompt, else llmtop's own prompt."""
+        if self.policy.probe_messages:
+            return [{"role": role, "content": content} for role, content in self.policy.probe_messages]
+        return [{"role": "user", "content": self.policy.probe_prompt or PROBE_PROMPT}]
 
     def describe_exception(self, exc: BaseException, what: str) -> str:
         if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
@@ -281,6 +318,7 @@ class Adapter:
             retry_after_s=retry_after_s,
             status_code=status_code,
             phases=phases,
+            input_tokens=meter.input_tokens,
         )
 
     def json_event(self, data: str, what: str) -> dict:
@@ -296,6 +334,11 @@ class Adapter:
         return obj
 
     # -- what each protocol answers ---------------------------------------------------------
+
+    async def custom_health_check(self) -> HealthResult:
+        """The operator's health_path: up when it answers health_status, whatever the body says."""
+        response = await self.request("GET", self.health_path, ok_statuses=(self.policy.health_status,))
+        return HealthResult(ok=True, latency_ms=response.latency_ms)
 
     async def health(self) -> HealthResult:
         if self.health_path is None:
@@ -356,7 +399,7 @@ class Adapter:
 
     async def _health_outcome(self) -> HealthResult:
         try:
-            return await self.health()
+            return await (self.custom_health_check() if self.custom_health else self.health())
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
             return HealthResult(ok=False, error=f"{self.health_path}: unexpected answer ({type(exc).__name__}: {exc})")
         except ProbeError as exc:

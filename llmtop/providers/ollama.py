@@ -11,7 +11,7 @@ from llmtop import inbound
 from llmtop.health import served_matches
 from llmtop.probe import HealthResult, ModelsResult, ProbeError, ProbeResult, StreamMeter
 from llmtop.providers import register
-from llmtop.providers.base import PROBE_PROMPT, Adapter, CappedStream, ProbeChoice, iter_ndjson
+from llmtop.providers.base import Adapter, CappedStream, ProbeChoice, iter_ndjson
 
 # An expires_at further off than this is Ollama's keep_alive = -1 ("never unload"), sent back as -1.
 FOREVER_S = 10 * 365 * 86400
@@ -103,7 +103,7 @@ class Ollama(Adapter):
             return ProbeResult(None, ok=False, error="no model to probe: set models or probe_model in the config")
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": PROBE_PROMPT}],
+            "messages": self.probe_messages(),
             "stream": True,
             "options": {"num_predict": self.max_tokens, "temperature": 0},
         }
@@ -124,10 +124,12 @@ class Ollama(Adapter):
                 raise ProbeError(f"POST /api/chat: error in stream: {obj['error']}")
             message = obj.get("message")
             if isinstance(message, dict):
-                text = message.get("content") or message.get("thinking")
-                meter.text(text if isinstance(text, str) else None)
+                content = message.get("content")
+                text = content or message.get("thinking")
+                meter.text(text if isinstance(text, str) else None, reasoning=not content)
             if obj.get("done"):
                 meter.finished = True
+                meter.hit_limit = obj.get("done_reason") == "length"
                 server = self._server_timings(obj, meter)
         if not meter.finished:
             raise ProbeError("POST /api/chat: stream ended without the final done:true object")
@@ -139,6 +141,7 @@ class Ollama(Adapter):
         eval_count = inbound.count(final.get("eval_count"))
         if eval_count is not None:
             meter.usage(eval_count)
+        meter.input_usage(inbound.count(final.get("prompt_eval_count")))
         out: dict[str, Any] = {}
         eval_s = inbound.duration_s(final.get("eval_duration"), 1e-9)
         if eval_count is not None and eval_count > 1 and eval_s:

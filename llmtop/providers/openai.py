@@ -9,11 +9,16 @@ from httpx_sse import EventSource, SSEError
 from llmtop import inbound
 from llmtop.probe import ProbeError, ProbeResult, StreamMeter
 from llmtop.providers import register
-from llmtop.providers.base import PROBE_PROMPT, Adapter, CappedStream
+from llmtop.providers.base import Adapter, CappedStream
 
 
 def chunk_text(chunk: dict) -> str | None:
     """Generated text in one chat.completion.chunk: content, or reasoning text from reasoning models."""
+    return chunk_text_kind(chunk)[0]
+
+
+def chunk_text_kind(chunk: dict) -> tuple[str | None, bool]:
+    """chunk_text, and whether the text was reasoning."""
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict):
@@ -21,8 +26,8 @@ def chunk_text(chunk: dict) -> str | None:
         for key in ("content", "reasoning_content", "reasoning"):
             value = delta.get(key)
             if isinstance(value, str) and value:
-                return value
-    return None
+                return value, key != "content"
+    return None, False
 
 
 class OpenAICompatible(Adapter):
@@ -33,7 +38,7 @@ class OpenAICompatible(Adapter):
             return ProbeResult(None, ok=False, error="no model to probe: set models or probe_model in the config")
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": PROBE_PROMPT}],
+            "messages": self.probe_messages(),
             "stream": True,
             "stream_options": {"include_usage": True},
             **self.limits(),
@@ -60,16 +65,19 @@ class OpenAICompatible(Adapter):
                     err = chunk["error"]
                     message = err.get("message") if isinstance(err, dict) else err
                     raise ProbeError(f"POST /v1/chat/completions: error in stream: {message}")
-                meter.text(chunk_text(chunk))
+                text, reasoning = chunk_text_kind(chunk)
+                meter.text(text, reasoning=reasoning)
                 for choice in chunk.get("choices") or ():
                     if isinstance(choice, dict) and choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     meter.usage(inbound.count(usage.get("completion_tokens")))
+                    meter.input_usage(inbound.count(usage.get("prompt_tokens")))
                 server.update(self.server_timings(chunk))
         except SSEError as exc:
             raise ProbeError(f"POST /v1/chat/completions: not an event stream ({exc})") from None
+        meter.hit_limit = finish_reason == "length"
         if not (meter.finished or finish_reason or meter.usage_tokens is not None):
             # Neither [DONE], nor a finish_reason, nor usage: the body ended mid-answer.
             raise ProbeError(

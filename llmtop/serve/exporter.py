@@ -56,6 +56,10 @@ FAMILIES = (
     Family("llmtop_probes", "counter", "Completion probes sent."),
     Family("llmtop_probe_failures", "counter", "Completion probes that failed (or were refused)."),
     Family("llmtop_probe_output_tokens", "counter", "Output tokens the probes were given: what they cost."),
+    Family("llmtop_probe_input_tokens", "counter", "Input (prompt) tokens the probes were charged, where the server reports usage."),
+    Family("llmtop_probe_cost", "counter", "What the probes cost at the configured prices, in their currency (absent without a price)."),
+    Family("llmtop_probes_skipped", "counter", "Due probes not sent because skip_probe_when said the backend was saturated."),
+    Family("llmtop_probe_interval_seconds", "gauge", "Seconds between completion probes now, after any budget stretched it (absent when none are sent)."),
     Family("llmtop_breaker_transitions", "counter", "Circuit breaker transitions."),
     Family("llmtop_probe_last_success_timestamp_seconds", "gauge", "When a probe last measured a time to first token (Unix time)."),
 )
@@ -114,6 +118,10 @@ def backend_series(b: BackendSnapshot, now: float, ready_when: tuple[str, ...]) 
     put("llmtop_probes", float(c.probes))
     put("llmtop_probe_failures", float(c.probe_failures))
     put("llmtop_probe_output_tokens", float(c.probe_tokens))
+    put("llmtop_probe_input_tokens", float(c.probe_input_tokens))
+    put("llmtop_probe_cost", float(c.probe_cost) if b.probe_cost_per_hour is not None else None)
+    put("llmtop_probes_skipped", float(c.probes_skipped))
+    put("llmtop_probe_interval_seconds", b.probe_interval_s)
     put("llmtop_breaker_transitions", float(c.breaker_transitions))
     put("llmtop_probe_last_success_timestamp_seconds", c.last_success_at)
     return out

@@ -112,12 +112,18 @@ def ttft_cell(b: BackendSnapshot, slow_ms: float, now: float) -> Cell:
     if not current:
         return _old(ms(p.ttft_ms))
     level = BAD if p.ttft_ms >= slow_ms else WARN if p.ttft_ms >= min(1000.0, slow_ms / 2) else PLAIN
-    return _mark(ms(p.ttft_ms), level)
+    return _mark(ms(p.ttft_ms) + ("ʳ" if p.reasoning_only else ""), level)  # ʳ: all its tokens were reasoning
 
 
 def _not_probed(b: BackendSnapshot) -> Cell:
     """Why there is no TTFT, in a word or two, where a figure would stand."""
+    if b.admin == "active" and b.probe_mode != "completion":
+        return Cell("health only" if b.probe_mode == "health" else "off", MUTED)
+    if b.probe is not None and b.probe.note and b.probe.error is None:
+        return Cell("thinking", MUTED)  # hidden reasoning used up max_tokens: nothing to time
     if b.admin == "active" and b.probe_note:
+        if b.probe_note.startswith(("probe skipped", "interval stretched")):
+            return Cell("skipped" if b.probe_note.startswith("probe skipped") else "budget", MUTED)
         return Cell("not loaded" if "not loaded" in b.probe_note else "no model", MUTED)
     if b.probe is not None and b.probe.untimed:
         return Cell("untimed", MUTED)
