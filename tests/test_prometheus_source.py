@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
+from collections import defaultdict
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from test_properties import JSON, PROPERTY, finite_everywhere
 
 from llmtop import wire
 from llmtop.remote import ActionRefused
-from llmtop.remote.prometheus import GAUGES, HISTORY_POINTS, STATESETS, NAME_MAX, PrometheusError, PrometheusSource, assemble, parse_answer, snapshot_of
+from llmtop.remote.prometheus import GAUGES, HISTORY_POINTS, LISTS, STATESETS, NAME_MAX, PrometheusError, PrometheusSource, assemble, parse_answer, snapshot_of
 from llmtop.simulator import SimBackend, Simulator
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -248,10 +250,11 @@ async def test_a_real_prometheus_over_two_agents_shows_their_fleets_a_drain_and_
 
 class FakeApi:
     """/api/v1/query and /api/v1/query_range on 127.0.0.1, answering from `self.series` (the
-    llmtop families of a small fleet) or from `self.override` (a status and a body) when set."""
+    llmtop families of a small fleet: "seen" for the timestamps, else by family, "history:" and
+    the family for query_range) or from `self.override` (a status and a body) when set."""
 
     def __init__(self):
-        self.series: dict[str, list[dict]] = {"seen": [], "gauges": [], "states": [], "lists": [], "history": []}
+        self.series: dict[str, list[dict]] = defaultdict(list)
         self.override: tuple[int, bytes] | None = None
         self.stream: int | None = None  # answer this many bytes of endless JSON, in 64 KiB chunks
         self.headers: list[dict] = []
@@ -261,15 +264,9 @@ class FakeApi:
 
     @staticmethod
     def which(query: str) -> str:
-        if query.startswith("timestamp("):
-            return "seen"
-        if "== 1" in query:
-            return "states"
-        if "model_missing" in query:
-            return "lists"
-        if "llmtop_backend_up" in query:
-            return "gauges"
-        return "history"
+        """The family a query asks for: the first llmtop name in it (the one it selects)."""
+        family = re.search(r"llmtop_[a-z_]+", query).group(0)
+        return "seen" if query.startswith("timestamp(") else family
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.headers.append(dict(request.headers))
@@ -284,11 +281,11 @@ class FakeApi:
         if self.override is not None:
             status, body = self.override
             return web.Response(status=status, body=body, content_type="application/json")
-        kind = self.which(request.query.get("query", ""))
+        query = request.query.get("query", "")
         if request.path.endswith("query_range"):
-            result_type, result = "matrix", self.series["history"]
+            result_type, result = "matrix", self.series[f"history:{self.which(query)}"]
         else:
-            result_type, result = "vector", self.series[kind]
+            result_type, result = "vector", self.series[self.which(query)]
         return web.Response(text=json.dumps({"status": "success", "data": {"resultType": result_type, "result": result}}),
                             content_type="application/json")
 
@@ -315,15 +312,16 @@ class FakeApi:
         ident = {"instance": instance, "backend": name}
         self.series["seen"].append({"metric": {**ident, "job": "llmtop", "provider": "vllm"}, "value": [self.now, str(self.now - age_s)]})
         for family, state in (("status", "healthy"), ("circuit", "closed"), ("admin", "active")):
-            self.series["states"].append({"metric": {**ident, f"llmtop_backend_{family}": state}, "value": [self.now, "1"]})
+            family = f"llmtop_backend_{family}"
+            self.series[family].append({"metric": {**ident, family: state}, "value": [self.now, "1"]})
         values = {"llmtop_backend_up": "1", "llmtop_backend_model_list_known": "1", "llmtop_backend_health_latency_seconds": "0.003",
                   "llmtop_probe_last_ttft_seconds": "0.15", "llmtop_probe_last_decode_tokens_per_second": "90",
                   "llmtop_probe_last_success_timestamp_seconds": str(self.now - 5)}
         values.update({k if k.startswith("llmtop_") else f"llmtop_backend_{k}": v for k, v in gauges.items()})
         for family, value in values.items():
             if value is not None:
-                self.series["gauges"].append({"metric": {**ident, "__name__": family}, "value": [self.now, value]})
-        self.series["lists"].append({"metric": {**ident, "__name__": "llmtop_backend_model_missing", "model": MODEL}, "value": [self.now, "0"]})
+                self.series[family].append({"metric": ident, "value": [self.now, value]})
+        self.series["llmtop_backend_model_missing"].append({"metric": {**ident, "model": MODEL}, "value": [self.now, "0"]})
 
     def drop(self, name: str) -> None:
         for kind, series in self.series.items():
@@ -362,13 +360,13 @@ async def test_hostile_values_read_as_absent_and_huge_labels_are_cut():
         api.backend("x" * 1_000_000, up="NaN", health_latency_seconds="+Inf", requests_waiting="-Inf",
                     requests_running="seven", kv_cache_usage_ratio="1e400", llmtop_probe_last_ttft_seconds="1e306",
                     llmtop_probe_last_success_timestamp_seconds="1e20", models_served="2.5")
-        api.series["gauges"].append({"metric": {"instance": "agent-1:9850", "backend": "x" * 1_000_000, "__name__": "llmtop_backend_server_ttft_seconds"},
-                                     "value": [api.now, True]})
-        api.series["gauges"].append({"metric": {"backend": ["not", "a", "string"]}, "value": [api.now, "1"]})
-        api.series["gauges"].append({"metric": "nothing", "value": "nothing"})
-        api.series["gauges"].append("not a series")
-        api.series["states"].append({"metric": {"instance": "agent-1:9850", "backend": "x" * 1_000_000, "llmtop_backend_admin": "\x1b[2Jpwned"},
-                                     "value": [api.now, "1"]})
+        api.series["llmtop_backend_server_ttft_seconds"].append({"metric": {"instance": "agent-1:9850", "backend": "x" * 1_000_000},
+                                                                 "value": [api.now, True]})
+        api.series["llmtop_backend_up"].append({"metric": {"backend": ["not", "a", "string"]}, "value": [api.now, "1"]})
+        api.series["llmtop_backend_up"].append({"metric": "nothing", "value": "nothing"})
+        api.series["llmtop_backend_up"].append("not a series")
+        api.series["llmtop_backend_admin"] = [{"metric": {"instance": "agent-1:9850", "backend": "x" * 1_000_000, "llmtop_backend_admin": "\x1b[2Jpwned"},
+                                               "value": [api.now, "1"]}]
         source = clocked(api)
         try:
             assert (await source.refresh()).standing == "connected"
@@ -461,6 +459,27 @@ async def test_old_samples_and_lost_agents_are_stale_and_a_removed_backend_goes(
             await source.stop()
 
 
+async def test_a_row_torn_between_two_scrapes_is_kept_as_it_was_once_and_then_shown_as_sent():
+    """The queries of a refresh are answered one by one: one may see a backend that the next no
+    longer has (its agent's failed scrape committed in between). Such a row is kept as it was for
+    that refresh; sent that way twice running, it is what the exporter sends, and shown so."""
+    async with FakeApi() as api:
+        api.backend("a")
+        source = clocked(api)
+        try:
+            await source.refresh()
+            for family in ("llmtop_backend_status", "llmtop_backend_circuit", "llmtop_backend_admin", "llmtop_backend_model_list_known"):
+                api.series[family] = []
+            await source.refresh()
+            (row,) = source.backends()
+            assert row.status == "healthy" and row.models == (MODEL,)
+            await source.refresh()
+            (row,) = source.backends()
+            assert row.status == "unknown" and row.status_reason == "no status in Prometheus" and row.models is None
+        finally:
+            await source.stop()
+
+
 async def test_credentials_come_from_env_and_never_show(monkeypatch):
     token, password = "s3cr3t-T0KEN-abcdef123456", "hunter2-Passw0rd-xyz"
     monkeypatch.setenv("PROM_TOKEN", token)
@@ -548,25 +567,30 @@ async def test_sparklines_fill_from_query_range_bounded_and_in_the_faces_units()
     async with FakeApi() as api:
         api.backend("a")
         points = [[api.now - 5 * i, str(0.1 + i / 1000)] for i in range(200, -1, -1)]
-        api.series["history"] = [
-            {"metric": {"instance": "agent-1:9850", "backend": "a", "__name__": "llmtop_probe_last_ttft_seconds"}, "values": points},
-            {"metric": {"instance": "agent-1:9850", "backend": "a", "__name__": "llmtop_backend_requests_waiting"},
-             "values": [[api.now, "3"], [api.now + 1, "NaN"], ["never", "1"], [api.now + 2, "-1"]]},
+        api.series["history:llmtop_probe_last_ttft_seconds"] = [{"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": points}]
+        api.series["history:llmtop_backend_requests_waiting"] = [
+            {"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": [[api.now, "3"], [api.now + 1, "NaN"], ["never", "1"], [api.now + 2, "-1"]]},
         ]
         source = clocked(api)
         try:
             await source.refresh()
             (row,) = source.backends()
             assert len(row.ttft_history) == HISTORY_POINTS and row.ttft_history[-1] == (api.now, pytest.approx(100.0))
-            assert row.queue_history == ((api.now, 3.0),) and row.tps_history == ()
+            # The range had no decode rate; the instant answer's, at its scrape's time, is the first point.
+            assert row.queue_history == ((api.now, 3.0),) and row.tps_history == ((api.now - 1, 90.0),)
             shown = await source.history("agent-1:9850", "a", 600)
             assert len(shown["ttft"]) == HISTORY_POINTS and shown["queue"] == ((api.now, 3.0),) and shown["latency"] == ()
-            # Later refreshes add only points after the ones held.
+            # Later refreshes add the values they read, at their scrape's time, and ask for no range.
+            api.series.clear()
             api.now += 5
-            api.series["history"][0]["values"] = points + [[api.now, "0.2"]]
+            api.backend("a", llmtop_probe_last_ttft_seconds="0.2")
+            asked = len(api.headers)
             await source.refresh()
             (row,) = source.backends()
-            assert len(row.ttft_history) == HISTORY_POINTS and row.ttft_history[-1] == (api.now, pytest.approx(200.0))
+            assert len(row.ttft_history) == HISTORY_POINTS and row.ttft_history[-1] == (api.now - 1, pytest.approx(200.0))
+            assert row.queue_history == ((api.now - 5, 3.0),) and len(api.headers) - asked == len(source._queries.instant)
+            await source.refresh()  # the same scrape again: no second point
+            assert source.backends()[0].ttft_history == row.ttft_history
         finally:
             await source.stop()
 
@@ -578,7 +602,7 @@ async def test_started_it_refreshes_by_itself_and_stop_ends_it():
         await source.start()
         try:
             async def refreshed_twice() -> bool:
-                return len(api.headers) >= 8 and source.state().standing == "connected"
+                return len(api.headers) >= 2 * len(source._queries.instant) and source.state().standing == "connected"
 
             await until(refreshed_twice, "two refreshes")
         finally:
@@ -611,22 +635,21 @@ IDENT = st.fixed_dictionaries({"backend": st.sampled_from(["a", "b"])}, optional
 METRIC = st.builds(lambda extra, ident: {**extra, **ident}, st.dictionaries(LABEL, LABEL_VALUE, max_size=4), IDENT) | JSON
 
 
-def series(name=None, label=None, values=VALUE):
-    """Series of backends "a" and "b" as an answer has them: a family's own name and label, other
-    labels of any kind, any value (a well-formed answer of hostile content; hostile shapes are
-    test_any_json_is_an_answer_or_a_prometheus_error's)."""
-    own = st.just({}) if name is None else st.builds(lambda n: {"__name__": n}, st.sampled_from(name))
-    if label is not None:
-        own = st.builds(lambda o, k, v: {**o, k: v}, own, st.sampled_from(label), LABEL_VALUE)
+def series(label=None, values=VALUE):
+    """Series of backends "a" and "b" as an answer has them: the family's own label where it has
+    one, other labels of any kind, any value (a well-formed answer of hostile content; hostile
+    shapes are test_any_json_is_an_answer_or_a_prometheus_error's)."""
+    own = st.just({}) if label is None else st.builds(lambda v: {label: v}, LABEL_VALUE)
     metric = st.builds(lambda extra, o, ident: {**extra, **o, **ident}, st.dictionaries(LABEL, LABEL_VALUE, max_size=2), own, IDENT)
     sample = st.tuples(st.sampled_from([1.8e9, 1.8e9, 1.8e9, float("nan"), -1, 1e300, "1.8e9"]), values) | st.lists(LEAF, max_size=3)
-    return st.lists(st.fixed_dictionaries({"metric": metric, "value": sample}), max_size=8)
+    return st.lists(st.fixed_dictionaries({"metric": metric, "value": sample}), max_size=4)
 
 
-GAUGE_SERIES = series(name=GAUGES)
-STATE_SERIES = series(label=["llmtop_backend_status", "llmtop_backend_admin", "llmtop_backend_circuit"], values=st.just("1") | VALUE)
-LIST_SERIES = st.builds(lambda a, b: a + b, series(name=["llmtop_backend_model_missing"], label=["model"]),
-                        series(name=["llmtop_backend_alert_tripped"], label=["rule"]))
+FAMILIES = {
+    **{family: series() for family in GAUGES},
+    **{family: series(family, st.just("1") | VALUE) for family in STATESETS},
+    **{family: series(label) for family, label in LISTS.items()},
+}
 
 
 @PROPERTY
@@ -635,15 +658,16 @@ def test_any_series_make_rows_with_finite_figures_only(data):
     backends = data.draw(st.lists(IDENT, min_size=1, max_size=3))
     seen = [{"metric": {**ident, "provider": "vllm"}, "value": [1.8e9, data.draw(st.just("1799999990") | VALUE)]} for ident in backends]
     # Every family of every backend, each with any value, and then series of any kind besides.
-    gauges = [{"metric": {**ident, "__name__": name}, "value": [1.8e9, data.draw(VALUE)]} for ident in backends for name in GAUGES]
-    states = [
-        {"metric": {**ident, family: data.draw(st.sampled_from((*allowed, "bogus")) | LABEL_VALUE)}, "value": [1.8e9, data.draw(st.just("1") | VALUE)]}
-        for ident in backends for family, allowed in STATESETS.items()
-    ]
-    answers = []
-    for result in (seen, gauges + data.draw(GAUGE_SERIES), states + data.draw(STATE_SERIES), data.draw(LIST_SERIES)):
+    every = {family: [{"metric": {**ident, family: data.draw(st.sampled_from((*allowed, "bogus")) | LABEL_VALUE)} if family in STATESETS else ident,
+                       "value": [1.8e9, data.draw(VALUE)]} for ident in backends]
+             for family, allowed in {**{g: () for g in GAUGES}, **STATESETS}.items()}
+
+    def answer(result):
         body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}, allow_nan=True)
-        answers.append(parse_answer(body, "vector"))
+        return parse_answer(body, "vector")
+
+    families = {family: answer(every.get(family, []) + data.draw(strategy)) for family, strategy in FAMILIES.items()}
+    answers = (answer(seen), families)
     for row in assemble(*answers).values():
         b = snapshot_of(row, None)
         assert finite_everywhere(b.to_json(1.8e9)) and json.dumps(b.to_json(1.8e9), allow_nan=False)
