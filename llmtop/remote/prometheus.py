@@ -107,14 +107,19 @@ class PrometheusError(Exception):
 # -- reading answers ---------------------------------------------------------------------------------
 
 
-def _labels(metric: dict) -> dict[str, str]:
-    """The string labels of a series (JSON keys are strings), at most LABELS_MAX, each cut to NAME_MAX."""
-    if len(metric) > LABELS_MAX:
-        metric = dict(itertools.islice(metric.items(), LABELS_MAX))
-    out = {k: v for k, v in metric.items() if type(v) is str and len(k) <= NAME_MAX}
-    if any(len(v) > NAME_MAX for v in out.values()):
-        out = {k: v[:NAME_MAX] for k, v in out.items()}
-    return out
+def _label(labels: dict, name: str) -> str | None:
+    """One label of a series as it came (a JSON object: keys are strings, values anything): a
+    string cut to NAME_MAX, or None. Labels are read one by one, only those needed, since a
+    refresh reads tens of thousands of series."""
+    value = labels.get(name)
+    return value[:NAME_MAX] if type(value) is str else None
+
+
+def _own_labels(labels: dict) -> tuple[tuple[str, str], ...]:
+    """A backend's own labels (its config's, and the target's besides job and instance): at most LABELS_MAX, each cut."""
+    return tuple(sorted(
+        (k[:NAME_MAX], v[:NAME_MAX]) for k, v in itertools.islice(labels.items(), LABELS_MAX) if type(v) is str and k not in OWN_LABELS
+    ))
 
 
 def _when(value: Any) -> float | None:
@@ -137,7 +142,7 @@ def _value(value: Any) -> float | None:
 
 def _sample(pair: Any) -> tuple[float, float | None] | None:
     """(time, value) of one `[time, "value"]`; None when the time is not one. The common case
-    (a float time, a short string value) is read inline: a refresh reads tens of thousands."""
+    (a float time, a short string value) comes first: a refresh reads tens of thousands."""
     if type(pair) is not list or len(pair) != 2:
         return None
     at, value = pair
@@ -157,8 +162,8 @@ def _sample(pair: Any) -> tuple[float, float | None] | None:
 def parse_answer(body: bytes | str, result_type: str) -> list:
     """The series of one query answer: for "vector", [(labels, time, value or None)]; for
     "matrix", [(labels, ((time, value), ...))] with only finite values, the last HISTORY_POINTS.
-    PrometheusError when the document is not a successful answer of that type; a series of the
-    wrong shape is skipped."""
+    `labels` is the series' JSON object as it came: read it with _label. PrometheusError when
+    the document is not a successful answer of that type; a series of the wrong shape is skipped."""
     try:
         doc = json.loads(body, parse_constant=lambda _token: None)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
@@ -173,9 +178,8 @@ def parse_answer(body: bytes | str, result_type: str) -> list:
         raise PrometheusError(f"the query API answered a {_short(got) if isinstance(got, str) else 'document'} where a {result_type} was asked for")
     out: list = []
     for item in data["result"]:
-        if type(item) is not dict or type(metric := item.get("metric")) is not dict:
+        if type(item) is not dict or type(labels := item.get("metric")) is not dict:
             continue
-        labels = _labels(metric)
         if result_type == "vector":
             sample = _sample(item.get("value"))
             if sample is not None:
@@ -210,14 +214,15 @@ def _short(text: str, limit: int = 200) -> str:
 Key = tuple[str, str]  # (agent, backend)
 
 
-def _key(labels: dict[str, str]) -> tuple[Key, str] | None:
+def _key(labels: dict) -> tuple[Key, str] | None:
     """(agent, backend) and the label the agent was read from; None without a backend name."""
-    backend = labels.get("backend")
+    backend = _label(labels, "backend")
     if not backend:
         return None
-    if labels.get("agent"):
-        return (labels["agent"], backend), "agent"
-    return (labels.get("instance", ""), backend), "instance"
+    agent = _label(labels, "agent")
+    if agent:
+        return (agent, backend), "agent"
+    return (_label(labels, "instance") or "", backend), "instance"
 
 
 @dataclass
@@ -257,12 +262,11 @@ def assemble(seen: list, families: dict[str, list]) -> dict[Key, Seen]:
         if len(rows) >= ROWS_MAX:
             break
         key, agent_label = found
-        own = tuple(sorted((k, v) for k, v in labels.items() if k not in OWN_LABELS))
         rows[key] = Seen(
             key=key,
             agent_label=agent_label,
-            labels=own,
-            provider=labels.get("provider") or "?",
+            labels=_own_labels(labels),
+            provider=_label(labels, "provider") or "?",
             sample_at=sample_at,
             age_s=max(0.0, at - sample_at),
         )
@@ -275,7 +279,7 @@ def assemble(seen: list, families: dict[str, list]) -> dict[Key, Seen]:
             if row is None:
                 continue
             if allowed is not None:
-                state = labels.get(family)
+                state = _label(labels, family)
                 if value != 1.0 or state is None:
                     continue
                 if state in allowed and family not in row.states:
@@ -283,7 +287,7 @@ def assemble(seen: list, families: dict[str, list]) -> dict[Key, Seen]:
                 elif state != row.states.get(family):
                     row.conflicting.add(family)
             elif extra is not None:
-                own_label = labels.get(extra)
+                own_label = _label(labels, extra)
                 held = row.missing if extra == "model" else row.tripped
                 if own_label is not None and len(held) < (MODELS_MAX if extra == "model" else ALERTS_MAX):
                     held[own_label] = value
