@@ -108,6 +108,14 @@ async def until(condition, what: str, timeout: float) -> None:
         await asyncio.sleep(1.0)
 
 
+def report(sizes: list[tuple[str, int, float]]) -> None:
+    for kind in ("instant", "range"):
+        mine = [(size, took) for name, size, took in sizes if name == kind]
+        if mine:
+            print(f"    {len(mine)} {kind} queries: {sum(s for s, _ in mine) / 1024:.0f} KiB of answers;"
+                  f" each answered in {min(t for _, t in mine) * 1000:.0f} to {max(t for _, t in mine) * 1000:.0f} ms (sent together)")
+
+
 async def measure(url: str, total: int, runs: int) -> None:
     import httpx
 
@@ -117,12 +125,11 @@ async def measure(url: str, total: int, runs: int) -> None:
     sizes: list[tuple[str, int, float]] = []
     fetch = source._get
 
-    names = {source._queries.instant: "every family", **{expr: kind for kind, expr in source._queries.history.items()}}
 
     async def timed_get(path, params):  # the size and time of each answer, to say where a refresh goes
         start = time.perf_counter()
         body = await fetch(path, params)
-        sizes.append((f"{path.rsplit('/', 1)[-1]} ({names.get(params['query'], '?')})", len(body), time.perf_counter() - start))
+        sizes.append(("range" if path.endswith("query_range") else "instant", len(body), time.perf_counter() - start))
         return body
 
     source._get = timed_get
@@ -134,8 +141,7 @@ async def measure(url: str, total: int, runs: int) -> None:
         held = sum(len(b.ttft_history) + len(b.tps_history) + len(b.latency_history) + len(b.queue_history) for b in rows)
         print(f"  first refresh (with the sparklines' backfill): {first * 1000:.0f} ms wall, {first_cpu * 1000:.0f} ms CPU in this process;"
               f" {state.standing}, {len(rows)} rows of {total}; {held} sparkline points held")
-        for name, size, took in sizes:
-            print(f"    {name:<40} {size / 1024:8.0f} KiB  {took * 1000:6.0f} ms")
+        report(sizes)
         times, cpus = [], []
         for _ in range(runs):
             await asyncio.sleep(source.history_step_s)  # as the refresh loop would: each refresh has new sparkline points
@@ -147,7 +153,7 @@ async def measure(url: str, total: int, runs: int) -> None:
         assert len(source.backends()) == total and source.state().standing == "connected", source.state()
         print(f"  steady refresh of {total} backends, {runs} runs: median {median(times) * 1000:.0f} ms, p95 {percentile(times, 95) * 1000:.0f} ms,"
               f" max {max(times) * 1000:.0f} ms wall (target < 2000 ms); CPU in this process median {median(cpus) * 1000:.0f} ms")
-        print(f"    answers of the last one: {sum(s for _, s, _ in sizes) / 1024:.0f} KiB in {len(sizes)} requests")
+        report(sizes)
         sample = random.Random(1).sample(rows, 20)
         took = []
         for b in sample:
