@@ -117,8 +117,6 @@ def report(sizes: list[tuple[str, int, float]]) -> None:
 
 
 async def measure(url: str, total: int, runs: int) -> None:
-    import httpx
-
     from llmtop.remote.prometheus import HISTORY_POINTS, PrometheusSource
 
     source = PrometheusSource(url, '{job="llmtop"}', refresh_s=5.0)
