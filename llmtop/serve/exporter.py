@@ -43,6 +43,7 @@ FAMILIES = (
     Family("llmtop_backend_admin", "stateset", "The operator's state: active, draining or disabled."),
     Family("llmtop_backend_health_latency_seconds", "gauge", "The last health poll's latency."),
     Family("llmtop_backend_model_list_known", "gauge", "1 when the backend's model list could be read."),
+    Family("llmtop_backend_models_served", "gauge", "How many models the backend lists (absent while the model list is unknown)."),
     Family("llmtop_backend_model_missing", "gauge", "1 when an expected model is not served, 0 when it is (absent while the model list is unknown).", "model"),
     Family("llmtop_backend_alert_tripped", "gauge", "1 when a configured metric rule is tripped, 0 when not.", "rule"),
     Family("llmtop_backend_requests_running", "gauge", "Requests the engine is running (its own metric)."),
@@ -96,6 +97,7 @@ def backend_series(b: BackendSnapshot, now: float, ready_when: tuple[str, ...]) 
     put("llmtop_backend_health_latency_seconds", None if b.latency_ms is None else b.latency_ms / 1000.0)
     put("llmtop_backend_model_list_known", 0.0 if b.models is None else 1.0)
     if b.models is not None:
+        put("llmtop_backend_models_served", float(b.models_total if b.models_total is not None else len(b.models)))
         for model in b.expected_models:
             put("llmtop_backend_model_missing", 1.0 if model in b.missing_models else 0.0, model)
     if b.metrics is not None:
