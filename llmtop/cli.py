@@ -57,6 +57,15 @@ def _shared_options(parser: argparse.ArgumentParser, *, demo: bool, suppress: bo
             help="also show the fleet of the llmtop agent (`llmtop serve`) at URL; repeat for more ([[remote]] in the config does the same)",
         )
         parser.add_argument(
+            "--prometheus", metavar="URL", default=default,
+            help="also show every backend llmtop agents export to this Prometheus-compatible query API (read-only; "
+            "credentials from $LLMTOP_PROMETHEUS_TOKEN, or $LLMTOP_PROMETHEUS_USER and $LLMTOP_PROMETHEUS_PASSWORD)",
+        )
+        parser.add_argument(
+            "--selector", metavar="MATCHERS", default=default,
+            help='with --prometheus: the series to read, e.g. \'{job="llmtop"}\' (default: every llmtop_ series)',
+        )
+        parser.add_argument(
             "--demo", action="store_true", default=argparse.SUPPRESS if suppress else False,
             help="watch a built-in simulated fleet on 127.0.0.1",
         )
@@ -122,15 +131,21 @@ def _check_scope(args) -> None:
         raise UsageError("--demo watches its own simulated fleet; leave out --config (or --demo)")
     if args.command is None:
         return
-    allowed = {"--demo": ("check", "serve"), "--listen": ("serve",), "--agent-listen": ("serve",), "--connect": ("check",)}
+    allowed = {"--demo": ("check", "serve"), "--listen": ("serve",), "--agent-listen": ("serve",), "--connect": ("check",),
+               "--prometheus": ("check",), "--selector": ("check",)}
     where = {
+        "--prometheus": "the live screen and `check`",
+        "--selector": "the live screen and `check`",
         "--connect": "the live screen and `check`",
         "--demo": "the live screen, `check` and `serve`",
         "--listen": "the live screen and `serve`",
         "--agent-listen": "the live screen and `serve`",
     }
     flags = (("--theme", args.theme), ("--read-only", args.read_only), ("--demo", args.demo),
-             ("--listen", args.listen), ("--agent-listen", args.agent_listen), ("--connect", args.connect))
+             ("--listen", args.listen), ("--agent-listen", args.agent_listen), ("--connect", args.connect),
+             ("--prometheus", args.prometheus), ("--selector", args.selector))
+    if args.selector and not args.prometheus:
+        raise UsageError("--selector chooses series in a Prometheus: give --prometheus URL too")
     for flag, given in flags:
         if given and args.command not in allowed.get(flag, ()):
             place = where.get(flag, "the live screen (llmtop with no command)")
@@ -201,7 +216,7 @@ def cmd_check(args) -> int:
                 raise UsageError(str(exc)) from None
             config, state = load_config(demo.config_path), _state(args, demo.state_path)
         else:
-            config, state = _load(args, optional=bool(args.connect)), _state(args)
+            config, state = _load(args, optional=bool(args.connect or args.prometheus)), _state(args)
         agents = _agents(args, config)
         if not config.backends and not agents:
             # Zero backends checked is not "every backend is healthy": a script must not read it as success.
@@ -223,18 +238,13 @@ def cmd_check(args) -> int:
 
 
 def _agents(args, config: Config) -> list:
-    """The remote agents to read: --connect URLs, then the config's [[remote]] tables."""
-    from llmtop.remote.agents import AgentSource
+    """The remote sources to read: --connect URLs, the config's [[remote]] tables, and --prometheus."""
+    from llmtop.remote.sources import remote_sources
 
-    agents = []
-    for url in getattr(args, "connect", None) or ():
-        try:
-            agents.append(AgentSource(url))
-        except ValueError as exc:
-            raise UsageError(f"--connect: {exc}") from None
-    for remote in config.remotes:
-        agents.append(AgentSource(remote.url, remote.name, remote.token_env))
-    return agents
+    try:
+        return remote_sources(args, config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_serve(args) -> int:

@@ -5,6 +5,7 @@ every hostile answer there is; and no JSON at all makes its parser raise anythin
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import math
 import re
@@ -222,6 +223,19 @@ async def test_a_real_prometheus_over_two_agents_shows_their_fleets_a_drain_and_
 
             await until(drained, "the drain to reach the source")
             assert (await fleet(one))["backends"][0]["admin"] == "draining"
+
+            # `check --prometheus` prints the same fleet, an agent per backend; 1 since some are not healthy.
+            checked = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "llmtop", "check", "--prometheus", url, "--selector", '{job="llmtop"}', "--json"],
+                capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)},
+            )
+            assert checked.returncode == 1 and checked.stderr == "", checked.stderr
+            doc = json.loads(checked.stdout)
+            # A name on two agents is two rows, each named agent/name.
+            assert {b["name"] for b in doc["backends"]} >= {f"{one.instance}/shared", f"{two.instance}/shared"}
+            shown = {(b["agent"], b["name"].removeprefix(f'{b["agent"]}/')): (b["status"], b["admin"]) for b in doc["backends"]}
+            assert set(shown) == set(rows) and shown[(one.instance, "ok")][1] == "draining"
+            assert shown[(two.instance, "dead")][0] == "down" and doc["agents"][0]["standing"] == "connected"
 
             # Agent two is lost: its rows stay, as they were, stale since their last sample.
             before = {b.name: b for b in source.backends() if b.agent == two.instance}

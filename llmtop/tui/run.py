@@ -55,17 +55,13 @@ def _discovered(config_path: Path) -> tuple[Config, str]:
 
 
 def _agents(args, config: Config):
-    """The agents to show: --connect URLs, then the config's [[remote]] tables (or why not, a line)."""
-    from llmtop.remote.agents import AgentSource
+    """The remote sources to show (or why not, a line)."""
+    from llmtop.remote.sources import remote_sources
 
-    sources = []
-    for url in getattr(args, "connect", None) or ():
-        try:
-            sources.append(AgentSource(url))
-        except ValueError as exc:
-            return f"--connect: {exc}"
-    sources += [AgentSource(r.url, r.name, r.token_env) for r in config.remotes]
-    return sources
+    try:
+        return remote_sources(args, config)
+    except ValueError as exc:
+        return str(exc)
 
 
 def pick_theme(wanted: str | None, loaded: LoadedThemes, prefs_path: Path | None) -> str | None:
@@ -104,7 +100,7 @@ def run_tui(args) -> int:
             else:
                 config_path = resolve_config_path(args.config)
                 # A path the user named (--config, $LLMTOP_CONFIG) must exist; only the default may be absent.
-                if getattr(args, "connect", None) and not config_path.exists() and config_path == default_config_path():
+                if (getattr(args, "connect", None) or getattr(args, "prometheus", None)) and not config_path.exists() and config_path == default_config_path():
                     config, config_path = Config(), None  # only the agents: no local discovery
                 elif config_path.exists() or config_path != default_config_path():
                     config = load_config(config_path)
