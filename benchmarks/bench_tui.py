@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _simproc import SimProcess, median, percentile, wait_ready, write_config  # noqa: E402
+from _simproc import SimProcess, cpu_reference, median, percentile, wait_ready, write_config  # noqa: E402
 
 from llmtop.config import load_config  # noqa: E402
 from llmtop.engine import Engine  # noqa: E402
@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between polls per backend")
     parser.add_argument("--probe-interval", type=float, default=10.0, help="seconds between completion probes per backend")
     args = parser.parse_args()
+    print(cpu_reference())
     spec = [{"name": f"sim-{i:04d}"} for i in range(1, args.backends + 1)]
     settings = {"health_interval_s": args.health_interval, "probe_interval_s": args.probe_interval}
     print(f"{args.backends} backends, health every {args.health_interval:g} s, probes every {args.probe_interval:g} s")

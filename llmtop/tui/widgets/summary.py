@@ -31,6 +31,10 @@ _STANDING = {
 _ALWAYS = ("healthy", "degraded", "down")  # shown even at zero: "0 down" is news too
 
 
+def _k(n: float) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
+
+
 class FleetSummary(Static):
     """One line of counts above the table (short forms when the words do not fit its width), and
     a second for a config error or a hint."""
@@ -47,9 +51,16 @@ class FleetSummary(Static):
     def show(self, view: FleetView) -> None:
         self._view = view
         width = max(1, self.size.width - 2)  # its padding
-        parts = self._counts(view, short=False)
-        if sum(len(p if isinstance(p, str) else p[0]) for p in parts) > width:
-            parts = self._counts(view, short=True)
+        def fits(candidate: list) -> bool:
+            return sum(len(p if isinstance(p, str) else p[0]) for p in candidate) <= width
+
+        # Shorter forms as room runs out; the probe spend stays while anything can hold it.
+        candidates = [
+            self._counts(view, short=False) + self._spend(view, short=False),
+            self._counts(view, short=False) + self._spend(view, short=True),
+            self._counts(view, short=True) + self._spend(view, short=True),
+        ]
+        parts = next((c for c in candidates if fits(c)), self._counts(view, short=True))
         fleet = view.fleet
         if view.sources:
             parts += ["\n", *self._sources(view, width)]
@@ -61,6 +72,21 @@ class FleetSummary(Static):
         if parts != self._parts:  # an update re-lays out the screen (auto height), so skip a same-text tick
             self._parts = parts
             self.update(Content.assemble(*parts))
+
+    @staticmethod
+    def _spend(view: FleetView, short: bool) -> list:
+        """What the fleet's probes cost per hour, as planned (tokens in and out; money where a
+        price is set), and the budget that holds them, if any."""
+        spend = view.fleet.spend()
+        tokens = spend["tokens_per_hour"]
+        if not tokens and not spend["budget_tokens_per_hour"]:
+            return []
+        text = f"  Σ{_k(tokens)} tok/h" if short else f"  probes {_k(tokens)} tok/h"
+        if spend["cost_per_hour"] is not None:
+            text += f" {spend['cost_per_hour']:.2f}/h" if short else f", {spend['cost_per_hour']:.2f}/h"
+        if spend["budget_tokens_per_hour"] and not short:
+            text += f" (budget {_k(spend['budget_tokens_per_hour'])})"
+        return [(text, "$foreground-muted")]
 
     @staticmethod
     def _sources(view: FleetView, width: int) -> list:
