@@ -21,7 +21,7 @@ KEYS = (
     ("d", "drain / undrain the selected backend (asks; survives restarts)", True),
     ("t", "disable / enable the selected backend (survives restarts)", True),
     ("r", "reload the config (SIGHUP and edits reload it too, also --read-only)", True),
-    ("/", "filter by name, provider, status or model name", False),
+    ("/", "filter by name, provider, status, agent or model name", False),
     ("s / S", "sort by the next column / reverse the sort (or click a header)", False),
     ("space", "pause the screen to read it (polls and probes go on)", False),
     ("g", "show or hide the GPU panel", False),
@@ -37,6 +37,8 @@ LEGEND = (
     "  (182ms) last measured, older than the backend's present state\n"
     "  ?/2 model list unknown   1/2! a model missing   ~ tokens counted\n"
     "  age: how old the TTFT and tok/s beside it are\n"
+    "  ◷ stale: its agent is lost; figures as they were (never down)\n"
+    "header: Σ tok/h what probes cost an hour as planned\n"
     "circuit: closed · OPEN · half-open"
 )
 
