@@ -65,6 +65,7 @@ class AgentSource:
         self._on_change = on_change or (lambda: None)
         self._backoff = backoff
         self._seq = 0
+        self._ever_connected = False
         self._seen_events: deque[tuple] = deque(maxlen=EVENTS_KEPT)
         self._backends: dict[str, BackendSnapshot] = {}
         self._order: list[str] = []
@@ -232,10 +233,11 @@ class AgentSource:
             self._order = [b.name for b in backends]
             self._backends = {b.name: self._with_history(b) for b in backends}
             self._gpus = gpus
-            if self._lost_at is not None:
+            if self._lost_at is not None and self._ever_connected:
                 self._say(f"connected again; its rows were stale from {time.strftime('%H:%M:%S', time.localtime(self._lost_at))}", "info")
             self._standing, self._since, self._detail, self._lost_at = "connected", now, None, None
             self._cache = None
+            self._ever_connected = True
             self.connected.set()
         elif kind == "backend":
             try:

@@ -218,7 +218,18 @@ class DetailScreen(BlindKeysOff, Screen):
     def _probe(self, b: BackendSnapshot, view: FleetView) -> Content:
         now = view.fleet.at
         p = b.probe
-        cost = f"{b.probe_tokens_per_hour:.0f} tokens/hour" if b.probe_tokens_per_hour else "none (not probing)"
+        hourly = b.probe_tokens_per_hour + b.probe_input_tokens_per_hour
+        if hourly:
+            cost = f"{b.probe_tokens_per_hour:.0f} out + {b.probe_input_tokens_per_hour:.0f} in tokens/hour"
+            if b.probe_cost_per_hour is not None:
+                cost += f" ({b.probe_cost_per_hour:.4g}/hour)"
+        else:
+            cost = "none (not probing)"
+        c = b.counters
+        if c.probe_tokens or c.probe_input_tokens:  # since this llmtop started
+            cost += f"; spent {c.probe_tokens} out + {c.probe_input_tokens} in"
+            if b.probe_cost_per_hour is not None:
+                cost += f" = {c.probe_cost:.4g}"
         rows: list = []
         if b.probe_note and b.admin == "active":
             rows.append(("probe", (b.probe_note, "$text-warning")))
