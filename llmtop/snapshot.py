@@ -68,7 +68,7 @@ class ProbeSummary:
             "model": self.model,
             "at": round(self.at, 3),
             "age_s": _round(max(0.0, now - self.at)),
-            "ttft_ms": _round(self.ttft_ms),
+            "ttft_ms": _round(_round(self.ttft_ms, 2)),  # from the phases' figure: one document, one rounding path
             "tokens_per_s": _round(self.tokens_per_s),
             "output_tokens": self.output_tokens,
             "tokens_estimated": self.tokens_estimated,

@@ -64,12 +64,9 @@ def _choice(value: Any, allowed: tuple[str, ...], default: str) -> str:
 
 
 def _ttft(shown: Any, precise: Any) -> float | None:
-    """The phases keep one more digit than the top-level figure; the finer one, unless rounding it
-    again would not give the figure the agent printed (54.745 -> 54.75 -> 54.8, not 54.7)."""
-    shown, precise = _nonneg(shown), _nonneg(precise)
-    if precise is not None and shown is not None and round(precise, 1) != shown:
-        return shown
-    return precise if precise is not None else shown
+    """The phases keep one more digit than the top-level figure (which is rounded from it)."""
+    precise = _nonneg(precise)
+    return precise if precise is not None else _nonneg(shown)
 
 
 def _probe(data: Any) -> ProbeSummary | None:
