@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx  # noqa: E402
 from _simproc import SimProcess, cpu_reference, wait_ready, write_config  # noqa: E402
-from bench_tui import SIZE, FrameWatch, report  # noqa: E402
+from bench_tui import SIZE, FrameWatch, measure_keys  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -119,34 +119,7 @@ async def screen(args) -> None:
                 cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
                 print(f"  nobody typing, over {wall:.1f} s: CPU {100 * cpu / wall:.1f}% of one core, {(watch.frames - frames) / wall:.1f} frames/s")
                 print(f"  memory: {rss_mb():.0f} MB RSS ({rss_mb() - rss0:.0f} MB more than before the screen)")
-                from llmtop.tui.format import SORT_LABELS, SORT_NAMES
-
-                sort_ms = []
-                for _ in range(args.presses):
-                    upcoming = SORT_NAMES[(SORT_NAMES.index(table.sort_name) + 1) % len(SORT_NAMES)]
-                    sort_ms.append(await watch.press(pilot, "s", f"sort: {SORT_LABELS[upcoming]}"))
-                report("s (cycle sort)", sort_ms)
-                while table.sort_name != "name":
-                    await pilot.press("s")
-                down_ms = []
-                for _ in range(args.presses):
-                    following = table.ordered_rows[table.cursor_row + 1].key.value
-                    down_ms.append(await watch.press(pilot, "j", f"{following} · trends"))
-                report("j (cursor down)", down_ms)
-                await pilot.press("slash")
-                typed, filter_ms = "", []
-                for char in "a3-sim":
-                    typed += char
-                    filter_ms.append(await watch.press(pilot, "minus" if char == "-" else char, f"filter '{typed}'"))
-                await pilot.press("escape")
-                report("/ typing a filter", filter_ms)
-                detail_ms, back_ms = [], []
-                for _ in range(max(3, args.presses // 3)):
-                    detail_ms.append(await watch.press(pilot, "enter", "probe cost"))
-                    back_ms.append(await watch.press(pilot, "escape", "sort: "))
-                report("Enter (details)", detail_ms)
-                report("Esc (back)", back_ms)
-                report("all keys", sort_ms + down_ms + filter_ms + detail_ms + back_ms)
+                await measure_keys(watch, pilot, table, args.presses, "a3-sim")
                 await pilot.press("q")
     finally:
         fake.terminate()

@@ -73,6 +73,39 @@ def report(name: str, samples: list[float]) -> None:
     print(f"  {name:<22} n={len(samples):<3} median {median(samples):6.1f} ms   p95 {percentile(samples, 95):6.1f} ms   max {max(samples):6.1f} ms")
 
 
+async def measure_keys(watch: FrameWatch, pilot, table: FleetTable, presses: int, filter_text: str) -> None:
+    """Key-to-screen of each kind of key, as an operator uses them: sort, move, filter, details."""
+    sort_ms = []
+    for _ in range(presses):
+        upcoming = SORT_NAMES[(SORT_NAMES.index(table.sort_name) + 1) % len(SORT_NAMES)]
+        sort_ms.append(await watch.press(pilot, "s", f"sort: {SORT_LABELS[upcoming]}"))
+    report("s (cycle sort)", sort_ms)
+
+    while table.sort_name != "name":  # a stable order, so the next row is known in advance
+        await pilot.press("s")
+    down_ms = []
+    for _ in range(presses):
+        following = table.ordered_rows[table.cursor_row + 1].key.value
+        down_ms.append(await watch.press(pilot, "j", f"{following} · trends"))
+    report("j (cursor down)", down_ms)
+
+    await pilot.press("slash")
+    typed, filter_ms = "", []
+    for char in filter_text:
+        typed += char
+        filter_ms.append(await watch.press(pilot, "minus" if char == "-" else char, f"filter '{typed}'"))
+    await pilot.press("escape")
+    report("/ typing a filter", filter_ms)
+
+    detail_ms, back_ms = [], []
+    for _ in range(max(3, presses // 3)):
+        detail_ms.append(await watch.press(pilot, "enter", "probe cost"))
+        back_ms.append(await watch.press(pilot, "escape", "sort: "))
+    report("Enter (details)", detail_ms)
+    report("Esc (back)", back_ms)
+    report("all keys", sort_ms + down_ms + filter_ms + detail_ms + back_ms)
+
+
 async def engine_alone(config: Path, state: Path, args) -> float:
     """CPU % of the same engine with no UI, so the UI's own share can be read off the difference."""
     engine = Engine(load_config(config), StateStore(state))
@@ -107,37 +140,7 @@ async def measure(config: Path, state: Path, args) -> None:
         print(f"engine + UI, nobody typing, over {wall:.1f} s: CPU {100 * cpu / wall:.1f}% of one core, {(watch.frames - frames) / wall:.1f} frames/s")
 
         print(f"key-to-screen with {len(app.view.fleet.backends)} backends live, {SIZE[0]}x{SIZE[1]}:")
-        sort_ms = []
-        for _ in range(args.presses):
-            upcoming = SORT_NAMES[(SORT_NAMES.index(table.sort_name) + 1) % len(SORT_NAMES)]
-            sort_ms.append(await watch.press(pilot, "s", f"sort: {SORT_LABELS[upcoming]}"))
-        report("s (cycle sort)", sort_ms)
-
-        while table.sort_name != "name":  # a stable order, so the next row is known in advance
-            await pilot.press("s")
-        down_ms = []
-        for _ in range(args.presses):
-            following = table.ordered_rows[table.cursor_row + 1].key.value
-            down_ms.append(await watch.press(pilot, "j", f"{following} · trends"))
-        report("j (cursor down)", down_ms)
-
-        await pilot.press("slash")
-        typed, filter_ms = "", []
-        for char in "sim-01":
-            typed += char
-            filter_ms.append(await watch.press(pilot, "minus" if char == "-" else char, f"filter '{typed}'"))
-        await pilot.press("escape")
-        report("/ typing a filter", filter_ms)
-
-        detail_ms, back_ms = [], []
-        for _ in range(max(3, args.presses // 3)):
-            detail_ms.append(await watch.press(pilot, "enter", "probe cost"))
-            back_ms.append(await watch.press(pilot, "escape", "sort: "))
-        report("Enter (details)", detail_ms)
-        report("Esc (back)", back_ms)
-
-        everything = sort_ms + down_ms + filter_ms + detail_ms + back_ms
-        report("all keys", everything)
+        await measure_keys(watch, pilot, table, args.presses, "sim-01")
 
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for _ in range(args.presses):
