@@ -150,8 +150,11 @@ def served(sims) -> dict[str, int]:
 async def test_a_drain_from_the_cli_moves_all_new_requests_to_the_other_backend(tmp_path, check_kind):
     async with balanced(tmp_path, check_kind) as (sims, url, sock, engine, state):
         before = served(sims)
-        await send(url, 20)
-        assert all(served(sims)[n] > before[n] for n in sims)  # both take traffic
+        for _ in range(50):  # both take traffic (a check answered late on a loaded core may take one out for a moment)
+            await send(url, 10)
+            if all(served(sims)[n] > before[n] for n in sims):
+                break
+        assert all(served(sims)[n] > before[n] for n in sims), served(sims)
         StateStore(state.path).set_admin("A", "draining")  # `llmtop drain A`, another process
         # Drained (agent) or down (http-check) in HAProxy's own state: no guessing at timing.
         await until(lambda: servers_state(sock)["A"] != (2, 0), "HAProxy to take A out")
