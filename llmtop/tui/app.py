@@ -497,9 +497,14 @@ class LlmtopApp(App):
 
     def _check_config_file(self) -> None:
         # Also in --read-only: following an edit someone made to the file changes nothing on its own.
+        # Not while a load is under way (SIGHUP's, r's, or one stuck on a slow filesystem): an
+        # exclusive worker here cancelled a SIGHUP's load before its thread began, and the reload
+        # it asked for was lost whenever the file had not changed.
+        if any(w.group == "config" and not w.is_finished for w in self.workers):
+            return
         self._load_config("file changed", only_if_changed=True)
 
-    @work(thread=True, exclusive=True, group="config", exit_on_error=False)
+    @work(thread=True, group="config", exit_on_error=False)
     def _load_config(self, why: str, only_if_changed: bool) -> None:
         # A thread, because the config may sit on a network filesystem and the UI must not wait on it.
         stamp = _stamp(self.config_path)
