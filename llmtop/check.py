@@ -33,6 +33,7 @@ async def run_check(config: Config, state: StateStore, rounds: int = 1, interval
             if i:
                 await asyncio.sleep(interval_s)
             await engine.run_round()
+        engine.replan()
         return engine.snapshot()
 
 
@@ -65,10 +66,13 @@ def check_fleet(
         max_concurrency=-(-config.settings.max_concurrency // workers),
         probe_concurrency=-(-config.settings.probe_concurrency // workers),
     )
+    # So is the fleet's probe budget: each worker plans its share, and the shares add up to it.
+    cap = config.budget.tokens_per_hour
+    shared_budget = config.budget if cap is None else dataclasses.replace(config.budget, tokens_per_hour=cap / workers)
     shards = []
     for i in range(workers):
         # Interleaved, so a run of slow backends in the config is spread over the workers too.
-        sub = dataclasses.replace(config, settings=settings, backends=config.backends[i::workers])
+        sub = dataclasses.replace(config, settings=settings, budget=shared_budget, backends=config.backends[i::workers])
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_worker, args=(send, sub, state, rounds, interval_s), name=f"llmtop-check-{i}", daemon=True
@@ -93,6 +97,7 @@ def check_fleet(
         events=tuple(events),
         config_path=parts[0].config_path,
         config_error=parts[0].config_error,
+        budget_tokens_per_hour=config.budget.tokens_per_hour,
     )
 
 

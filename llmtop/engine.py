@@ -191,6 +191,17 @@ class Engine:
             return plan
         return budget.stretched(plan, self._fleet_factor(), cap)
 
+    def replan(self) -> None:
+        """Every backend's probe plan made again now, from what the probes have cost so far: a
+        one-shot check ends with the plans the live loop would have (each round re-plans its own
+        backend; a plan made before another backend's first probe priced it is out of date)."""
+        self._stretch = None
+        for tracker in self.trackers.values():
+            plan = self._plan(tracker) if tracker.can_complete() else budget.Plan(tracker.policy.probe_interval_s)
+            if plan != tracker.plan:
+                tracker.plan = plan
+                tracker.update()
+
     def _fleet_factor(self) -> float:
         """How much the fleet's budget stretches every interval; planned again at most once a second."""
         now = self.clock()

@@ -500,3 +500,22 @@ async def test_check_passes_a_fleet_whose_unwatched_backend_is_off_by_choice(sta
             await engine.run_round()
             snap = engine.snapshot()
     assert [b.status for b in snap.backends] == ["healthy", "unknown"] and exit_code(snap) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_checks_planned_spend_never_reads_above_the_fleet_budget(state, workers):
+    """A one-shot check reports the plans the live loop would have: a plan made before another
+    backend's first probe priced the fleet was left stretched too little (1,580 tokens/h planned
+    against a budget of 1,000), and each worker process planned against the whole budget."""
+    from llmtop.check import check_fleet
+
+    fleet = [SimBackend(n) for n in ("a", "b", "c", "d")]
+    sim = Simulator(fleet).start_in_thread()
+    try:
+        skip = PolicyKeys(skip_probe_when=SkipRule("requests_waiting", -1.0))  # never probed, still planned
+        config = config_for(sim, fleet, {"c": skip}, budget=1000, probe_interval_s=60)
+        spend = check_fleet(config, state, workers=workers).spend()
+    finally:
+        sim.stop_thread()
+    assert spend["budget_tokens_per_hour"] == 1000
+    assert 900 <= spend["tokens_per_hour"] <= 1000 * 1.01, spend
