@@ -189,6 +189,46 @@ async def test_bytes_sent_on_an_idle_connection_are_not_the_next_answer(pause):
     assert second.status_code == 200 and server.connections == 2
 
 
+async def test_a_server_flooding_an_idle_connection_is_read_once_then_left_unwatched(wire):
+    """The raw socket stays registered with the loop after an answer (a stream is read a token
+    at a time), so what a server writes unasked afterwards is read by the loop: once, held, and
+    then the socket is no longer watched: no loop spinning on a readable socket nobody reads,
+    no buffering of a flood. The next request goes out on a new connection."""
+    if wire != "raw-socket":
+        pytest.skip("asyncio streams buffer within their own limits")
+    answered, flooded, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    class Flood(Server):
+        async def handle(self, reader, writer):
+            self.connections += 1
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(ok(b"first"))
+                await writer.drain()
+                if self.connections == 1:
+                    await asyncio.wait_for(answered.wait(), 30)  # the connection is idle in the pool
+                    writer.write(b"x" * (4 * transport.READ_SIZE))
+                    flooded.set()
+                    await asyncio.wait_for(done.wait(), 30)
+            finally:
+                writer.close()
+
+    async with Flood(None) as server, backend_client(3) as client:
+        assert (await client.get(server.url)).text == "first"
+        io = client._transport._idle[0].io
+        answered.set()
+        await asyncio.wait_for(flooded.wait(), 30)
+        await until(lambda: io._held is not None, "the flood's first read")
+        for _ in range(20):  # let the loop run: a watched readable socket would be read again
+            await asyncio.sleep(0)
+        held = io._held
+        assert len(held[0]) <= transport.READ_SIZE and not io._watching
+        assert io.fd not in asyncio.get_running_loop()._selector.get_map()
+        assert (await client.get(server.url)).text == "first"
+        done.set()
+    assert server.connections == 2
+
+
 async def test_a_reset_on_a_reused_connection_is_retried_once_on_a_new_one():
     """The usual keep-alive race: the request reaches a server that is closing the idle
     connection, and the kernel answers with a reset rather than a close."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import sys
 import time
@@ -457,9 +458,22 @@ class CappedStream:
         self.what = what
 
     async def aiter_text(self) -> AsyncIterator[str]:
-        async for text in self._response.aiter_text():
-            if self._response.num_bytes_downloaded > MAX_STREAM_BYTES:
+        """The body as UTF-8 text (what event streams and NDJSON are), piece by piece as read.
+
+        Straight from the transport's body, which has already undone any content coding: httpx's
+        three text, byte and raw layers cost an async generator step each per read, and a probe's
+        stream is read a token at a time."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        size = 0
+        async for chunk in self._response.stream:
+            size += len(chunk)
+            if size > MAX_STREAM_BYTES:
                 raise ProbeError(f"{self.what}: stream over {MAX_STREAM_BYTES // (1024 * 1024)} MiB, not read further")
+            text = decoder.decode(chunk)
+            if text:
+                yield text
+        text = decoder.decode(b"", True)
+        if text:
             yield text
 
 
