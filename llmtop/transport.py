@@ -725,15 +725,38 @@ class NoCookies(http.cookiejar.CookieJar):
         pass
 
 
+class _NoCookieStore(httpx.Cookies):
+    """What the client offers httpx as its cookies: none, and none taken from a response. (httpx
+    wraps every response and its request in urllib objects before its jar may decline them: a
+    tenth of the CPU a health poll cost.)"""
+
+    def __init__(self) -> None:
+        super().__init__(NoCookies())
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+
+class _BackendClient(httpx.AsyncClient):
+    _no_cookies = _NoCookieStore()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies) -> None:
+        pass  # httpx's constructor sets them; a monitor keeps none
+
+
 def backend_client(timeout_s: float, ssl_context: ssl.SSLContext | None = None, max_connections: int = 4) -> httpx.AsyncClient:
     """The httpx client for one backend, on a LeanTransport."""
-    return httpx.AsyncClient(
+    return _BackendClient(
         transport=LeanTransport(ssl_context, max_connections=max_connections),
         # Connecting is bounded here; the whole exchange, by the caller's deadline (every adapter
         # request runs under one, providers/base.py). A timer per read on top would cost CPU for
         # no new bound.
         timeout=httpx.Timeout(None, connect=timeout_s),
-        cookies=NoCookies(),
         follow_redirects=False,  # see Adapter.raise_for_status
         # Bodies are small and the CPU is what a big fleet runs out of; a server that compresses
         # anyway is inflated a bounded piece at a time (_BoundedDecoder).

@@ -155,6 +155,59 @@ def test_a_metrics_page_maps_to_finite_figures_or_a_parse_error(page):
     assert all(math.isfinite(v) for v in figures)
 
 
+def escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+@st.composite
+def valid_prometheus_pages(draw) -> str:
+    """Pages prometheus_client reads: families of samples with any label values (quotes,
+    backslashes, braces, commas and newlines escaped as the format says), any float, timestamps."""
+    lines = []
+    for family in draw(st.lists(st.sampled_from(["vllm:num_requests_running", "vllm:kv_cache_usage_perc", "x_total", "h"]), max_size=4, unique=True)):
+        kind = {"x_total": "counter", "h": "histogram"}.get(family, "gauge")
+        lines.append(f"# HELP {family} some help with {{braces}} and \\ slashes")
+        lines.append(f"# TYPE {family.removesuffix('_total')} {kind}")
+        suffixes = ["_bucket", "_sum", "_count"] if kind == "histogram" else [""]
+        for _ in range(draw(st.integers(0, 4))):
+            labels = draw(st.dictionaries(st.sampled_from(["engine", "model_name", "le", "a_b"]), st.text(max_size=8), max_size=3))
+            if "_bucket" in suffixes:
+                labels["le"] = draw(st.sampled_from(["0.1", "+Inf"]))
+            body = ",".join(f'{k}="{escaped(v)}"' for k, v in labels.items())
+            value = draw(st.floats(allow_nan=True, allow_infinity=True, width=32))
+            stamp = draw(st.sampled_from(["", " 1700000000000"]))
+            for suffix in suffixes:
+                lines.append(f"{family}{suffix}{{{body}}} {value!r}{stamp}" if body or draw(st.booleans()) else f"{family}{suffix} {value!r}{stamp}")
+    return "\n".join(lines) + "\n"
+
+
+@PROPERTY
+@given(valid_prometheus_pages())
+def test_the_sample_reader_sums_what_prometheus_client_reads(page):
+    """metrics.samples replaced prometheus_client's parser on the poll path (for speed);
+    prometheus_client stays the oracle of what a page says."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmtop.metrics import parse_samples
+
+    expected: dict[str, float] = {}
+    skipped: list[str] = []
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name.endswith(("_bucket", "_created")):
+                continue
+            if not math.isfinite(sample.value):
+                skipped += [sample.name] if sample.name not in skipped else []
+                continue
+            expected[sample.name] = expected.get(sample.name, 0.0) + sample.value
+    for name in [n for n, v in expected.items() if not math.isfinite(v)]:
+        del expected[name]
+        skipped += [name] if name not in skipped else []
+    ignored: list[str] = []
+    totals, _ = parse_samples(page, (), ignored)
+    assert totals == expected and sorted(ignored) == sorted(skipped)
+
+
 # -- streams: SSE and NDJSON fed in arbitrary pieces -----------------------------------------------
 
 

@@ -348,6 +348,32 @@ async def test_post_bodies_and_headers_reach_the_server():
     assert body == b'{"a":1}' or body == b'{"a": 1}'
 
 
+async def test_a_cookie_a_server_sets_is_never_sent_back():
+    """A monitor keeps no cookies: a load balancer's sticky cookie would pin every probe to the
+    replica that set it."""
+    heads = []
+
+    class Sticky(Server):
+        async def handle(self, reader, writer):
+            self.connections += 1
+            while True:
+                try:
+                    heads.append(await reader.readuntil(b"\r\n\r\n"))
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                writer.write(ok(extra="Set-Cookie: replica=3; Path=/\r\nSet-Cookie: session=abc\r\n"))
+                await writer.drain()
+            writer.close()
+
+    async with Sticky(None) as server, backend_client(3) as client:
+        first = await client.get(server.url + "/health")
+        await client.get(server.url + "/health")
+        await client.post(server.url + "/v1/chat/completions", json={})
+    assert first.headers.get_list("set-cookie") == ["replica=3; Path=/", "session=abc"]
+    assert len(heads) == 3 and not any(b"cookie" in head.lower() for head in heads)
+    assert not client.cookies
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     if not shutil.which("openssl"):
