@@ -106,6 +106,22 @@ def test_backend_json_from_any_bytes_is_a_value_or_a_value_error(data):
         pass
 
 
+@PROPERTY
+@given(st.one_of(st.binary(max_size=200), JSON.map(json.dumps), JSON.map(lambda v: json.dumps(v).encode("utf-16"))))
+def test_backend_json_reads_as_json_loads_reads_it_with_non_numbers_absent(data):
+    """inbound.loads keeps one decoder for the usual case; it must read exactly what json.loads
+    reads, NaN and Infinity as None."""
+    try:
+        expected = json.loads(data, parse_constant=lambda token: None)
+    except (ValueError, RecursionError):
+        expected = ValueError
+    try:
+        got = inbound.loads(data)
+    except (ValueError, RecursionError):
+        got = ValueError
+    assert got == expected
+
+
 # -- model lists ----------------------------------------------------------------------------------
 
 
