@@ -134,6 +134,7 @@ class Adapter:
             self.health_path = self.policy.health_path
         url = backend.url
         self.base = url[: -len("/v1")] if url.endswith("/v1") else url
+        self._urls: dict[str, httpx.URL] = {}  # path -> parsed URL: httpx parses a string URL anew per request
         self.notes: list[str] = []  # values read as absent (NaN, Infinity) since the engine last took them
 
     def take_notes(self) -> list[str]:
@@ -141,6 +142,13 @@ class Adapter:
         return notes
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def url(self, path: str) -> httpx.URL:
+        """The backend's URL for one of the protocol's fixed paths, parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base + path)
+        return url
 
     def api_key(self) -> str | None:
         """The key from the environment, trimmed: a key pasted from a CRLF .env file ends in \\r."""
@@ -218,7 +226,7 @@ class Adapter:
 
     async def _request(self, method, path, json_body, what, ok_statuses) -> Response:
         start = time.perf_counter()
-        async with self.client.stream(method, self.base + path, json=json_body, headers=self.headers()) as resp:
+        async with self.client.stream(method, self.url(path), json=json_body, headers=self.headers()) as resp:
             body = bytearray()
             async for chunk in resp.aiter_bytes():
                 body += chunk
@@ -267,7 +275,7 @@ class Adapter:
 
         async def run() -> ProbeResult:
             nonlocal phases
-            request = self.client.build_request("POST", self.base + path, json=body, headers=self.headers())
+            request = self.client.build_request("POST", self.url(path), json=body, headers=self.headers())
             meter.begin()  # replaced by the time the request's last byte was written, where the transport says
             resp = await self.client.send(request, stream=True)
             # TTFT starts when the request was written: waiting for a connection, connecting and a
