@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -37,30 +38,43 @@ def _base(name: str) -> str:
 
 
 def select_series(text: str, wanted: set[str]) -> str:
-    """Keep only the lines (samples and their # TYPE/# HELP) of the wanted families.
+    """Keep only the sample lines of the wanted series (their buckets and `_created` stamps left out).
 
-    A real vLLM page is ~60 KB of hundreds of series, and the parser costs ~7 ms on it; at 500
-    backends polled every 5 s that alone would eat most of a core. We read a handful of series,
-    so the parser only sees those. `wanted` holds sample or family names; suffixes are understood.
+    A real vLLM page is ~60 KB of hundreds of series; llmtop reads a handful, so only their lines
+    are parsed. `wanted` holds sample or family names; suffixes are understood. One regular
+    expression per set of names finds them: a Python loop over every line of a 60 KB page cost
+    1.2 ms (a tenth of a core at 500 backends polled every 5 s); the expression, 0.1 ms. It is
+    not anchored with a multiline ^ (tried at every character of the page, 0.45 ms); a match
+    counts where it starts a line.
     """
-    wanted = wanted | {_base(n) for n in wanted}
-    kept = []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[1] in ("TYPE", "HELP") and (parts[2] in wanted or _base(parts[2]) in wanted):
-                kept.append(line)
-            continue
-        end = len(line)
-        for stop in ("{", " "):
-            i = line.find(stop)
-            if i != -1 and i < end:
-                end = i
-        name = line[:end]
-        # Buckets are never read (a histogram's _sum/_count give its mean) and are most of its lines.
-        if name and not name.endswith(("_bucket", "_created")) and (name in wanted or _base(name) in wanted):
-            kept.append(line)
-    return "\n".join(kept) + "\n"
+    found = _series_pattern(frozenset(wanted)).finditer(text)
+    return "\n".join(m.group() for m in found if m.start() == 0 or text[m.start() - 1] == "\n") + "\n"
+
+
+@functools.lru_cache(maxsize=64)
+def _series_pattern(wanted: frozenset[str]) -> re.Pattern[str]:
+    bases = wanted | {_base(n) for n in wanted}
+    # Buckets are never read (a histogram's _sum/_count give its mean) and are most of its lines.
+    names = {n for n in wanted if not n.endswith(("_bucket", "_created"))}
+    names |= {b + suffix for b in bases for suffix in _SUFFIXES if suffix not in ("_bucket", "_created")}
+    names |= bases
+    # The name, then its labels and value up to the end of the line, or the line's end at once.
+    return re.compile(_trie_pattern(sorted(names)) + r"(?:[{ \t][^\n]*)?(?=\n|\Z)")
+
+
+def _trie_pattern(names: list[str]) -> str:
+    """A regex matching exactly `names`, as a trie ("vllm:(?:a|b)" rather than "vllm:a|vllm:b"):
+    the regex engine tries alternatives one by one, so shared prefixes are read once, not once
+    per name."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if name:
+            groups.setdefault(name[0], []).append(name[1:])
+    parts = [re.escape(head) + _trie_pattern(tails) for head, tails in sorted(groups.items())]
+    if not parts:
+        return ""
+    body = parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
+    return "(?:" + body + ")?" if "" in names else body
 
 
 def wanted_series(names: "MetricNames", extra: tuple[str, ...] = ()) -> set[str]:

@@ -204,7 +204,7 @@ def test_the_sample_reader_sums_what_prometheus_client_reads(page):
     prometheus_client stays the oracle of what a page says."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from llmtop.metrics import parse_samples
+    from llmtop.metrics import _base, parse_samples, select_series
 
     expected: dict[str, float] = {}
     skipped: list[str] = []
@@ -222,6 +222,11 @@ def test_the_sample_reader_sums_what_prometheus_client_reads(page):
     ignored: list[str] = []
     totals, _ = parse_samples(page, (), ignored)
     assert totals == expected and sorted(ignored) == sorted(skipped)
+    # The poll parses only the lines of the series it wants (select_series): the same figures.
+    for wanted in ({"vllm:num_requests_running"}, {"h_sum", "h_count", "x"}, {"vllm:kv_cache_usage_perc", "h"}, {"x_total", "h_bucket"}):
+        chosen, _ = parse_samples(select_series(page, wanted))
+        bases = wanted | {_base(n) for n in wanted}
+        assert chosen == {n: v for n, v in expected.items() if n in bases or _base(n) in bases}, wanted
 
 
 # -- streams: SSE and NDJSON fed in arbitrary pieces -----------------------------------------------
