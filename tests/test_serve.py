@@ -340,6 +340,47 @@ async def test_the_fast_exposition_says_exactly_what_prometheus_client_says(tmp_
         assert ours.render(True) == ours.render(True)  # from the cache, the same bytes
 
 
+async def test_the_exposition_cache_never_answers_with_lines_of_an_old_snapshot(tmp_path):
+    """Each backend's lines are kept until its snapshot changes: a drain, a later `now` that
+    makes the last probe's figures old, and a backend a reload removed all show at once."""
+    import dataclasses
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmtop.serve.exporter import Exposition, FleetCollector
+
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        await until(lambda: _timed(engine, "ok"), "a timed probe of ok")
+        fleet = engine.snapshot()
+        ready_when = lambda: ("healthy", "degraded")  # noqa: E731
+        ours = Exposition(lambda: fleet, ready_when)
+
+        def same_as_prometheus_client(at) -> str:
+            text = ours.render(False).decode()
+            registry = CollectorRegistry()
+            registry.register(FleetCollector(lambda: at, ready_when))
+            assert parsed(text) == parsed(generate_latest(registry).decode())
+            return text
+
+        def parsed(text: str) -> dict:
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.name.endswith("_created")}
+
+        before = same_as_prometheus_client(fleet)
+        assert 'llmtop_backend_admin{backend="ok",provider="vllm",team="ml",llmtop_backend_admin="active"} 1.0' in before
+        assert 'llmtop_probe_last_ttft_seconds{backend="ok"' in before
+        await engine.set_admin("ok", "draining")
+        fleet = engine.snapshot()
+        drained = same_as_prometheus_client(fleet)
+        assert 'llmtop_backend_admin{backend="ok",provider="vllm",team="ml",llmtop_backend_admin="draining"} 1.0' in drained
+        assert 'llmtop_backend_ready{backend="ok",provider="vllm",team="ml"} 0.0' in drained
+        fleet = dataclasses.replace(fleet, at=fleet.at + 10**6)  # the same snapshots, read much later
+        later = same_as_prometheus_client(fleet)
+        assert "llmtop_probe_last_ttft_seconds{" not in later  # old figures are not current
+        fleet = dataclasses.replace(fleet, backends=tuple(b for b in fleet.backends if b.name != "dead"))
+        assert 'backend="dead"' not in same_as_prometheus_client(fleet)
+
+
 async def test_a_bad_byte_in_the_state_file_is_said_and_following_goes_on(tmp_path):
     from llmtop.follow import Follower
 
