@@ -154,6 +154,8 @@ async def test_readiness_is_answered_while_the_engines_loop_is_busy_and_a_drain_
         await engine.set_admin("ok", "draining", by="test")
         assert ask_now("/backends/ok/ready") == (503, "draining\n")
         assert agent_now("ok") == b"drain up # draining\n"
+        status, metrics = ask_now("/metrics")  # from the published snapshots, as current
+        assert status == 200 and 'llmtop_backend_admin{backend="ok",provider="vllm",team="ml",llmtop_backend_admin="draining"} 1.0' in metrics
         dead = ask_now("/backends/dead/ready")
         assert dead[0] == 503 and dead[1] == readiness(engine.backend_snapshot("dead"), ("healthy", "degraded")).reason + "\n"
         assert ask_now("/backends/nope/ready")[0] == 404
@@ -161,16 +163,17 @@ async def test_readiness_is_answered_while_the_engines_loop_is_busy_and_a_drain_
 
 async def test_a_breaker_that_time_alone_moved_is_answered_as_the_engine_says_now(tmp_path):
     """The published answer of an open breaker holds until its cooldown ends; past it, the
-    answer is the engine's own (which moves the breaker to half-open), not the published one."""
+    answer is the engine's own (which moves the breaker to half-open), not the published one.
+    The same for /metrics."""
     from llmtop.config import BreakerSettings
 
     now = [1000.0]
-    sb = SimBackend("flaky", "vllm", fault="5xx")
-    async with Simulator([sb]) as sim:
+    sims = [SimBackend("flaky", "vllm", fault="5xx"), SimBackend("flaky2", "vllm", fault="5xx")]
+    async with Simulator(sims) as sim:
         cfg = Config(
             settings=Settings(timeout_s=2.0),
             breaker=BreakerSettings(consecutive_failures=2, cooldown_s=30.0),
-            backends=(BackendConfig("flaky", "vllm", sim.url("flaky"), tuple(sb.models)),),
+            backends=tuple(BackendConfig(sb.name, "vllm", sim.url(sb.name), tuple(sb.models)) for sb in sims),
         )
         async with Engine(cfg, StateStore(tmp_path / "state.json"), clock=lambda: now[0]) as engine:
             site = ServeSite(engine, "127.0.0.1:0")
@@ -189,6 +192,9 @@ async def test_a_breaker_that_time_alone_moved_is_answered_as_the_engine_says_no
                     assert engine.trackers["flaky"].breaker._state == "half_open"  # asking moved it, as before
                     assert not r.text.startswith("circuit open")
                     assert r.text == readiness(engine.backend_snapshot("flaky"), ("healthy", "degraded")).reason + "\n"
+                    assert engine.trackers["flaky2"].breaker._state == "open"  # not asked yet
+                    metrics = (await client.get("/metrics")).text
+                    assert 'llmtop_backend_circuit{backend="flaky2",provider="vllm",llmtop_backend_circuit="half_open"} 1.0' in metrics
             finally:
                 await site.stop()
 

@@ -37,6 +37,7 @@ class Answer(NamedTuple):
 
 class Table(NamedTuple):
     backends: dict[str, Answer]  # never changed once published
+    snapshots: dict[str, BackendSnapshot]  # the same backends' snapshots, in the config's order
     pending: int  # backends not polled once yet (/readyz)
 
 
@@ -52,7 +53,7 @@ class Board:
     def __init__(self, engine: Engine, settings: Callable[[], ServeSettings] | None = None):
         self.engine = engine
         self._settings = settings or (lambda: engine.config.serve)
-        self.table = Table({}, 0)
+        self.table = Table({}, {}, 0)
         self._pending: set[str] = set()  # what Engine.first_round_pending counts, by name
         self.beat = time.monotonic()
         self._heart: asyncio.Task | None = None
@@ -85,15 +86,18 @@ class Board:
         if b is None:  # a reload: every backend, and only those the config has now
             fleet = self.engine.snapshot().backends
             backends = {s.name: self._answer(s, ready_when) for s in fleet}
+            snapshots = {s.name: s for s in fleet}
             self._pending = {s.name for s in fleet if _pending(s)}
         else:
             backends = dict(self.table.backends)
             backends[b.name] = self._answer(b, ready_when)
+            snapshots = dict(self.table.snapshots)
+            snapshots[b.name] = b  # a name already there keeps its place: only a reload adds one
             if _pending(b):
                 self._pending.add(b.name)
             else:
                 self._pending.discard(b.name)
-        self.table = Table(backends, len(self._pending))
+        self.table = Table(backends, snapshots, len(self._pending))
 
     def _answer(self, b: BackendSnapshot, ready_when: tuple[str, ...]) -> Answer:
         r = readiness(b, ready_when)
@@ -106,6 +110,16 @@ class Board:
         if a is not None and self.engine.clock() >= a.until:
             return False, None
         return True, a
+
+    def backends(self) -> tuple[BackendSnapshot, ...] | None:
+        """From any thread: every backend's latest snapshot, in the config's order, as
+        Engine.snapshot() would give them; or None when time may have moved a breaker since (or
+        the engine's loop is stuck), and the engine's loop must be asked."""
+        table = self.table
+        now = self.engine.clock()
+        if self.stalled() is not None or any(now >= a.until for a in table.backends.values()):
+            return None
+        return tuple(table.snapshots.values())
 
     def ask(self, name: str) -> Answer | None:
         """On the engine's loop: the answer now, as the engine gives it (and so published)."""

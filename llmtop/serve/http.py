@@ -192,8 +192,14 @@ class ServeSite:
     # -- metrics and the fleet -----------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """From the snapshots the engine published (board.py), without waiting on its loop, and
+        rendered on the render thread."""
         openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
-        fleet = await self._thread.on_engine(self.engine.snapshot)
+        backends = self._board.backends()
+        if backends is None:
+            fleet = await self._thread.on_engine(self.engine.snapshot)
+        else:  # what the exposition reads of Engine.snapshot(): the time, the backends, the GPUs
+            fleet = FleetSnapshot(at=self.engine.wall(), backends=backends, gpu=self.engine.gpu_status, events=())
         ready_when = self._settings().ready_when
         body = await asyncio.get_running_loop().run_in_executor(self._render, self._exposition.render_fleet, fleet, ready_when, openmetrics)
         return web.Response(body=body, headers={"Content-Type": content_type(openmetrics)})
