@@ -25,6 +25,17 @@ from _simproc import SimProcess, cpu_reference, median, percentile, write_config
 from bench_check_fleet import _pss_mb, _tree, fleet  # noqa: E402
 
 PORT = 19850
+FLOOR_PORT = 19859
+# The floor: the same questions to a server that does nothing else, in its own process, beside serve.
+TRIVIAL = r"""
+import sys
+from aiohttp import web
+async def ready(request):
+    return web.Response(text="ready\n")
+app = web.Application()
+app.add_routes([web.get("/backends/{name}/ready", ready)])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=lambda *a: print("up", flush=True))
+"""
 
 
 async def wait_ready(client, url: str, timeout: float = 120) -> None:
@@ -129,6 +140,15 @@ async def run(base_url: str, config: Path, seconds: float, n: int, spec: list[di
             achieved = len(latencies) / seconds
             print(f"  readiness at {achieved:.0f} requests/s (asked 1,000; the client in a process of its own): median {median(latencies) * 1000:.2f} ms,"
                   f" p99 {percentile(latencies, 99) * 1000:.2f} ms (target p99 < 5 ms)")
+            trivial = subprocess.Popen([sys.executable, "-c", TRIVIAL, str(FLOOR_PORT)], stdout=subprocess.PIPE, text=True)
+            try:
+                trivial.stdout.readline()
+                floor = await readiness_load_apart("127.0.0.1", FLOOR_PORT, "/backends/sim-0001/ready", 1000, seconds)
+            finally:
+                trivial.terminate()
+                trivial.wait(10)
+            print(f"  the floor on this machine now: a trivial aiohttp server in its own process beside serve, the same load:"
+                  f" median {median(floor) * 1000:.2f} ms, p99 {percentile(floor, 99) * 1000:.2f} ms")
             print(f"  probe TTFT error, serve quiet: median {median(quiet_errors):+.1f} ms, p95 {percentile(quiet_errors, 95):+.1f} ms"
                   f" ({len(quiet_errors)} readings)")
             print(f"  probe TTFT error, under the readiness load: median {median(loaded_errors):+.1f} ms,"
