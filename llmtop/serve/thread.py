@@ -1,10 +1,9 @@
 """A thread with an asyncio loop of its own that serve answers from, and the bridges between it and the engine's loop.
 
 Why a thread: on the engine's loop, a balancer's readiness question waited behind whatever the
-loop was doing (reading 500 backends' metrics, building snapshots): 7-27 ms at the 99th
-percentile, against a target of 5. On a loop of its own, it waits only for the GIL, which
-Python hands over every `sys.getswitchinterval()` seconds to a thread that asks for it; serve
-asks for SWITCH_S. Everything that reads or changes the engine still runs on the engine's loop
+loop was doing (reading 500 backends' metrics, building snapshots), and a stuck loop answered
+nothing. On a loop of its own, it waits only for the GIL (and the CPU), which Python hands over
+every `sys.getswitchinterval()` seconds to a thread that asks for it; serve asks for SWITCH_S. Everything that reads or changes the engine still runs on the engine's loop
 (`on_engine`), so the engine stays single-threaded.
 """
 
