@@ -25,6 +25,17 @@ from _simproc import SimProcess, cpu_reference, median, percentile, write_config
 from bench_check_fleet import _pss_mb, _tree, fleet  # noqa: E402
 
 PORT = 19850
+FLOOR_PORT = 19859
+# The floor: the same questions to a server that does nothing else, in its own process, beside serve.
+TRIVIAL = r"""
+import sys
+from aiohttp import web
+async def ready(request):
+    return web.Response(text="ready\n")
+app = web.Application()
+app.add_routes([web.get("/backends/{name}/ready", ready)])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=lambda *a: print("up", flush=True))
+"""
 
 
 async def wait_ready(client, url: str, timeout: float = 120) -> None:
@@ -65,6 +76,17 @@ async def readiness_load(host: str, port: int, path: str, rate: float, seconds: 
 
     await asyncio.gather(*(one_connection(i * interval / connections) for i in range(connections)))
     return latencies
+
+
+async def readiness_load_apart(host: str, port: int, path: str, rate: float, seconds: float) -> list[float]:
+    """readiness_load in a process of its own: in this one, reading a 2 MB fleet document every
+    2 s (the TTFT sampling beside it) held the client's loop for ~15 ms each time, and those
+    waits were counted as the server's latency (they made most of the p99)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--load", json.dumps([host, port, path, rate, seconds]), stdout=subprocess.PIPE
+    )
+    out, _ = await child.communicate()
+    return json.loads(out)
 
 
 def ttft_errors(doc: dict, spec: dict[str, dict]) -> list[float]:
@@ -113,11 +135,20 @@ async def run(base_url: str, config: Path, seconds: float, n: int, spec: list[di
                     await asyncio.sleep(2)
                     loaded_errors.extend(ttft_errors((await client.get(url + "/api/v1/fleet")).json(), by_name))
 
-            load, _ = await asyncio.gather(readiness_load("127.0.0.1", PORT, "/backends/sim-0001/ready", 1000, seconds), sample_ttft())
+            load, _ = await asyncio.gather(readiness_load_apart("127.0.0.1", PORT, "/backends/sim-0001/ready", 1000, seconds), sample_ttft())
             latencies = load
             achieved = len(latencies) / seconds
-            print(f"  readiness at {achieved:.0f} requests/s (asked 1,000): median {median(latencies) * 1000:.2f} ms,"
+            print(f"  readiness at {achieved:.0f} requests/s (asked 1,000; the client in a process of its own): median {median(latencies) * 1000:.2f} ms,"
                   f" p99 {percentile(latencies, 99) * 1000:.2f} ms (target p99 < 5 ms)")
+            trivial = subprocess.Popen([sys.executable, "-c", TRIVIAL, str(FLOOR_PORT)], stdout=subprocess.PIPE, text=True)
+            try:
+                trivial.stdout.readline()
+                floor = await readiness_load_apart("127.0.0.1", FLOOR_PORT, "/backends/sim-0001/ready", 1000, seconds)
+            finally:
+                trivial.terminate()
+                trivial.wait(10)
+            print(f"  the floor on this machine now: a trivial aiohttp server in its own process beside serve, the same load:"
+                  f" median {median(floor) * 1000:.2f} ms, p99 {percentile(floor, 99) * 1000:.2f} ms")
             print(f"  probe TTFT error, serve quiet: median {median(quiet_errors):+.1f} ms, p95 {percentile(quiet_errors, 95):+.1f} ms"
                   f" ({len(quiet_errors)} readings)")
             print(f"  probe TTFT error, under the readiness load: median {median(loaded_errors):+.1f} ms,"
@@ -130,7 +161,7 @@ async def run(base_url: str, config: Path, seconds: float, n: int, spec: list[di
 
 async def render_in_process(config: Path) -> tuple[float, float]:
     """Medians of rendering /metrics (warm cache, and cold) inside a process watching the fleet:
-    the time the event loop spends on a scrape, without the transfer."""
+    the CPU a scrape costs, without the transfer."""
     from llmtop.config import load_config
     from llmtop.engine import Engine
     from llmtop.serve.exporter import Exposition
@@ -154,7 +185,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backends", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--load", help=argparse.SUPPRESS)  # the readiness client's own process (readiness_load_apart)
     args = parser.parse_args()
+    if args.load:
+        print(json.dumps(asyncio.run(readiness_load(*json.loads(args.load)))))
+        return 0
     print(cpu_reference())
     spec = fleet(args.backends)
     print(f"{args.backends} simulated vLLM backends (simulator in its own process), probes every 10 s, polls every 5 s")
@@ -162,7 +197,7 @@ def main() -> int:
         config = write_config(base_url, spec, {"probe_max_tokens": 8, "timeout_s": 20, "probe_interval_s": 10, "health_interval_s": 5})
         asyncio.run(run(base_url, config, args.seconds, args.backends, spec))
         warm, cold = asyncio.run(render_in_process(config))
-        print(f"  /metrics rendered in the process (what a scrape holds the event loop for): {warm * 1000:.1f} ms with the"
+        print(f"  /metrics rendered in the process (the CPU a scrape costs, without the transfer): {warm * 1000:.1f} ms with the"
               f" per-backend cache warm, {cold * 1000:.1f} ms cold")
     return 0
 

@@ -48,6 +48,7 @@ class Engine:
         self.gpu_status = GpuStatus(message="GPU not read yet")
         self.events: deque[Event] = deque(maxlen=500)
         self._listeners: list[Callable[[Event], None]] = []
+        self._watchers: list[Callable[[BackendSnapshot | None], None]] = []
         self._ssl = None
         self.trackers: dict[str, BackendTracker] = {}
         self.config_error: str | None = None
@@ -126,6 +127,24 @@ class Engine:
         returns what unsubscribes it. A listener must not block: it runs on the engine's loop."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def watch(self, watcher: Callable[[BackendSnapshot | None], None]) -> Callable[[], None]:
+        """Call `watcher` with a backend's new snapshot each time the engine makes one (whatever
+        changed it: a poll, a probe, an operator's action, the state file, time moving a breaker),
+        and with None once a reload changed the fleet; returns what unsubscribes it.
+
+        Synchronously, on the engine's loop, before the change can be seen any other way: what a
+        watcher publishes (serve's readiness answers) is never behind what `backend_snapshot`
+        says. A watcher must be quick and must not block."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher) if watcher in self._watchers else None
+
+    def backend_changed(self, tracker: BackendTracker) -> None:
+        """A tracker's state changed (its seq moved): tell the watchers, unless a reload dropped it."""
+        if self._watchers and self.trackers.get(tracker.name) is tracker:
+            snap = tracker.snapshot()
+            for watcher in tuple(self._watchers):
+                watcher(snap)
 
     # -- one backend ------------------------------------------------------------------------
 
@@ -252,6 +271,7 @@ class Engine:
     async def _step(self, tracker: BackendTracker, work) -> None:
         tracker.busy = True
         tracker.seq += 1
+        self.backend_changed(tracker)
         try:
             await work(tracker)
         finally:
@@ -492,6 +512,8 @@ class Engine:
         self.emit(
             Event(self.wall(), None, "config", f"config reloaded: {len(self.trackers)} backends (+{added} -{removed})")
         )
+        for watcher in tuple(self._watchers):
+            watcher(None)
 
     def _close_client(self, tracker: BackendTracker) -> None:
         if tracker.client is not None:
@@ -517,6 +539,13 @@ class Engine:
         if tracker.breaker.state != tracker.snapshot_circuit:  # time alone moved it (see snapshot)
             tracker.update()
         return tracker.snapshot()
+
+    def breaker_moves_at(self, name: str) -> float:
+        """When (engine clock) time alone will move this backend's breaker: an open one's cooldown
+        ends; infinity when nothing will."""
+        tracker = self.trackers.get(name)
+        at = tracker.breaker.retry_at() if tracker is not None else None
+        return float("inf") if at is None else at
 
     def snapshot(self) -> FleetSnapshot:
         for tracker in self.trackers.values():

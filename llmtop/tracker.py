@@ -421,6 +421,7 @@ class BackendTracker:
             suffix = f": {reason}" if reason else ""
             engine.emit(Event(engine.wall(), self.name, "status", f"{self.status} -> {status}{suffix}", level))
         self.status, self.status_reason = status, reason
+        engine.backend_changed(self)
 
     def _update_alerts(self) -> None:
         """Alert rules over the last scrape; a rule that could not be judged is said so, not passed."""

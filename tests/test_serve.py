@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmtop.config import BackendConfig, Config, ServeSettings, Settings
 from llmtop.engine import Engine
 from llmtop.serve.agent import AgentServer
-from llmtop.serve.http import ServeSite
+from llmtop.serve.http import ServeSite, fleet_document, fleet_json
 from llmtop.serve.log import format_event
 from llmtop.serve.readiness import agent_reply, readiness
 from llmtop.simulator import SimBackend, Simulator
@@ -125,6 +125,78 @@ async def test_backend_readiness_follows_health_and_the_operator(tmp_path):
         await engine.refresh_state()
         drained = await client.get("/backends/ok/ready")
         assert (drained.status_code, drained.text) == (503, "draining\n")
+
+
+async def test_readiness_is_answered_while_the_engines_loop_is_busy_and_a_drain_shows_at_once(tmp_path):
+    """A balancer's question never waits on the engine's loop: here the loop is held by this very
+    test (a blocking client called from a coroutine on it) while the HTTP endpoint and the agent
+    answer. And a drain is in the answers as soon as the engine acknowledged it, before the loop
+    has run anything else."""
+    import socket
+
+    async with serving(tmp_path) as (engine, client, agent, _sim):
+        await first_round(engine)
+        url = f"http://127.0.0.1:{client.base_url.port}"
+
+        def ask_now(path: str) -> tuple[int, str]:  # the engine's loop waits for this
+            with httpx.Client(base_url=url, trust_env=False, timeout=10) as blocking:
+                r = blocking.get(path)
+            return r.status_code, r.text
+
+        def agent_now(name: str) -> bytes:
+            with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as sock:
+                sock.sendall(name.encode() + b"\n")
+                return sock.recv(1024)
+
+        assert ask_now("/backends/ok/ready") == (200, "ready\n")
+        assert ask_now("/readyz") == (200, "ready\n")
+        assert agent_now("ok") == b"ready up\n"
+        await engine.set_admin("ok", "draining", by="test")
+        assert ask_now("/backends/ok/ready") == (503, "draining\n")
+        assert agent_now("ok") == b"drain up # draining\n"
+        status, metrics = ask_now("/metrics")  # from the published snapshots, as current
+        assert status == 200 and 'llmtop_backend_admin{backend="ok",provider="vllm",team="ml",llmtop_backend_admin="draining"} 1.0' in metrics
+        dead = ask_now("/backends/dead/ready")
+        assert dead[0] == 503 and dead[1] == readiness(engine.backend_snapshot("dead"), ("healthy", "degraded")).reason + "\n"
+        assert ask_now("/backends/nope/ready")[0] == 404
+
+
+async def test_a_breaker_that_time_alone_moved_is_answered_as_the_engine_says_now(tmp_path):
+    """The published answer of an open breaker holds until its cooldown ends; past it, the
+    answer is the engine's own (which moves the breaker to half-open), not the published one.
+    The same for /metrics."""
+    from llmtop.config import BreakerSettings
+
+    now = [1000.0]
+    sims = [SimBackend("flaky", "vllm", fault="5xx"), SimBackend("flaky2", "vllm", fault="5xx")]
+    async with Simulator(sims) as sim:
+        cfg = Config(
+            settings=Settings(timeout_s=2.0),
+            breaker=BreakerSettings(consecutive_failures=2, cooldown_s=30.0),
+            backends=tuple(BackendConfig(sb.name, "vllm", sim.url(sb.name), tuple(sb.models)) for sb in sims),
+        )
+        async with Engine(cfg, StateStore(tmp_path / "state.json"), clock=lambda: now[0]) as engine:
+            site = ServeSite(engine, "127.0.0.1:0")
+            await site.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
+                    await engine.run_round()
+                    await engine.run_round()
+                    assert engine.trackers["flaky"].breaker.state == "open"
+                    r = await client.get("/backends/flaky/ready")
+                    assert r.status_code == 503 and r.text.startswith("circuit open")
+                    now[0] += 29.0
+                    assert (await client.get("/backends/flaky/ready")).text.startswith("circuit open")
+                    now[0] += 1.0  # the cooldown has passed; nothing on the engine's loop has run since
+                    r = await client.get("/backends/flaky/ready")
+                    assert engine.trackers["flaky"].breaker._state == "half_open"  # asking moved it, as before
+                    assert not r.text.startswith("circuit open")
+                    assert r.text == readiness(engine.backend_snapshot("flaky"), ("healthy", "degraded")).reason + "\n"
+                    assert engine.trackers["flaky2"].breaker._state == "open"  # not asked yet
+                    metrics = (await client.get("/metrics")).text
+                    assert 'llmtop_backend_circuit{backend="flaky2",provider="vllm",llmtop_backend_circuit="half_open"} 1.0' in metrics
+            finally:
+                await site.stop()
 
 
 async def test_ready_when_can_exclude_degraded(tmp_path):
@@ -250,6 +322,8 @@ async def test_the_fleet_document_is_checks_json_with_a_schema(tmp_path):
         await first_round(engine)
         doc = (await client.get("/api/v1/fleet")).json()
     assert doc["schema"] == 1 and {b["name"] for b in doc["backends"]} == {"ok", "dead", "partial"}
+    fleet = engine.snapshot()
+    assert fleet_json(fleet) == json.dumps(fleet_document(fleet), allow_nan=False)  # written in pieces, the same bytes
     assert set(doc) >= {"at", "time", "backends", "gpus", "gpu_message"}
 
 
@@ -338,6 +412,47 @@ async def test_the_fast_exposition_says_exactly_what_prometheus_client_says(tmp_
         assert parsed(ours.render(False).decode(), text_string_to_metric_families) == parsed(generate_latest(registry).decode(), text_string_to_metric_families)
         assert parsed(ours.render(True).decode(), parse_openmetrics) == parsed(openmetrics_latest(registry).decode(), parse_openmetrics)
         assert ours.render(True) == ours.render(True)  # from the cache, the same bytes
+
+
+async def test_the_exposition_cache_never_answers_with_lines_of_an_old_snapshot(tmp_path):
+    """Each backend's lines are kept until its snapshot changes: a drain, a later `now` that
+    makes the last probe's figures old, and a backend a reload removed all show at once."""
+    import dataclasses
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmtop.serve.exporter import Exposition, FleetCollector
+
+    async with serving(tmp_path) as (engine, client, _agent, _sim):
+        await first_round(engine)
+        await until(lambda: _timed(engine, "ok"), "a timed probe of ok")
+        fleet = engine.snapshot()
+        ready_when = lambda: ("healthy", "degraded")  # noqa: E731
+        ours = Exposition(lambda: fleet, ready_when)
+
+        def same_as_prometheus_client(at) -> str:
+            text = ours.render(False).decode()
+            registry = CollectorRegistry()
+            registry.register(FleetCollector(lambda: at, ready_when))
+            assert parsed(text) == parsed(generate_latest(registry).decode())
+            return text
+
+        def parsed(text: str) -> dict:
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.name.endswith("_created")}
+
+        before = same_as_prometheus_client(fleet)
+        assert 'llmtop_backend_admin{backend="ok",provider="vllm",team="ml",llmtop_backend_admin="active"} 1.0' in before
+        assert 'llmtop_probe_last_ttft_seconds{backend="ok"' in before
+        await engine.set_admin("ok", "draining")
+        fleet = engine.snapshot()
+        drained = same_as_prometheus_client(fleet)
+        assert 'llmtop_backend_admin{backend="ok",provider="vllm",team="ml",llmtop_backend_admin="draining"} 1.0' in drained
+        assert 'llmtop_backend_ready{backend="ok",provider="vllm",team="ml"} 0.0' in drained
+        fleet = dataclasses.replace(fleet, at=fleet.at + 10**6)  # the same snapshots, read much later
+        later = same_as_prometheus_client(fleet)
+        assert "llmtop_probe_last_ttft_seconds{" not in later  # old figures are not current
+        fleet = dataclasses.replace(fleet, backends=tuple(b for b in fleet.backends if b.name != "dead"))
+        assert 'backend="dead"' not in same_as_prometheus_client(fleet)
 
 
 async def test_a_bad_byte_in_the_state_file_is_said_and_following_goes_on(tmp_path):

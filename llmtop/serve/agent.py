@@ -9,7 +9,8 @@ from typing import Callable
 from llmtop.config import ServeSettings, split_address
 from llmtop.engine import Engine
 from llmtop.sanitize import for_terminal
-from llmtop.serve.readiness import agent_reply
+from llmtop.serve.board import Board
+from llmtop.serve.thread import LoopThread
 from llmtop.snapshot import Event
 
 NAME_MAX = 256  # longer than any backend name; a longer line is not an agent-send
@@ -25,26 +26,56 @@ class AgentServer:
     backend's name and a newline, "gpu1\\n"), and reads one line back: `ready up`, `drain up`,
     `maint` or `ready down`, with `# why` (readiness.agent_reply). For a name llmtop does not
     know, or a backend not polled yet, it answers nothing: HAProxy keeps the state it had (a
-    restart of llmtop must not take a fleet out of service); the unknown name is logged."""
+    restart of llmtop must not take a fleet out of service); the unknown name is logged. Nor
+    while the engine's loop is stuck (board.STALL_S): what it last said is not current.
+
+    Answered on a thread of its own from the published table (board.py), so HAProxy never waits
+    on the engine's loop (thread.py)."""
 
     def __init__(self, engine: Engine, listen: str, settings: Callable[[], ServeSettings] | None = None):
         self.engine = engine
         self.listen = listen
         self._settings = settings or (lambda: engine.config.serve)
         self._server: asyncio.Server | None = None
+        self._thread = LoopThread("llmtop-agent")
+        self._board: Board | None = None
         self._unknown_logged: dict[str, float] = {}
         self._unknown_any = -UNKNOWN_ANY_S
         self.port: int | None = None
 
     async def start(self) -> None:
+        """On the engine's loop."""
+        self._board = Board(self.engine, self._settings)
+        self._board.start()
+        self._thread.start()
+        try:
+            self.port = await self._thread.run(self._start())
+        except BaseException:
+            await self._thread.stop()
+            await self._board.close()
+            self._board = None
+            raise
+
+    async def _start(self) -> int:
         host, port = split_address(self.listen)
         try:
             self._server = await asyncio.start_server(self._answer, host, port, limit=NAME_MAX + 2)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {self.listen} for HAProxy's agent-check: {exc.strerror}") from None
-        self.port = self._server.sockets[0].getsockname()[1]
+        return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """On the engine's loop."""
+        if self._board is None:
+            return
+        try:
+            await self._thread.run(self._stop())
+        finally:
+            await self._thread.stop()
+            await self._board.close()
+            self._board = None
+
+    async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -54,13 +85,16 @@ class AgentServer:
         try:
             line = await asyncio.wait_for(reader.readline(), READ_S)
             name = line.decode("utf-8", "replace").strip()
-            b = self.engine.backend_snapshot(name)
-            if b is None:
+            if self._board.stalled() is not None:
+                return
+            current, a = self._board.current(name)
+            if not current:
+                a = await self._thread.on_engine(self._board.ask, name)
+            if a is None:
                 self._unknown(name)
                 return
-            reply = agent_reply(b, self._settings().ready_when)
-            if reply is not None:
-                writer.write(reply.encode())
+            if a.agent is not None:
+                writer.write(a.agent.encode())
                 await writer.drain()
         except (asyncio.TimeoutError, ValueError, ConnectionError):
             pass  # too slow, too long (LimitOverrunError is a ValueError), or gone: nothing to answer
@@ -77,6 +111,7 @@ class AgentServer:
             self._unknown_any = now
             self._unknown_logged = {n: at for n, at in self._unknown_logged.items() if now - at < UNKNOWN_EVERY_S}
             self._unknown_logged[name] = now
-            self.engine.emit(
-                Event(time.time(), None, "agent", f"HAProxy asked about {for_terminal(name, 64)!r}, which is not in the config; set agent-send to a backend's name", "warning")
+            self._thread.to_engine(
+                self.engine.emit,
+                Event(time.time(), None, "agent", f"HAProxy asked about {for_terminal(name, 64)!r}, which is not in the config; set agent-send to a backend's name", "warning"),
             )

@@ -3,7 +3,7 @@
 One table says what families there are (FAMILIES) and one function what a backend's series are
 (backend_series). Two things turn those into Prometheus' formats:
 - `Exposition`, what /metrics answers with: the text format, or OpenMetrics when asked, written
-  directly and cached per backend and family until a value changes. prometheus_client's own
+  directly, each backend's lines kept until the engine makes it a new snapshot. prometheus_client's own
   writer took 220 ms (text) and 330 ms (OpenMetrics, what Prometheus asks for) to render 500
   backends, on the event loop every probe is timed on; this takes a few milliseconds;
 - `FleetCollector`, a prometheus_client collector over the same series, for Python users who
@@ -203,39 +203,42 @@ def _head(family: Family, openmetrics: bool) -> str:
 
 
 class Exposition:
-    """/metrics: the text format or OpenMetrics from the latest snapshot. Each backend's lines of
-    each family are kept with the values they were written from and written again only when
-    those change, so a scrape of a fleet that mostly sits still costs little."""
+    """/metrics: the text format or OpenMetrics from the latest snapshot.
+
+    Each backend's lines are kept, family by family, with the snapshot they were written from,
+    and written again only when the engine made that backend a new snapshot (a snapshot is
+    immutable and the engine makes a new one only when something about the backend changed),
+    when the labels or ready_when changed, or when time alone made its last probe's figures
+    old. A scrape of 500 backends of which a few changed writes those few and joins the rest."""
 
     def __init__(self, snapshot: Callable[[], FleetSnapshot], ready_when: Callable[[], tuple[str, ...]]):
         self._snapshot = snapshot
         self._ready_when = ready_when
-        self._cache: dict[tuple[str, str, bool], tuple[object, str]] = {}
+        # per format: backend name -> (its snapshot, what else its lines depend on, its lines by family)
+        self._cache: dict[bool, dict[str, tuple[BackendSnapshot, tuple, tuple[str, ...]]]] = {False: {}, True: {}}
 
     def render(self, openmetrics: bool) -> bytes:
-        fleet = self._snapshot()
-        ready_when = self._ready_when()
+        return self.render_fleet(self._snapshot(), self._ready_when(), openmetrics)
+
+    def render_fleet(self, fleet: FleetSnapshot, ready_when: tuple[str, ...], openmetrics: bool) -> bytes:
+        """The exposition of this snapshot. Not for two threads at once (the cache is shared)."""
         names = label_names(fleet)
-        per_backend = []
+        cache = self._cache[openmetrics]
+        kept = {}
+        rows = []
         for b in fleet.backends:
-            label_str = _labels(names, backend_labels(b, names))
-            per_backend.append((b.name, label_str, backend_series(b, fleet.at, ready_when)))
-        seen: set[tuple[str, str, bool]] = set()
+            depends = (names, ready_when, b.figures_current(fleet.at))
+            hit = cache.get(b.name)
+            if hit is None or hit[0] is not b or hit[1] != depends:
+                hit = (b, depends, self._backend_lines(b, fleet.at, names, ready_when, openmetrics))
+            kept[b.name] = hit
+            rows.append(hit[2])
+        self._cache[openmetrics] = kept  # backends a reload removed are forgotten here
         parts = [_head(BUILD, openmetrics), f'llmtop_build_info{{version="{_escape(__version__)}"}} 1.0\n']
-        for family in FAMILIES:
+        columns = zip(*rows) if rows else [()] * len(FAMILIES)
+        for family, column in zip(FAMILIES, columns):
             parts.append(_head(family, openmetrics))
-            for backend, label_str, series in per_backend:
-                values = series.get(family.name)
-                if not values:
-                    continue
-                key = (backend, family.name, openmetrics)
-                seen.add(key)
-                cached = self._cache.get(key)
-                stamp = (label_str, values)
-                if cached is None or cached[0] != stamp:
-                    cached = (stamp, _lines(family, label_str, values, openmetrics))
-                    self._cache[key] = cached
-                parts.append(cached[1])
+            parts.extend(column)
         gpus = gpu_series(fleet)
         for family in GPU_FAMILIES:
             parts.append(_head(family, openmetrics))
@@ -243,14 +246,27 @@ class Exposition:
                 parts.append(f"{family.name}{{{_labels(('gpu', 'name'), labels)}}} {_number(value)}\n")
         if openmetrics:
             parts.append("# EOF\n")
-        for key in [k for k in self._cache if k not in seen]:  # backends a reload removed, series gone
-            del self._cache[key]
         return "".join(parts).encode()
+
+    @staticmethod
+    def _backend_lines(b: BackendSnapshot, now: float, names: tuple[str, ...], ready_when: tuple[str, ...], openmetrics: bool) -> tuple[str, ...]:
+        """One backend's lines of each family, in FAMILIES' order ("" where it has none)."""
+        label_str = _labels(names, backend_labels(b, names))
+        series = backend_series(b, now, ready_when)
+        return tuple(_lines(family, label_str, series[family.name], openmetrics) if family.name in series else "" for family in FAMILIES)
 
     def answer(self, accept: str) -> tuple[bytes, str]:
         """The body and its content type for a request's Accept header (OpenMetrics when asked for)."""
-        openmetrics = "application/openmetrics-text" in (accept or "")
-        return self.render(openmetrics), OPENMETRICS_TYPE if openmetrics else TEXT_TYPE
+        openmetrics = wants_openmetrics(accept)
+        return self.render(openmetrics), content_type(openmetrics)
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    return "application/openmetrics-text" in (accept or "")
+
+
+def content_type(openmetrics: bool) -> str:
+    return OPENMETRICS_TYPE if openmetrics else TEXT_TYPE
 
 
 # -- the same series as a prometheus_client collector ----------------------------------------------------

@@ -1,8 +1,9 @@
-"""serve's HTTP endpoints (aiohttp.web, in the engine's own event loop): liveness, readiness, metrics, the fleet, events, admin."""
+"""serve's HTTP endpoints (aiohttp.web, on a loop of its own beside the engine's): liveness, readiness, metrics, the fleet, events, admin."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import os
@@ -13,15 +14,15 @@ from aiohttp import web
 
 from llmtop.config import ServeSettings, split_address
 from llmtop.engine import Engine
-from llmtop.serve.exporter import Exposition
-from llmtop.serve.readiness import readiness
+from llmtop.serve.board import STALL_S, Answer, Board
+from llmtop.serve.exporter import Exposition, content_type, wants_openmetrics
+from llmtop.serve.thread import LoopThread
 from llmtop.snapshot import Event, FleetSnapshot
 from llmtop.sanitize import for_terminal
 from llmtop.state import LIFTS, StateError
 
 SCHEMA = 1  # of /api/v1/fleet and /api/v1/events; bumped when a field changes meaning
 MAX_REQUEST_BYTES = 64 * 1024  # admin requests carry no body worth more
-STALL_S = 5.0  # the loop missed its heartbeat this long: not live
 EVENT_QUEUE = 1000  # events held for one slow event-stream client before it is let go
 KEEPALIVE_S = 15.0
 WRITE_S = 5.0  # an event-stream client that takes longer to accept a write is let go
@@ -43,9 +44,31 @@ def _text(status: int, line: str) -> web.Response:
     return web.Response(status=status, text=line.rstrip("\n") + "\n", content_type="text/plain")
 
 
+def _ready_response(a: Answer) -> web.Response:
+    return _text(200 if a.ready else 503, a.reason)
+
+
+def fleet_json(fleet: FleetSnapshot) -> str:
+    """json.dumps(fleet_document(fleet)), byte for byte, written one backend at a time: one call
+    over 500 backends holds the GIL for 12 ms, and every readiness answer with it (thread.py)."""
+    doc = fleet_document(fleet)
+    backends = doc["backends"]
+    doc["backends"] = []
+    # The first '"backends": []' is the key's: only "schema", "at" and "time" (a number and a
+    # date) come before it, and inside a JSON string a quote is always escaped.
+    head, _, tail = json.dumps(doc, allow_nan=False).partition('"backends": []')
+    return head + '"backends": [' + ", ".join(json.dumps(b, allow_nan=False) for b in backends) + "]" + tail
+
+
 class ServeSite:
     """The endpoints over one engine. Every answer comes from the engine's latest snapshot: a
-    balancer asking is never kept waiting on a backend."""
+    balancer asking is never kept waiting on a backend, nor on the engine's loop.
+
+    aiohttp runs on a thread of its own (thread.py). Readiness is answered there from the
+    published table (board.py); what needs the engine (a snapshot, an admin action) is asked of
+    the engine's loop; rendering /metrics and the fleet's JSON runs on a third thread, so that
+    neither the readiness answers nor the probes' timing waits for it longer than the GIL's
+    switch interval."""
 
     def __init__(
         self,
@@ -58,15 +81,30 @@ class ServeSite:
         self.listen = listen
         self._settings = settings or (lambda: engine.config.serve)
         self._runner: web.AppRunner | None = None
-        self._beat = time.monotonic()
-        self._heart: asyncio.Task | None = None
-        self._closing = asyncio.Event()
+        self._thread = LoopThread("llmtop-http")
+        self._board: Board | None = None
+        self._closing: asyncio.Event | None = None  # the thread's
         self._exposition = Exposition(engine.snapshot, lambda: self._settings().ready_when)
+        self._render = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmtop-render")  # one: the cache is shared
         self.port: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """On the engine's loop."""
+        self._board = Board(self.engine, self._settings)
+        self._board.start()
+        self._thread.start()
+        try:
+            self.port = await self._thread.run(self._start())
+        except BaseException:
+            await self._thread.stop()
+            await self._board.close()
+            self._board = None
+            raise
+
+    async def _start(self) -> int:
+        self._closing = asyncio.Event()
         host, port = split_address(self.listen)
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.add_routes(
@@ -91,14 +129,22 @@ class ServeSite:
             await self._runner.cleanup()
             self._runner = None
             raise OSError(exc.errno, f"cannot listen on {self.listen}: {exc.strerror}") from None
-        self.port = self._runner.addresses[0][1]
-        self._heart = asyncio.create_task(self._heartbeat(), name="llmtop:serve-heartbeat")
+        return self._runner.addresses[0][1]
 
     async def stop(self) -> None:
+        """On the engine's loop."""
+        if self._board is None:
+            return
+        try:
+            await self._thread.run(self._stop())
+        finally:
+            await self._thread.stop()
+            await self._board.close()
+            self._board = None
+            self._render.shutdown(wait=False)
+
+    async def _stop(self) -> None:
         self._closing.set()
-        if self._heart is not None:
-            self._heart.cancel()
-            await asyncio.gather(self._heart, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -106,22 +152,23 @@ class ServeSite:
     async def _shutdown(self, _app) -> None:
         self._closing.set()  # event streams end at once, not after the shutdown timeout
 
-    async def _heartbeat(self) -> None:
-        while True:
-            self._beat = time.monotonic()
-            await asyncio.sleep(0.5)
-
     # -- health of llmtop itself ------------------------------------------------------------
 
     async def livez(self, request: web.Request) -> web.Response:
-        stalled = time.monotonic() - self._beat
-        if stalled > STALL_S:
+        stalled = self._board.stalled()
+        if stalled is not None:
             return _text(503, f"the event loop missed its heartbeat for {stalled:.1f}s")
-        problem = self.engine.alive()
+        try:
+            problem = await asyncio.wait_for(self._thread.on_engine(self.engine.alive), STALL_S)
+        except asyncio.TimeoutError:
+            return _text(503, f"the event loop did not answer within {STALL_S:g}s")
         return _text(503, problem) if problem else _text(200, "ok")
 
     async def readyz(self, request: web.Request) -> web.Response:
-        waiting = self.engine.first_round_pending()
+        stalled = self._board.stalled()
+        if stalled is not None:
+            return _text(503, f"the event loop missed its heartbeat for {stalled:.1f}s")
+        waiting = self._board.table.pending
         if waiting:
             return _text(503, f"first round not done: {waiting} backends not polled yet")
         return _text(200, "ready")
@@ -129,21 +176,37 @@ class ServeSite:
     # -- readiness per backend ---------------------------------------------------------------
 
     async def backend_ready(self, request: web.Request) -> web.Response:
+        """From the published table (board.py), without waiting on the engine's loop; what the
+        engine would answer at this instant (readiness.readiness of its latest snapshot)."""
+        stalled = self._board.stalled()
+        if stalled is not None:  # what the table says is that old: not an answer
+            return _text(503, f"llmtop's engine has not ticked for {stalled:.1f}s: its answers are not current")
         name = request.match_info["name"]
-        b = self.engine.backend_snapshot(name)
-        if b is None:
+        current, a = self._board.current(name)
+        if not current:
+            a = await self._thread.on_engine(self._board.ask, name)
+        if a is None:
             return _text(404, "no such backend in llmtop's config")
-        r = readiness(b, self._settings().ready_when)
-        return _text(200 if r.ready else 503, r.reason)
+        return _ready_response(a)
 
     # -- metrics and the fleet -----------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body, content_type = self._exposition.answer(request.headers.get("Accept", ""))
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        """From the snapshots the engine published (board.py), without waiting on its loop, and
+        rendered on the render thread."""
+        openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
+        backends = self._board.backends()
+        if backends is None:
+            fleet = await self._thread.on_engine(self.engine.snapshot)
+        else:  # what the exposition reads of Engine.snapshot(): the time, the backends, the GPUs
+            fleet = FleetSnapshot(at=self.engine.wall(), backends=backends, gpu=self.engine.gpu_status, events=())
+        ready_when = self._settings().ready_when
+        body = await asyncio.get_running_loop().run_in_executor(self._render, self._exposition.render_fleet, fleet, ready_when, openmetrics)
+        return web.Response(body=body, headers={"Content-Type": content_type(openmetrics)})
 
     async def fleet(self, request: web.Request) -> web.Response:
-        body = json.dumps(fleet_document(self.engine.snapshot()), allow_nan=False)
+        fleet = await self._thread.on_engine(self.engine.snapshot)
+        body = await asyncio.get_running_loop().run_in_executor(self._render, fleet_json, fleet)
         return web.Response(text=body, content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -155,16 +218,19 @@ class ServeSite:
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=EVENT_QUEUE)
         overflow = asyncio.Event()
 
-        def listen(event: Event) -> None:
+        def put(event: Event) -> None:
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
                 overflow.set()
 
-        unsubscribe = self.engine.subscribe(listen)
+        def listen(event: Event) -> None:  # on the engine's loop
+            self._thread.call_soon(put, event)
+
+        unsubscribe = await self._thread.on_engine(self.engine.subscribe, listen)
         try:
-            fleet = self.engine.snapshot()
-            await _send(response, "fleet", fleet_document(fleet))
+            fleet = await self._thread.on_engine(self.engine.snapshot)
+            await _send(response, "fleet", fleet_json(fleet))
             for event in fleet.events[-RECENT_EVENTS:]:  # a screen that connects sees what led here
                 await _send(response, "event", event_document(event))
             seqs = {b.name: b.seq for b in fleet.backends}
@@ -181,7 +247,7 @@ class ServeSite:
                 if event is not None:
                     await _send(response, "event", event_document(event))
                     last_write = time.monotonic()
-                fleet = self.engine.snapshot()
+                fleet = await self._thread.on_engine(self.engine.snapshot)
                 for b in fleet.backends:
                     if seqs.get(b.name) != b.seq:
                         seqs[b.name] = b.seq
@@ -200,7 +266,7 @@ class ServeSite:
         except (ConnectionResetError, asyncio.CancelledError, asyncio.TimeoutError):
             pass  # the client went away, stopped reading, or the server is stopping
         finally:
-            unsubscribe()
+            self._thread.to_engine(unsubscribe)
         return response
 
     # -- admin -----------------------------------------------------------------------------
@@ -220,27 +286,33 @@ class ServeSite:
         name, action = request.match_info["name"], request.match_info["action"]
         if action not in ACTIONS:
             return _text(404, f"no such action; use one of {', '.join(ACTIONS)}")
-        b = self.engine.backend_snapshot(name)
-        if b is None:
-            return _text(404, "no such backend in llmtop's config")
         peer = request.remote or "?"
+        return _text(*await self._thread.on_engine_await(self._act(name, action, peer)))
+
+    async def _act(self, name: str, action: str, peer: str) -> tuple[int, str]:
+        """On the engine's loop: the action, and the status and line to answer with. A drain is
+        published (board.py) before this returns: the next readiness answer already says it."""
+        if self.engine.backend_snapshot(name) is None:
+            return 404, "no such backend in llmtop's config"
         if action == "probe":
             self.engine.force_probe([name])
             self.engine.emit(Event(time.time(), name, "admin", f"probe requested (API, from {peer})"))
-            return _text(202, "probing")
+            return 202, "probing"
         try:
             before, after = await self.engine.apply_admin(name, action, by=f"API, from {peer}")
         except StateError as exc:  # the file cannot be written (a directory, a full disk, a lock)
             self.engine.note_state_error(str(exc))
-            return _text(503, f"not changed: {for_terminal(str(exc), 300)}")
+            return 503, f"not changed: {for_terminal(str(exc), 300)}"
         if action in LIFTS and before not in (LIFTS[action], "active"):
             # undrain of a disabled backend, enable of a draining one: left as it is, and why.
             lift = next(c for c, lifted in LIFTS.items() if lifted == before)
-            return _text(409, f"{before}, not {LIFTS[action]}; left {before} ({lift} lifts it)")
-        return _text(200, f"{before} -> {after}")
+            return 409, f"{before}, not {LIFTS[action]}; left {before} ({lift} lifts it)"
+        return 200, f"{before} -> {after}"
 
 
-async def _send(response: web.StreamResponse, kind: str, data: dict) -> None:
-    # One SSE event: its name, then its JSON on one line (JSON escapes newlines and controls).
-    # Bounded: a client that stopped reading fills its socket, and would hold its stream for ever.
-    await asyncio.wait_for(response.write(f"event: {kind}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode()), WRITE_S)
+async def _send(response: web.StreamResponse, kind: str, data: dict | str) -> None:
+    # One SSE event: its name, then its JSON (or JSON already written) on one line (JSON escapes
+    # newlines and controls). Bounded: a client that stopped reading fills its socket, and would
+    # hold its stream for ever.
+    text = data if isinstance(data, str) else json.dumps(data, allow_nan=False)
+    await asyncio.wait_for(response.write(f"event: {kind}\ndata: {text}\n\n".encode()), WRITE_S)
