@@ -294,12 +294,10 @@ class Engine:
                 await asyncio.gather(*(self._step(t, self._probe) for t in late))
 
     async def read_gpu(self) -> None:
-        """The GPU reading, waiting at most STALL_NOTE_S: a stalled NVML call delays no poll."""
+        """The GPU reading, waited for at most STALL_NOTE_S from its start: a stalled NVML call
+        delays one round's polls by that at most, and no later round's."""
         if self.gpu is not None:
-            try:
-                self.gpu_status = await asyncio.wait_for(self.gpu.read_async(), STALL_NOTE_S)
-            except asyncio.TimeoutError:
-                self.gpu_status = self.gpu.stalled()
+            self.gpu_status = await self.gpu.read_async(wait_s=STALL_NOTE_S)
 
     def _jittered(self, interval: float) -> float:
         return interval * self._rng.uniform(0.9, 1.1)

@@ -92,23 +92,35 @@ class GpuReader:
             self._cache = (self._clock(), status)
             return status
 
-    async def read_async(self) -> GpuStatus:
+    async def read_async(self, wait_s: float | None = None) -> GpuStatus:
+        """The reading, off the event loop; with `wait_s`, the stalled() status once the read in
+        flight has taken that long (counted from its start, so a stalled driver delays a caller once)."""
         # The cache check touches no NVML, so a fresh hit needs no thread hop.
         cached = self._fresh_cache()
         if cached is not None:
             return cached
         # shield: one caller being cancelled must not cancel the read the others are awaiting.
-        return await asyncio.shield(asyncio.wrap_future(self._start_read()))
+        read = asyncio.shield(asyncio.wrap_future(self._start_read()))
+        if wait_s is None:
+            return await read
+        try:
+            return await asyncio.wait_for(read, max(0.0, self._left(wait_s)))
+        except asyncio.TimeoutError:
+            return self.stalled()
 
     def read_within(self, wait_s: float = STALL_NOTE_S) -> GpuStatus:
-        """A read for a caller that must go on: the stalled() status if NVML has not answered in `wait_s`."""
+        """read_async(wait_s) for a caller without an event loop."""
         cached = self._fresh_cache()
         if cached is not None:
             return cached
         try:
-            return self._start_read().result(timeout=wait_s)
+            return self._start_read().result(timeout=max(0.0, self._left(wait_s)))
         except concurrent.futures.TimeoutError:
             return self.stalled()
+
+    def _left(self, wait_s: float) -> float:
+        started = self._started
+        return wait_s if started is None else wait_s - (self._clock() - started)
 
     def stalled(self) -> GpuStatus:
         """What to show while a read has not come back: no figures, since the last ones are not current."""

@@ -425,12 +425,19 @@ class TerminalView:
         )
 
 
+def _safe_processes(processes: tuple[GpuProcess, ...]) -> tuple[GpuProcess, ...]:
+    return tuple(dataclasses.replace(p, name=for_terminal(p.name, 40), name_note=_safe(p.name_note, 120)) for p in processes)
+
+
 def _safe_gpu(status: GpuStatus) -> GpuStatus:
     gpus = tuple(
         dataclasses.replace(
             g,
             name=for_terminal(g.name, 40),
-            processes=tuple(dataclasses.replace(p, name=for_terminal(p.name, 40)) for p in g.processes),
+            processes=_safe_processes(g.processes),
+            problem=_safe(g.problem, 80),
+            unavailable={for_terminal(k, 40): for_terminal(v, 80) for k, v in g.unavailable.items()},
+            mig=tuple(dataclasses.replace(m, name=for_terminal(m.name, 40), processes=_safe_processes(m.processes)) for m in g.mig),
         )
         for g in status.gpus
     )

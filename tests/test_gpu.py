@@ -13,7 +13,7 @@ import pytest
 
 from llmtop import wire
 from llmtop.engine import Engine
-from llmtop.gpu import INIT_RETRY_FIRST_S, GpuReader
+from llmtop.gpu import INIT_RETRY_FIRST_S, STALL_NOTE_S, GpuReader
 from llmtop.snapshot import GpuProcess, GpuSnapshot, GpuStatus, MigInstance
 from fake_nvml_lib import GIB, FakeDevice, FakeDriver, FakeMigDevice, FakeProcess, install
 
@@ -398,18 +398,21 @@ def test_a_stalled_call_holds_neither_the_caller_nor_close_nor_the_exit(driver):
     assert shutdown.wait(timeout=30)  # outer bound only: set when the shutdown thread calls it
 
 
-async def test_a_stalled_gpu_read_does_not_hold_the_engine(driver, monkeypatch, tmp_path):
-    from llmtop import engine as engine_module
+async def test_a_stalled_gpu_read_holds_no_later_engine_round(driver, tmp_path):
     from llmtop.config import Config
     from llmtop.state import StateStore
 
     nvml = driver(FakeDevice())
     gate = nvml.stall("nvmlDeviceGetCount_v2")
-    monkeypatch.setattr(engine_module, "STALL_NOTE_S", 0)
-    engine = Engine(Config(), StateStore(tmp_path / "s.json"), gpu=reader())
+    clock = FakeClock()
+    r = reader(clock=clock, cache_s=0)
+    engine = Engine(Config(), StateStore(tmp_path / "s.json"), gpu=r)
+    r.read_within(wait_s=0)  # a read starts, and stalls in the driver
+    nvml.entered["nvmlDeviceGetCount_v2"].wait()
+    clock.now += STALL_NOTE_S + 3
 
-    await engine.run_round()
+    await engine.run_round()  # its STALL_NOTE_S has passed already: no wait at all
     await engine.close()
 
-    assert engine.gpu_status.message.startswith("GPU read stalled")
+    assert engine.gpu_status == GpuStatus(message=f"GPU read stalled: an NVML call has not returned for {STALL_NOTE_S + 3:.0f} s")
     gate.set()
