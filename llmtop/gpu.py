@@ -75,7 +75,9 @@ class GpuReader:
         self._init_failures = 0
         self._init_failure: tuple[float, GpuStatus] | None = None  # (clock time, status) of the last failed init
         self._cache: tuple[float, GpuStatus] | None = None  # (clock time, status) of the last real read
-        self._names: dict[int, tuple[str, str | None]] = {}  # pid -> (name, note) from the last read
+        # pid -> whether /proc/PID here is that GPU process (it maps /dev/nvidia*), kept while the
+        # pid stays on a GPU: a large process's maps take a while to read, its command line does not
+        self._ours: dict[int, bool] = {}
         self._seen: set[int] = set()  # the pids this read met
         self._in_flight: concurrent.futures.Future[GpuStatus] | None = None
         self._started: float | None = None  # clock time the read in flight began
@@ -180,7 +182,7 @@ class GpuReader:
             return GpuStatus(message="no NVIDIA GPU")
         self._seen = set()
         gpus = tuple(_read_device(nvml, self._calls, index, self._process_name) for index in range(count))
-        self._names = {pid: self._names[pid] for pid in self._seen if pid in self._names}
+        self._ours = {pid: ours for pid, ours in self._ours.items() if pid in self._seen}
         if all(g.problem is not None for g in gpus):
             return GpuStatus(gpus=gpus, message=f"no readable NVIDIA GPU ({count} found, none answered)")
         return GpuStatus(gpus=gpus)
@@ -220,9 +222,7 @@ class GpuReader:
 
     def _process_name(self, nvml: Any, pid: int) -> tuple[str, str | None]:
         self._seen.add(pid)
-        if pid not in self._names:
-            self._names[pid] = _process_name(nvml, self._proc, pid)
-        return self._names[pid]
+        return _process_name(nvml, self._proc, pid, self._ours)
 
 
 def _init_failure_message(nvml: Any, exc: Any) -> str:
@@ -430,7 +430,7 @@ def _processes(nvml: Any, calls: _Calls, handle: Any, r: _Reading, name_of: Any)
     return tuple(found.values())
 
 
-def _process_name(nvml: Any, proc: str, pid: int) -> tuple[str, str | None]:
+def _process_name(nvml: Any, proc: str, pid: int, ours: dict[int, bool]) -> tuple[str, str | None]:
     """(name, note): the command line from /proc when that pid here is the GPU's process, else NVML's name.
 
     NVML reports host PIDs. Inside a container without the host PID namespace, /proc/PID is
@@ -446,7 +446,9 @@ def _process_name(nvml: Any, proc: str, pid: int) -> tuple[str, str | None]:
         argv, note = None, "no such pid here (exited, or a host pid outside this container)"
     except OSError:
         argv = None
-    if argv and _maps_no_gpu(base):
+    if argv and pid not in ours:
+        ours[pid] = not _maps_no_gpu(base)
+    if argv and not ours[pid]:
         argv, note = None, "the pid here is another process (a host pid outside this container)"
     if argv:
         return " ".join(argv)[:_NAME_MAX], None

@@ -416,3 +416,15 @@ async def test_a_stalled_gpu_read_holds_no_later_engine_round(driver, tmp_path):
 
     assert engine.gpu_status == GpuStatus(message=f"GPU read stalled: an NVML call has not returned for {STALL_NOTE_S + 3:.0f} s")
     gate.set()
+
+
+def test_a_process_renaming_itself_shows_its_new_name(driver, proc, tmp_path):
+    # vLLM's engine process sets its title ("VLLM::EngineCore") after it starts.
+    proc(100, ["python3", "-m", "vllm.entrypoints.openai.api_server"])
+    driver(FakeDevice(compute=[FakeProcess(100, GIB)]))
+    r = reader(proc.root, cache_s=0)
+    assert r.read().gpus[0].processes[0].name == "python3 -m vllm.entrypoints.openai.api_server"
+
+    (tmp_path / "proc" / "100" / "cmdline").write_bytes(b"VLLM::EngineCore\0")
+
+    assert r.read().gpus[0].processes[0].name == "VLLM::EngineCore"
