@@ -26,7 +26,6 @@ STALL_NOTE_S = 2.0  # how long a caller waits for a read before saying it is sta
 _MIB = 1024 * 1024
 # NVML's "value not available" sentinel (unsigned -1); newer bindings map it to None, older ones pass it through.
 _NOT_AVAILABLE = (1 << 64) - 1
-_NOT_A_MIG_ID = 0xFFFFFFFF
 _NAME_MAX = 200
 
 
