@@ -18,7 +18,6 @@ from llmtop.snapshot import GpuProcess, GpuSnapshot, GpuStatus, MigInstance
 from fake_nvml_lib import GIB, FakeDevice, FakeDriver, FakeMigDevice, FakeProcess, install
 
 MIB = 1 << 20
-NVML = pynvml
 
 
 class FakeClock:
@@ -199,7 +198,9 @@ def test_mig_instances_are_listed_under_their_gpu_with_their_own_memory_and_proc
 
 
 def test_a_board_without_mig_reads_as_before(driver):
-    (gpu,) = reader().read().gpus if driver(FakeDevice(mig_capable=False)) else ()
+    driver(FakeDevice(mig_capable=False))
+
+    (gpu,) = reader().read().gpus
 
     assert gpu.mig == () and gpu.unavailable == {} and gpu.utilization_pct == 87.0
 
