@@ -81,7 +81,7 @@ def check_fleet(
         send.close()
         shards.append((proc, receive))
     try:
-        gpu_status = gpu.read() if gpu is not None else GpuStatus(message="GPU not read")
+        gpu_status = gpu.read_within() if gpu is not None else GpuStatus(message="GPU not read")
         parts = [_result(proc, receive) for proc, receive in shards]
     finally:
         for proc, _ in shards:
@@ -236,10 +236,15 @@ def render_table(snapshot: FleetSnapshot) -> str:
     lines.append("")
     if gpu.gpus:
         for g in gpu.gpus:
+            if g.problem is not None:
+                lines.append(f"GPU {g.index}: {g.problem}")
+                continue
             lines.append(
                 f"GPU {g.index} {g.name}: util {_num(g.utilization_pct, '.0f')}%  mem {_num(g.memory_used_mib, '.0f')}/"
                 f"{_num(g.memory_total_mib, '.0f')} MiB  {_num(g.temperature_c, '.0f')}°C  {_num(g.power_w, '.0f')} W"
             )
+            for m in g.mig:
+                lines.append(f"  MIG {m.gpu_instance_id}/{m.compute_instance_id} {m.name}: mem {_num(m.memory_used_mib, '.0f')}/{_num(m.memory_total_mib, '.0f')} MiB")
     else:
         lines.append(gpu.message or "no NVIDIA GPU")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import httpx
 from llmtop import budget
 from llmtop.config import Config
 from llmtop.governor import Governor, Pacer
+from llmtop.gpu import STALL_NOTE_S
 from llmtop.metrics import alert_values
 from llmtop.snapshot import BackendSnapshot, Event, FleetSnapshot, GpuStatus
 from llmtop.state import StateStore
@@ -108,9 +109,9 @@ class Engine:
             tracker.client = tracker.adapter = None
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
         if self.gpu is not None:
-            # In a thread: closing waits for an NVML read in flight, and a stalled driver can hold
-            # one for seconds; the loop (and a caller bounding the shutdown) must not wait with it.
-            await asyncio.to_thread(self.gpu.close)
+            # Returns at once: NVML is shut down on a daemon thread once a read in flight is done,
+            # and a stalled driver call holds neither this loop nor the process's exit.
+            self.gpu.close()
 
     # -- time -------------------------------------------------------------------------------
 
@@ -313,8 +314,10 @@ class Engine:
                 await asyncio.gather(*(self._step(t, self._probe) for t in late))
 
     async def read_gpu(self) -> None:
+        """The GPU reading, waited for at most STALL_NOTE_S from its start: a stalled NVML call
+        delays one round's polls by that at most, and no later round's."""
         if self.gpu is not None:
-            self.gpu_status = await self.gpu.read_async()
+            self.gpu_status = await self.gpu.read_async(wait_s=STALL_NOTE_S)
 
     def _jittered(self, interval: float) -> float:
         return interval * self._rng.uniform(0.9, 1.1)

@@ -291,9 +291,22 @@ def _safe_probe(p: ProbeSummary | None) -> ProbeSummary | None:
 
 @dataclass(frozen=True)
 class GpuProcess:
-    pid: int
-    name: str
+    pid: int  # as NVML reports it: a host PID, even inside a container
+    name: str  # its command line; "?" when unknown
     used_memory_mib: float | None
+    name_note: str | None = None  # why the name is unknown or came from NVML rather than this machine's /proc
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """One MIG device (a GPU instance's compute instance) of a MIG-enabled GPU."""
+
+    gpu_instance_id: int | None
+    compute_instance_id: int | None
+    name: str
+    memory_used_mib: float | None
+    memory_total_mib: float | None
+    processes: tuple[GpuProcess, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -308,11 +321,12 @@ class GpuSnapshot:
     power_limit_w: float | None
     processes: tuple[GpuProcess, ...] = ()
     agent: str | None = None  # the remote agent whose machine it is in; None: this one
+    problem: str | None = None  # the whole GPU unreadable: "lost", "no permission", ...
+    unavailable: dict[str, str] = field(default_factory=dict)  # field name -> why it is None ("not supported", ...)
+    mig: tuple[MigInstance, ...] = ()  # its MIG devices, when MIG is enabled
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["processes"] = [asdict(p) for p in self.processes]
-        return data
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -411,12 +425,19 @@ class TerminalView:
         )
 
 
+def _safe_processes(processes: tuple[GpuProcess, ...]) -> tuple[GpuProcess, ...]:
+    return tuple(dataclasses.replace(p, name=for_terminal(p.name, 40), name_note=_safe(p.name_note, 120)) for p in processes)
+
+
 def _safe_gpu(status: GpuStatus) -> GpuStatus:
     gpus = tuple(
         dataclasses.replace(
             g,
             name=for_terminal(g.name, 40),
-            processes=tuple(dataclasses.replace(p, name=for_terminal(p.name, 40)) for p in g.processes),
+            processes=_safe_processes(g.processes),
+            problem=_safe(g.problem, 80),
+            unavailable={for_terminal(k, 40): for_terminal(v, 80) for k, v in g.unavailable.items()},
+            mig=tuple(dataclasses.replace(m, name=for_terminal(m.name, 40), processes=_safe_processes(m.processes)) for m in g.mig),
         )
         for g in status.gpus
     )

@@ -24,6 +24,7 @@ from llmtop.snapshot import (
     GpuSnapshot,
     GpuStatus,
     Metrics,
+    MigInstance,
     ProbeSummary,
 )
 
@@ -179,10 +180,38 @@ def backend(data: Any, agent: str | None, history: dict[str, tuple] | None = Non
     )
 
 
+def _gpu_processes(data: Any) -> tuple[GpuProcess, ...]:
+    procs = data.get("processes") if isinstance(data.get("processes"), list) else []
+    return tuple(
+        GpuProcess(
+            pid=count(p.get("pid")) or 0,
+            name=_text(p.get("name"), 200) or "?",
+            used_memory_mib=_nonneg(p.get("used_memory_mib")),
+            name_note=_text(p.get("name_note"), 200),
+        )
+        for p in procs[:LIST_MAX]
+        if isinstance(p, dict)
+    )
+
+
+def _mig(data: Any) -> MigInstance | None:
+    if not isinstance(data, dict):
+        return None
+    return MigInstance(
+        gpu_instance_id=count(data.get("gpu_instance_id")),
+        compute_instance_id=count(data.get("compute_instance_id")),
+        name=_text(data.get("name"), 200) or "?",
+        memory_used_mib=_nonneg(data.get("memory_used_mib")),
+        memory_total_mib=_nonneg(data.get("memory_total_mib")),
+        processes=_gpu_processes(data),
+    )
+
+
 def _gpu(data: Any) -> GpuSnapshot | None:
     if not isinstance(data, dict) or count(data.get("index")) is None:
         return None
-    procs = data.get("processes") if isinstance(data.get("processes"), list) else []
+    unavailable = data.get("unavailable") if isinstance(data.get("unavailable"), dict) else {}
+    mig = data.get("mig") if isinstance(data.get("mig"), list) else []
     return GpuSnapshot(
         index=count(data.get("index")),
         name=_text(data.get("name"), 200) or "?",
@@ -192,11 +221,12 @@ def _gpu(data: Any) -> GpuSnapshot | None:
         temperature_c=finite(data.get("temperature_c")),
         power_w=_nonneg(data.get("power_w")),
         power_limit_w=_nonneg(data.get("power_limit_w")),
-        processes=tuple(
-            GpuProcess(pid=count(p.get("pid")) or 0, name=_text(p.get("name"), 200) or "?", used_memory_mib=_nonneg(p.get("used_memory_mib")))
-            for p in procs[:LIST_MAX]
-            if isinstance(p, dict)
-        ),
+        processes=_gpu_processes(data),
+        problem=_text(data.get("problem"), 200),
+        unavailable={
+            _text(k, 40): _text(v, 200) for k, v in list(unavailable.items())[:LIST_MAX] if isinstance(k, str) and isinstance(v, str)
+        },
+        mig=tuple(m for m in (_mig(d) for d in mig[:LIST_MAX]) if m is not None),
     )
 
 

@@ -624,15 +624,17 @@ def test_theme_files_can_be_named_by_file_name(tmp_path):
     assert loaded.resolve("nope") is None
 
 
-async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files):
-    from test_gpu import FakeGpu, FakeNvml
+async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files, monkeypatch):
+    import pynvml
+    from fake_nvml_lib import FakeDevice, FakeDriver, install
 
     from llmtop.gpu import GpuReader
 
     config_path, state_path = files
     config_path.write_text(config_text(sim, list(sim.backends.values())))
-    gpu = FakeGpu(gpu_util=87, temperature=61, power_mw=312_500)
-    engine = Engine(load_config(config_path), StateStore(state_path), gpu=GpuReader(nvml=FakeNvml([gpu]), cache_s=0.1))
+    gpu = FakeDevice(util_gpu=87, temperature=61, power_mw=312_500)
+    install(monkeypatch, FakeDriver([gpu]))  # the real pynvml, over a stand-in driver library
+    engine = Engine(load_config(config_path), StateStore(state_path), gpu=GpuReader(nvml=pynvml, cache_s=0.1))
     app = LlmtopApp(engine, config_path=config_path)
     async with app.run_test(size=(200, 50)) as pilot:
         await wait_for(pilot, lambda: app.view is not None and app.view.fleet.gpu.gpus, what="a GPU reading")
@@ -640,7 +642,7 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files):
         await pilot.pause()
         text = screen_text(app)
         assert "H100" in text and "87%" in text and "61°C" in text and "312" in text
-        gpu.gpu_util = 12
+        gpu.util_gpu = 12
         await wait_for(pilot, lambda: engine.gpu_status.gpus[0].utilization_pct == 12, what="the new GPU reading")
         app.refresh_fleet()
         await pilot.pause()

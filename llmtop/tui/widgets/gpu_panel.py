@@ -56,8 +56,17 @@ class GpuPanel(Widget):
         if not status.gpus:
             return Content.styled(status.message or "no NVIDIA GPU", "$foreground-muted")
         width = self.content_size.width
-        lines = [self._line(gpu, width) if width >= WIDE else self._two_lines(gpu, width) for gpu in status.gpus]
+        lines = [
+            self._problem(gpu, width >= WIDE) if gpu.problem is not None else self._line(gpu, width) if width >= WIDE else self._two_lines(gpu, width)
+            for gpu in status.gpus
+        ]
         return Content("\n").join(lines)
+
+    @staticmethod
+    def _problem(gpu: GpuSnapshot, wide: bool) -> Content:
+        # As many lines as a readable GPU takes: a GPU lost or back changes no layout.
+        line = Content.styled(f"{gpu.index} GPU {gpu.index}: {gpu.problem}", "$text-error")
+        return line if wide else Content("\n").join([line, Content("")])
 
     def _parts(self, gpu: GpuSnapshot) -> dict[str, Content]:
         util = gpu.utilization_pct
