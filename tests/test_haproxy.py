@@ -75,6 +75,15 @@ def server_check(check: str, name: str) -> str:
     return f"check addr 127.0.0.1 port {port}"
 
 
+def started_state(sock: Path) -> dict[str, tuple[int, int]] | None:
+    """servers_state once HAProxy's runtime API answers; None before (the socket's file appears
+    when HAProxy binds it, and a connection is refused until it listens)."""
+    try:
+        return servers_state(sock)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+
+
 def servers_state(sock: Path) -> dict[str, tuple[int, int]]:
     """{server: (operational state, admin state bits)} from HAProxy's runtime API."""
     with socket.socket(socket.AF_UNIX) as s:
@@ -115,7 +124,7 @@ async def balanced(tmp_path: Path, check_kind: str):
         cfg = haproxy_cfg(tmp_path, front, {"A": sim_a.port, "B": sim_b.port}, check)
         haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            await until(lambda: (tmp_path / "admin.sock").exists() and all(v == (2, 0) for v in servers_state(tmp_path / "admin.sock").values()),
+            await until(lambda: all(v == (2, 0) for v in (started_state(tmp_path / "admin.sock") or {"": None}).values()),
                         "HAProxy up with both servers in service")
             # Traffic goes to /version, which llmtop itself never asks for: its counter is HAProxy's alone.
             yield {"A": a, "B": b}, f"http://127.0.0.1:{front}/m/version", tmp_path / "admin.sock", engine, state

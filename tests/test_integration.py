@@ -109,7 +109,10 @@ async def test_vllm_server_ttft_histogram_reaches_metrics(state):
             await engine.run_round()
             await engine.run_round(probe=False)  # the next scrape sees the probe's TTFT
             b = engine.snapshot().backends[0]
-    assert b.metrics.server_ttft_ms == pytest.approx(served_ttft_ms(sb), rel=1e-6)  # the server's own figure, exactly
+    # The server's own figure, exactly: the mean of its histogram since the scrape before the probe
+    # (which saw none). Of two generations when a probe read too late to time was retried.
+    served = sb.ttft_histogram.sum / sb.ttft_histogram.count * 1000
+    assert sb.ttft_histogram.count in (1, 2) and b.metrics.server_ttft_ms == pytest.approx(served, rel=1e-6)
 
 
 # -- faults: each is shown as what it is, and never delays the others ------------------------------
@@ -338,9 +341,17 @@ async def test_live_loop_polls_probes_and_force_probe(state):
             engine.start()
             # The second poll comes after the first round (poll, then probe) has finished.
             await eventually(lambda: sb.requests["/health"] >= 2, "two polls")
-            assert sb.requests["/v1/chat/completions"] == 1  # the first round probes, the next not for 60s
+            # The first round probes; the next probe waits its 60 s. (A probe read too late to time,
+            # its tokens merged on a loaded core, is tried once more at the next poll, and then
+            # the interval holds whatever came of it.)
+            tracker = engine.trackers["live"]
+            await eventually(lambda: not tracker.busy and tracker.next_probe_at - engine.clock() > 50, "the next probe planned 60 s out")
+            polls = sb.requests["/health"]
+            await eventually(lambda: sb.requests["/health"] >= polls + 3, "three more polls")
+            probes = sb.requests["/v1/chat/completions"]
+            assert probes in (1, 2)  # not one per poll
             engine.force_probe(["live"])
-            await eventually(lambda: sb.requests["/v1/chat/completions"] == 2, "the forced probe")
+            await eventually(lambda: sb.requests["/v1/chat/completions"] == probes + 1, "the forced probe")
             await engine.stop()
 
 

@@ -446,16 +446,14 @@ async def test_a_hung_backend_does_not_delay_keys(sim, files):
         await wait_for(pilot, lambda: app.view and app.view.fleet.backend("alpha").probe is not None, what="alpha probed")
         await select(pilot, app, "gamma")
         await pilot.press("p")  # asks the hung backend for more; it answers nothing for 30 s
+        # Each key takes effect while the hung request is still held (30 s): nothing waited for it.
+        # (The timeouts below are only outer bounds for a broken build, kept under the 30 s.)
         for sort in ("name", "ttft"):
-            started = time.perf_counter()
             await pilot.press("s")
-            await wait_for(pilot, lambda: table(app).sort_name == sort, timeout=5)
-            assert time.perf_counter() - started < 5  # the hung backend holds its request for 30 s
+            await wait_for(pilot, lambda: table(app).sort_name == sort, timeout=20)
         await select(pilot, app, "alpha")
-        started = time.perf_counter()
         await pilot.press("t")
-        await wait_for(pilot, lambda: "○ disabled" in screen_text(app), timeout=5, what="disabled badge")
-        assert time.perf_counter() - started < 5
+        await wait_for(pilot, lambda: "○ disabled" in screen_text(app), timeout=20, what="disabled badge")
         assert app.view.fleet.backend("gamma").probe is None  # still hanging, and nothing else waited
 
 
