@@ -104,6 +104,30 @@ async def test_actions_need_the_agents_token_and_reach_its_state_file_and_readin
         await source.stop()
 
 
+async def test_probing_all_of_an_agents_rows_is_one_request_and_a_few_of_them_one_each(agents, monkeypatch):
+    rack1, rack2 = agents("rack1", ("a", "b")), agents("rack2", ("c", "d"))
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    sources = [AgentSource(a.url, name=a.label, token_env=TOKEN_ENV, backoff=QUICK) for a in (rack1, rack2)]
+    merged = MergedFleet(None, sources)
+    for source in sources:
+        await source.start()
+    try:
+        await until(lambda: all(s.state().standing == "connected" for s in sources), "both fleets")
+        merged.snapshot()
+        sims = {"a": rack1.sim, "b": rack1.sim, "c": rack2.sim, "d": rack2.sim}
+        await until(lambda: all(sims[n].backends[n].requests["/v1/chat/completions"] == 1 for n in sims), "the first probes")
+        answers = await merged.probe(["a", "b", "c"])  # all of rack1's rows (`P`), one of rack2's
+        assert answers == [("rack1", "rack1: probing 2 backends"), ("c", "rack2: probing")]
+        await until(lambda: all(sims[n].backends[n].requests["/v1/chat/completions"] == 2 for n in "abc"), "the asked probes")
+        assert rack2.sim.backends["d"].requests["/v1/chat/completions"] == 1  # not asked, next due in an hour
+        monkeypatch.setenv(TOKEN_ENV, "wrong-token-0123456789")
+        (what, refused), = await merged.probe(["c", "d"])
+        assert what == "rack2" and isinstance(refused, ActionRefused) and "refused (401)" in str(refused)
+    finally:
+        for source in sources:
+            await source.stop()
+
+
 async def test_the_same_name_on_two_agents_is_two_rows_named_by_agent(agents, monkeypatch):
     one, two = agents("rack1", ("gpu", "only1")), agents("rack2", ("gpu",))
     monkeypatch.setenv(TOKEN_ENV, TOKEN)

@@ -47,3 +47,7 @@ class Source(Protocol):
     async def act(self, backend: str, action: str) -> str:
         """drain | undrain | disable | enable | probe; the source's answer in one line, or ActionRefused."""
         ...
+
+    async def probe_all(self) -> str:
+        """Every backend of the source probed now, in one request; its answer, or ActionRefused."""
+        ...

@@ -123,16 +123,18 @@ class AgentSource:
             self._client = None
 
     async def act(self, backend: str, action: str) -> str:
+        return await self._post(f"/api/v1/backends/{quote(backend, safe='')}/{action}")
+
+    async def probe_all(self) -> str:
+        return await self._post("/api/v1/probe")
+
+    async def _post(self, path: str) -> str:
         token = self._token()
         if not token:
             raise ActionRefused(f"read-only: set {self.token_env} to {self.name}'s admin token")
         client = self._client or httpx.AsyncClient(trust_env=False)
         try:
-            response = await client.post(
-                f"{self.url}/api/v1/backends/{quote(backend, safe='')}/{action}",
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=CONNECT_S * 2,
-            )
+            response = await client.post(f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=CONNECT_S * 2)
             line = _first_line(response.text)
         except httpx.HTTPError as exc:
             raise ActionRefused(f"{self.name}: {self._safe(str(exc) or type(exc).__name__)}") from None

@@ -9,6 +9,7 @@ on from the last one it showed), a remote one named `agent/backend`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import Counter, deque
 from typing import Callable
@@ -58,6 +59,28 @@ class MergedFleet:
         if source is None:
             raise ActionRefused("a local backend: act on it through the engine")
         return await source.act(own, action)
+
+    async def probe(self, names: list[str]) -> list[tuple[str, str | ActionRefused]]:
+        """Probe these rows: one request to an agent all of whose rows are named (`P`), else
+        one per row. [(what was asked: a row or an agent's name, its answer or refusal)]."""
+        by_source: dict[int, tuple[Source, list[tuple[str, str]]]] = {}
+        for name in names:
+            source, own = self.route(name)
+            if source is None:
+                raise ActionRefused("a local backend: act on it through the engine")
+            by_source.setdefault(id(source), (source, []))[1].append((name, own))
+        answers: list[tuple[str, str | ActionRefused]] = []
+        for source, rows in by_source.values():
+            if {own for _, own in rows} >= {b.name for b in source.backends()}:
+                asked = [(source.state().name, source.probe_all)]
+            else:
+                asked = [(name, functools.partial(source.act, own, "probe")) for name, own in rows]
+            for what, call in asked:
+                try:
+                    answers.append((what, await call()))
+                except ActionRefused as exc:
+                    answers.append((what, exc))
+        return answers
 
     def snapshot(self) -> FleetSnapshot:
         local = self.local() if self.local is not None else None

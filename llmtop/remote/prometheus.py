@@ -535,6 +535,9 @@ class PrometheusSource:
     async def act(self, backend: str, action: str) -> str:
         raise ActionRefused(READ_ONLY)
 
+    async def probe_all(self) -> str:
+        raise ActionRefused(READ_ONLY)
+
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="llmtop:prometheus")

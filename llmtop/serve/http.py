@@ -116,6 +116,7 @@ class ServeSite:
                 web.get("/api/v1/fleet", self.fleet),
                 web.get("/api/v1/events", self.events),
                 web.post("/api/v1/backends/{name}/{action}", self.admin),
+                web.post("/api/v1/probe", self.probe_all),
             ]
         )
         app.on_shutdown.append(self._shutdown)
@@ -271,7 +272,8 @@ class ServeSite:
 
     # -- admin -----------------------------------------------------------------------------
 
-    async def admin(self, request: web.Request) -> web.Response:
+    async def _refusal(self, request: web.Request) -> web.Response | None:
+        """None when the request carries the admin token; else the answer that refuses it."""
         await request.read()  # no action takes a body; reading it enforces the size bound (413 past it)
         settings = self._settings()
         env = settings.admin_token_env
@@ -283,11 +285,32 @@ class ServeSite:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {token}".encode()):
             return _text(401, "a token is needed: send Authorization: Bearer <the token>")
+        return None
+
+    async def admin(self, request: web.Request) -> web.Response:
+        refusal = await self._refusal(request)
+        if refusal is not None:
+            return refusal
         name, action = request.match_info["name"], request.match_info["action"]
         if action not in ACTIONS:
             return _text(404, f"no such action; use one of {', '.join(ACTIONS)}")
         peer = request.remote or "?"
         return _text(*await self._thread.on_engine_await(self._act(name, action, peer)))
+
+    async def probe_all(self, request: web.Request) -> web.Response:
+        """Every backend probed now (the TUI's `P` on an agent's rows): one request, not one per backend."""
+        refusal = await self._refusal(request)
+        if refusal is not None:
+            return refusal
+        peer = request.remote or "?"
+
+        def probe() -> tuple[int, str]:
+            count = len(self.engine.trackers)
+            self.engine.force_probe(None)
+            self.engine.emit(Event(time.time(), None, "admin", f"probe of all {count} backends requested (API, from {peer})"))
+            return 202, f"probing {count} backends"
+
+        return _text(*await self._thread.on_engine(probe))
 
     async def _act(self, name: str, action: str, peer: str) -> tuple[int, str]:
         """On the engine's loop: the action, and the status and line to answer with. A drain is

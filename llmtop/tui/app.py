@@ -384,14 +384,20 @@ class LlmtopApp(App):
 
         async def send() -> None:
             refusals: dict[str, str] = {}
-            for name in names:
-                try:
-                    answer = await self.fleet_source.act(name, action)
-                except ActionRefused as exc:
-                    refusals.setdefault(str(exc).split(":", 1)[0], f"{name}: {exc}")
-                else:
-                    if not quiet:
-                        self.notify(answer)
+            if action == "probe":  # one request per agent when all its rows are asked (`P`)
+                answers = await self.fleet_source.probe(names)
+            else:
+                answers = []
+                for name in names:
+                    try:
+                        answers.append((name, await self.fleet_source.act(name, action)))
+                    except ActionRefused as exc:
+                        answers.append((name, exc))
+            for name, answer in answers:
+                if isinstance(answer, ActionRefused):
+                    refusals.setdefault(str(answer).split(":", 1)[0], f"{name}: {answer}")
+                elif not quiet:
+                    self.notify(answer)
             for line in refusals.values():  # one per agent, not one per row
                 self.notify(line, severity="warning", timeout=8)
             self.refresh_fleet()
