@@ -9,8 +9,7 @@ from typing import Callable
 from llmtop.config import ServeSettings, split_address
 from llmtop.engine import Engine
 from llmtop.sanitize import for_terminal
-from llmtop.serve.board import Board
-from llmtop.serve.thread import LoopThread
+from llmtop.serve.board import BoardServer
 from llmtop.snapshot import Event
 
 NAME_MAX = 256  # longer than any backend name; a longer line is not an agent-send
@@ -19,7 +18,7 @@ UNKNOWN_EVERY_S = 60.0  # an unknown name is logged at most this often
 UNKNOWN_ANY_S = 5.0  # and any unknown name at all at most this often
 
 
-class AgentServer:
+class AgentServer(BoardServer):
     """Answers HAProxy's `agent-check` on a TCP port of its own (`--agent-listen`).
 
     HAProxy connects every `agent-inter`, sends what `agent-send` says (configure it as the
@@ -33,28 +32,11 @@ class AgentServer:
     on the engine's loop (thread.py)."""
 
     def __init__(self, engine: Engine, listen: str, settings: Callable[[], ServeSettings] | None = None):
-        self.engine = engine
+        super().__init__(engine, settings, "llmtop-agent")
         self.listen = listen
-        self._settings = settings or (lambda: engine.config.serve)
         self._server: asyncio.Server | None = None
-        self._thread = LoopThread("llmtop-agent")
-        self._board: Board | None = None
         self._unknown_logged: dict[str, float] = {}
         self._unknown_any = -UNKNOWN_ANY_S
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        """On the engine's loop."""
-        self._board = Board(self.engine, self._settings)
-        self._board.start()
-        self._thread.start()
-        try:
-            self.port = await self._thread.run(self._start())
-        except BaseException:
-            await self._thread.stop()
-            await self._board.close()
-            self._board = None
-            raise
 
     async def _start(self) -> int:
         host, port = split_address(self.listen)
@@ -63,17 +45,6 @@ class AgentServer:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {self.listen} for HAProxy's agent-check: {exc.strerror}") from None
         return self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """On the engine's loop."""
-        if self._board is None:
-            return
-        try:
-            await self._thread.run(self._stop())
-        finally:
-            await self._thread.stop()
-            await self._board.close()
-            self._board = None
 
     async def _stop(self) -> None:
         if self._server is not None:

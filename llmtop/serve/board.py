@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 from llmtop.config import ServeSettings
 from llmtop.engine import Engine
 from llmtop.serve.readiness import agent_reply, readiness
+from llmtop.serve.thread import LoopThread
 from llmtop.snapshot import BackendSnapshot
 
 BEAT_S = 0.5  # how often the engine's loop says it is ticking
@@ -125,3 +126,49 @@ class Board:
         """On the engine's loop: the answer now, as the engine gives it (and so published)."""
         b = self.engine.backend_snapshot(name)
         return None if b is None else self._answer(b, self._settings().ready_when)
+
+
+class BoardServer:
+    """What serve's HTTP site and its agent port share: a server on a LoopThread of its own
+    (thread.py) answering from a Board the engine publishes. start() and stop() run on the
+    engine's loop; a subclass gives `_start` (listen; returns the port) and `_stop`, which run on
+    the thread, and `_after_stop` for what it must release once the thread is gone."""
+
+    def __init__(self, engine: Engine, settings: Callable[[], ServeSettings] | None, thread_name: str):
+        self.engine = engine
+        self._settings = settings or (lambda: engine.config.serve)
+        self._thread = LoopThread(thread_name)
+        self._board: Board | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self._board = Board(self.engine, self._settings)
+        self._board.start()
+        self._thread.start()
+        try:
+            self.port = await self._thread.run(self._start())
+        except BaseException:
+            await self._thread.stop()
+            await self._board.close()
+            self._board = None
+            raise
+
+    async def stop(self) -> None:
+        if self._board is None:
+            return
+        try:
+            await self._thread.run(self._stop())
+        finally:
+            await self._thread.stop()
+            await self._board.close()
+            self._board = None
+            self._after_stop()
+
+    async def _start(self) -> int:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+    def _after_stop(self) -> None:
+        pass

@@ -14,9 +14,8 @@ from aiohttp import web
 
 from llmtop.config import ServeSettings, split_address
 from llmtop.engine import Engine
-from llmtop.serve.board import STALL_S, Answer, Board
+from llmtop.serve.board import STALL_S, Answer, BoardServer
 from llmtop.serve.exporter import Exposition, content_type, wants_openmetrics
-from llmtop.serve.thread import LoopThread
 from llmtop.snapshot import Event, FleetSnapshot
 from llmtop.sanitize import for_terminal
 from llmtop.state import LIFTS, StateError
@@ -60,7 +59,7 @@ def fleet_json(fleet: FleetSnapshot) -> str:
     return head + '"backends": [' + ", ".join(json.dumps(b, allow_nan=False) for b in backends) + "]" + tail
 
 
-class ServeSite:
+class ServeSite(BoardServer):
     """The endpoints over one engine. Every answer comes from the engine's latest snapshot: a
     balancer asking is never kept waiting on a backend, nor on the engine's loop.
 
@@ -77,31 +76,14 @@ class ServeSite:
         *,
         settings: Callable[[], ServeSettings] | None = None,
     ):
-        self.engine = engine
+        super().__init__(engine, settings, "llmtop-http")
         self.listen = listen
-        self._settings = settings or (lambda: engine.config.serve)
         self._runner: web.AppRunner | None = None
-        self._thread = LoopThread("llmtop-http")
-        self._board: Board | None = None
         self._closing: asyncio.Event | None = None  # the thread's
         self._exposition = Exposition(engine.snapshot, lambda: self._settings().ready_when)
         self._render = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmtop-render")  # one: the cache is shared
-        self.port: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """On the engine's loop."""
-        self._board = Board(self.engine, self._settings)
-        self._board.start()
-        self._thread.start()
-        try:
-            self.port = await self._thread.run(self._start())
-        except BaseException:
-            await self._thread.stop()
-            await self._board.close()
-            self._board = None
-            raise
 
     async def _start(self) -> int:
         self._closing = asyncio.Event()
@@ -132,17 +114,8 @@ class ServeSite:
             raise OSError(exc.errno, f"cannot listen on {self.listen}: {exc.strerror}") from None
         return self._runner.addresses[0][1]
 
-    async def stop(self) -> None:
-        """On the engine's loop."""
-        if self._board is None:
-            return
-        try:
-            await self._thread.run(self._stop())
-        finally:
-            await self._thread.stop()
-            await self._board.close()
-            self._board = None
-            self._render.shutdown(wait=False)
+    def _after_stop(self) -> None:
+        self._render.shutdown(wait=False)
 
     async def _stop(self) -> None:
         self._closing.set()
