@@ -85,7 +85,7 @@ async def measure_keys(watch: FrameWatch, pilot, table: FleetTable, presses: int
         await pilot.press("s")
     down_ms = []
     for _ in range(presses):
-        following = table.ordered_rows[table.cursor_row + 1].key.value
+        following = table.names[table.cursor_row + 1]
         down_ms.append(await watch.press(pilot, "j", f"{following} · trends"))
     report("j (cursor down)", down_ms)
 

@@ -92,6 +92,18 @@ async def test_escape_sequences_from_a_backend_never_reach_the_table(provider, s
     assert unsafe(all_text(safe).replace("\\n", "")) == []
 
 
+async def test_a_backend_with_nothing_to_clean_is_shown_as_it_is(state):
+    # Sanitising copies a snapshot only when a text changes: the screen's tick over thousands of
+    # remote rows was mostly copies of clean ones.
+    sb = SimBackend("plain-vllm", "vllm", [model_for("vllm")])
+    async with Simulator([sb]) as sim:
+        snap = await rounds(sim, [sb], state)
+    b = snap.backend(sb.name)
+    assert b.probe is not None and b.models
+    assert b.for_terminal() is b
+    assert TerminalView()(snap).backend(sb.name) is b
+
+
 async def test_escape_sequences_never_reach_the_live_screen(state, tmp_path):
     from llmtop.tui.app import LlmtopApp
 

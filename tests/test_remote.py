@@ -189,7 +189,7 @@ async def test_the_screen_shows_three_agents_marks_a_lost_one_stale_and_drains_t
 
         def rows() -> dict[str, str]:
             table = app.screen.query_one(FleetTable)
-            return {r.key.value: str(table.get_row(r.key)[0]) for r in table.ordered_rows}
+            return {name: table.cells(name)["status"].text for name in table.names}
 
         async def until_screen(condition, what):
             loop = asyncio.get_running_loop()

@@ -127,7 +127,7 @@ def table(app) -> FleetTable:
 
 
 def row_names(app) -> list[str]:
-    return [row.key.value for row in table(app).ordered_rows]
+    return table(app).names
 
 
 async def writes_done(app, pilot) -> None:
@@ -400,6 +400,28 @@ async def test_enter_opens_details_and_esc_goes_back(sim, files):
         await pilot.pause()
         assert isinstance(app.screen, FleetScreen)
         assert table(app).selected_name == "beta"
+
+
+async def test_the_mouse_picks_a_row_opens_it_and_sorts_by_a_header(sim, files):
+    async with running(sim, files) as (app, pilot):
+        await settled(app, pilot)
+        t = table(app)
+        second = t.names[1]
+        # Offsets inside the table: its top border, the header, then one line per row.
+        assert await pilot.click(FleetTable, offset=(20, 3))
+        assert t.selected_name == second and isinstance(app.screen, FleetScreen)
+        assert await pilot.click(FleetTable, offset=(20, 3))  # the row under the cursor: its details
+        await wait_for(pilot, lambda: isinstance(app.screen, DetailScreen), what="details")
+        assert app.screen.backend == second
+        await pilot.press("escape")
+        await pilot.pause()
+        name_x = 1 + 10 + 2  # past the status column and its padding
+        assert await pilot.click(FleetTable, offset=(name_x, 1))
+        assert (t.sort_name, t.sort_reverse) == ("name", False) and t.names == sorted(t.names)
+        assert await pilot.click(FleetTable, offset=(name_x, 1))  # the same header again: the other way
+        assert t.sort_reverse and t.names == sorted(t.names, reverse=True)
+        assert t.selected_name == second  # the cursor stayed on its backend through both sorts
+        assert "name▲" in screen_text(app)
 
 
 async def test_question_mark_lists_every_key(sim, files):

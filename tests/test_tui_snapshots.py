@@ -118,7 +118,7 @@ async def select(pilot, name: str) -> None:
     # The screen takes its first view once its nested widgets have mounted, after a refresh: one
     # pause was usually, not always, enough on a loaded machine. Wait for the row itself.
     deadline = time.monotonic() + 30  # outer bound only
-    while not (tables := pilot.app.screen.query(FleetTable)) or name not in [r.key.value for r in tables.first().ordered_rows]:
+    while not (tables := pilot.app.screen.query(FleetTable)) or name not in tables.first().names:
         assert time.monotonic() < deadline, f"no row {name!r} on screen"
         await pilot.pause()
     table = tables.first()

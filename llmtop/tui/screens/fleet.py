@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input
+from textual.widgets import Footer, Input
 
 from llmtop.tui.format import SORT_NAMES
 from llmtop.tui.messages import READ_ONLY_ACTIONS
@@ -85,10 +85,10 @@ class FleetScreen(BlindKeysOff, Screen):
         name = self.table.selected_name
         self.query_one(Trends).show(self.view.fleet.backend(name) if self.view and name else None)
 
-    def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+    def on_fleet_table_highlighted(self, _event: FleetTable.Highlighted) -> None:
         self._show_trends()
 
-    def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
+    def on_fleet_table_selected(self, _event: FleetTable.Selected) -> None:
         self._open_details()
 
     # -- keys -------------------------------------------------------------------------------

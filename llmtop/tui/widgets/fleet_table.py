@@ -1,19 +1,25 @@
-"""The fleet table: one row per backend, updated in place by diff so the cursor and the sort stay put."""
+"""The fleet table: one row per backend, drawn only where it is in view, so a fleet of thousands costs a screenful."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
+from rich.cells import cell_len, set_cell_size
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
 from textual.binding import Binding
 from textual.content import Content
-from textual.widgets import DataTable
+from textual.geometry import Region, Size
+from textual.message import Message
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
 from llmtop.config import Settings
 from llmtop.snapshot import BackendSnapshot, FleetSnapshot
 from llmtop.tui import format as fmt
 from llmtop.tui.format import Cell
-from llmtop.tui.palette import ThemedPalette, styled
+from llmtop.tui.palette import ThemedPalette
 from llmtop.tui.view import FleetView
 
 
@@ -54,8 +60,12 @@ _TICKING = ("age", "ttft", "tps")
 CELL_PADDING = 1
 SCROLLBAR = 1  # app.tcss sets scrollbar-size-vertical: 1 on the table
 NAME_MIN, NAME_MAX = 8, 32
-NAME_ROOMY = 20
-BULK_REMOVE = 64  # more rows than this going at once: the rows are rebuilt rather than removed one by one  # an extra column is added only while names keep this much room (or their full length)
+NAME_ROOMY = 20  # an extra column is added only while names keep this much room (or their full length)
+HEADER = 1  # lines above the rows, which stay put while the rows scroll
+# Each cell's segments carry their column, so a cell stays a span of its own when a line is
+# exported (an SVG screenshot places spans by their cell offsets: a wide glyph moves only its own cell).
+_CELL = [Style.from_meta({"column": i}) for i in range(len(ORDER))]
+_EDGE = Style.from_meta({"out_of_bounds": True})
 
 
 def _fixed_width(keys: tuple[str, ...]) -> int:
@@ -80,17 +90,94 @@ def _dim(cell: Cell, b: BackendSnapshot) -> Cell:
     return cell if b.stale_since is None or cell.level == fmt.MUTED else Cell(cell.text, fmt.MUTED)
 
 
-class FleetTable(ThemedPalette, DataTable):
-    """Shows a FleetSnapshot; picks its columns from its own width."""
+def fit(text: str, width: int, justify: str) -> str:
+    """The text in exactly `width` cells: cut with an ellipsis (vllm-fast and vllm-flaky do not
+    both read "vllm-fla"), then padded on the side the column justifies away from."""
+    if justify == "right":
+        text = text.rstrip()
+    length = cell_len(text)
+    if length > width:
+        text = set_cell_size(text, width - 1) + "…"
+        length = cell_len(text)
+    pad = " " * (width - length)
+    return pad + text if justify == "right" else text + pad
+
+
+class FleetTable(ThemedPalette, ScrollView, can_focus=True):
+    """Shows a FleetSnapshot; picks its columns from its own width.
+
+    It keeps the rows as the sorted, filtered list of snapshots and draws a line only when it is in
+    view (the Line API): a row's cells are worked out when it is drawn, and its line is kept until
+    its cells change. An update costs what changed on screen, and a key costs a screenful, however
+    large the fleet.
+    """
+
+    COMPONENT_CLASSES = {"fleet-table--header", "fleet-table--cursor", "fleet-table--hover", "fleet-table--header-hover"}
+    # The look of Textual's DataTable, which this table was until a fleet of 3,000 made it slow.
+    DEFAULT_CSS = """
+    FleetTable {
+        background: $surface;
+        color: $foreground;
+        &:focus {
+            background-tint: $foreground 5%;
+            & > .fleet-table--cursor {
+                background: $block-cursor-background;
+                color: $block-cursor-foreground;
+                text-style: $block-cursor-text-style;
+            }
+            & > .fleet-table--header {
+                background-tint: $foreground 5%;
+            }
+        }
+        & > .fleet-table--header {
+            text-style: bold;
+            background: $panel;
+            color: $foreground;
+        }
+        &:ansi > .fleet-table--header {
+            background: ansi_bright_blue;
+            color: ansi_default;
+        }
+        & > .fleet-table--cursor {
+            background: $block-cursor-blurred-background;
+            color: $block-cursor-blurred-foreground;
+            text-style: $block-cursor-blurred-text-style;
+        }
+        & > .fleet-table--header-hover {
+            background: $accent 30%;
+        }
+        & > .fleet-table--hover {
+            background: $block-hover-background;
+        }
+    }
+    """
 
     BINDINGS = [
         Binding("enter", "select_cursor", "Details"),
-        Binding("j", "cursor_down", "Down", show=False),
-        Binding("k", "cursor_up", "Up", show=False),
+        Binding("up,k", "cursor_up", "Up", show=False),
+        Binding("down,j", "cursor_down", "Down", show=False),
+        Binding("pageup", "page_up", "Page up", show=False),
+        Binding("pagedown", "page_down", "Page down", show=False),
+        Binding("home,ctrl+home", "first", "First", show=False),
+        Binding("end,ctrl+end", "last", "Last", show=False),
     ]
 
+    class Highlighted(Message):
+        """The cursor is on another backend (`name`; None: no rows)."""
+
+        def __init__(self, name: str | None) -> None:
+            super().__init__()
+            self.name = name
+
+    class Selected(Message):
+        """Enter, or a click on the row under the cursor: the operator wants this backend's details."""
+
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, cursor_type="row", cell_padding=CELL_PADDING, zebra_stripes=False)
+        super().__init__(id=id)
         self.sort_name = "status"
         self.sort_reverse = False
         self.filter_text = ""
@@ -98,40 +185,58 @@ class FleetTable(ThemedPalette, DataTable):
         self._fleet: FleetSnapshot | None = None
         self._settings = Settings()
         self._probing: frozenset[str] = frozenset()
+        self._row_context = RowContext(0.0, self._settings)
         self._columns: tuple[str, ...] = ()
         self._name_width = 0
-        self._cells: dict[str, dict[str, Cell]] = {}
-        self._cache_keys: dict[str, tuple[int, bool]] = {}
-        self._order: dict[str, int] = {}
-        self._order_list: list[str] = []  # row names top to bottom
-        self._dirty: dict[str, BackendSnapshot] = {}  # rows whose cells wait until they are in view
-        self._row_context: RowContext | None = None
-        self._title = ""
+        self._rows: list[BackendSnapshot] = []  # what the filter lets through, top to bottom
+        self._index: dict[str, int] = {}
+        self._cursor = 0
+        self._highlighted: str | None = None  # the name last announced with Highlighted
         # Until the operator moves the cursor, it stays on the first row (the worst backend,
         # sorted by status); after that, it follows the backend they chose.
         self._chosen = False
-        self._moving = False  # the table itself is moving rows or the cursor (_sync, _rebuild)
+        self._hover: int | None = None  # the row under the mouse (-1: the header), shown only after a mouse move
+        self._cells: dict[str, tuple[tuple, float, dict[str, Cell]]] = {}  # name -> (stamp, now, cells)
+        self._strips: dict[str, tuple[tuple[Cell, ...], Strip]] = {}  # name -> a plain line of its cells
+        self._shown: dict[int, tuple] = {}  # screen line -> what was last drawn there
+        self._look: tuple = ()  # the styles the cached lines were drawn with
+        self._title = ""
 
     def restyle(self) -> None:
-        self._rebuild()
+        self._forget()
 
-    @contextmanager
-    def _itself(self):
-        """Cursor moves inside this block are the table's own, not the operator's choice."""
-        outer, self._moving = self._moving, True
-        try:
-            yield
-        finally:
-            self._moving = outer
+    def _forget(self) -> None:
+        """Draw every line again (new columns, theme or focus)."""
+        self._strips.clear()
+        self._shown.clear()
+        self.refresh()
 
     # -- what the screen calls ---------------------------------------------------------------
 
     @property
     def selected_name(self) -> str | None:
         """The backend under the cursor."""
-        if self.row_count == 0:
-            return None
-        return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        return self._rows[self._cursor].name if self._rows else None
+
+    @property
+    def row_count(self) -> int:
+        return len(self._rows)
+
+    @property
+    def cursor_row(self) -> int:
+        return self._cursor
+
+    @property
+    def names(self) -> list[str]:
+        """The backends shown, top to bottom."""
+        return [b.name for b in self._rows]
+
+    def get_row_index(self, name: str) -> int:
+        return self._index[name]
+
+    def cells(self, name: str) -> dict[str, Cell]:
+        """What the row of this backend shows, column by column."""
+        return dict(zip(self._columns, self._cells_of(self._rows[self._index[name]])))
 
     def show(self, view: FleetView) -> None:
         self._fleet, self._settings, self._probing = view.fleet, view.settings, view.probing
@@ -145,48 +250,101 @@ class FleetTable(ThemedPalette, DataTable):
         self.filter_text = text
         self._sync()
 
-    # -- the operator's cursor ----------------------------------------------------------------
+    def move_cursor(self, row: int) -> None:
+        """Put the cursor on this row, as the operator's choice (keys, clicks, the screen)."""
+        if not self._rows:
+            return
+        self._chosen = True
+        self._show_hover(None)
+        self._place_cursor(max(0, min(row, len(self._rows) - 1)))
+        self._scroll_to_cursor()
+        self._announce()
 
-    def watch_cursor_coordinate(self, old, new) -> None:
-        super().watch_cursor_coordinate(old, new)
-        if not self._moving:  # moved by a key, a click or the screen, not by the table re-sorting itself
-            self._chosen = True
+    # -- keys and the mouse -------------------------------------------------------------------
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        """A click on a column's header sorts by it; a second click reverses."""
+    def action_cursor_up(self) -> None:
+        self.move_cursor(self._cursor - 1)
+
+    def action_cursor_down(self) -> None:
+        self.move_cursor(self._cursor + 1)
+
+    def action_page_up(self) -> None:
+        self.move_cursor(self._cursor - self._page())
+
+    def action_page_down(self) -> None:
+        self.move_cursor(self._cursor + self._page())
+
+    def action_first(self) -> None:
+        self.move_cursor(0)
+
+    def action_last(self) -> None:
+        self.move_cursor(len(self._rows) - 1)
+
+    def action_select_cursor(self) -> None:
+        if (name := self.selected_name) is not None:
+            self.post_message(self.Selected(name))
+
+    def _at(self, event: events.MouseEvent) -> tuple[int, str | None] | None:
+        """The row (-1: the header) and column under the mouse, or None outside the table's lines."""
+        offset = event.get_content_offset(self)
+        if offset is None:
+            return None
+        if offset.y < HEADER:
+            row = -1
+        else:
+            row = offset.y - HEADER + int(self.scroll_y)
+            if row >= len(self._rows):
+                return None
+        x = offset.x + int(self.scroll_x)
+        for key in self._columns:
+            x -= self._width(key) + 2 * CELL_PADDING
+            if x < 0:
+                return row, key
+        return row, None
+
+    def on_click(self, event: events.Click) -> None:
+        at = self._at(event)
+        if at is None:
+            return
         event.stop()
-        key = event.column_key.value
-        if key in fmt.SORT_KEYS:
-            self.set_sort(key, reverse=not self.sort_reverse if key == self.sort_name else False)
+        row, column = at
+        if row == -1:  # a click on a column's header sorts by it; a second click reverses
+            if column in fmt.SORT_KEYS:
+                self.set_sort(column, reverse=not self.sort_reverse if column == self.sort_name else False)
+            return
+        again = row == self._cursor
+        self.move_cursor(row)
+        self._show_hover(row)
+        if again:
+            self.action_select_cursor()
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        at = self._at(event)
+        self._show_hover(None if at is None else at[0])
+
+    def on_leave(self, _event: events.Leave) -> None:
+        self._show_hover(None)
+
+    def _show_hover(self, row: int | None) -> None:
+        if row != self._hover:
+            for old_or_new in (self._hover, row):
+                self._refresh_row(old_or_new)
+            self._hover = row
 
     # -- layout -------------------------------------------------------------------------------
 
     def on_resize(self) -> None:
-        if self._fleet is not None and self._layout() != (self._columns, self._name_width):
-            self._rebuild()
+        if self._fleet is not None:
+            self._sync()
 
     def _layout(self) -> tuple[tuple[str, ...], int]:
-        names = [b.name for b in self._fleet.backends] if self._fleet else []
-        agents = self._fleet is not None and any(b.agent is not None for b in self._fleet.backends)
-        return layout(self.size.width, max((len(n) for n in names), default=NAME_MIN), agents)
+        backends = self._fleet.backends if self._fleet else ()
+        longest = max((len(b.name) for b in backends), default=NAME_MIN)
+        agents = any(b.agent is not None for b in backends)
+        return layout(self.size.width, longest, agents)
 
-    def _rebuild(self) -> None:
-        """Start again from the columns (a layout or theme change); the cursor stays on its backend."""
-        keep = self.selected_name if self._chosen else None
-        self._columns, self._name_width = self._layout()
-        with self.app.batch_update(), self._itself():
-            self.clear(columns=True)
-            self._cells.clear()
-            self._cache_keys.clear()
-            self._order.clear()
-            self._order_list = []
-            self._dirty.clear()
-            for key in self._columns:
-                column = COLUMNS[key]
-                width = column.width or self._name_width
-                label = styled(Cell(self._label(key)), self._styles, column.justify)
-                self.add_column(label, key=key, width=width)
-            self._sync(keep)
+    def _width(self, key: str) -> int:
+        return COLUMNS[key].width or self._name_width
 
     def _label(self, key: str) -> str:
         label = COLUMNS[key].label
@@ -194,112 +352,113 @@ class FleetTable(ThemedPalette, DataTable):
             label += "▲" if self.sort_reverse else "▼"  # which column orders the rows, and which way
         return label
 
-    # -- the diff ---------------------------------------------------------------------------
+    def _page(self) -> int:
+        return max(1, self.scrollable_content_region.height - HEADER)
 
-    def _sync(self, keep: str | None = None) -> None:
+    # -- the rows -----------------------------------------------------------------------------
+
+    def _sync(self) -> None:
         fleet = self._fleet
         if fleet is None:
             return
-        if (self._columns, self._name_width) != self._layout():
-            self._rebuild()  # calls back into _sync with the new columns
-            return
-        self._relabel()
+        if (self._columns, self._name_width) != (wanted := self._layout()):
+            self._columns, self._name_width = wanted
+            self._cells.clear()
+            self._forget()
         self.total = len(fleet.backends)
-        visible = [b for b in fleet.backends if fmt.matches(b, self.filter_text)]
-        wanted = {b.name for b in visible}
-        context = RowContext(fleet.at, self._settings)
-        self._row_context = context
+        self._row_context = RowContext(fleet.at, self._settings)
         # Rows move when values change under the sort; the cursor follows its backend, not its row number.
-        keep = keep or (self.selected_name if self._chosen else None)
-        with self.app.batch_update(), self._itself():
-            gone = [k.value for k in self.rows if k.value not in wanted]
-            if len(gone) > BULK_REMOVE:
-                # DataTable.remove_row renumbers every row: a filter that hides thousands of rows
-                # took seconds that way. Start the rows again instead (the columns stay).
-                self.clear()
-                self._cells.clear()
-                self._cache_keys.clear()
-                self._order.clear()
-                self._order_list = []
-                self._dirty.clear()
-            else:
-                for name in gone:
-                    self.remove_row(name)
-                    self._cells.pop(name, None)
-                    self._cache_keys.pop(name, None)
-                    self._dirty.pop(name, None)
-            for b in visible:
-                if b.name not in self._cells:
-                    cells = self._row_cells(b, context)
-                    self.add_row(*(self._styled(k, c) for k, c in cells.items()), key=b.name)
-                    self._cells[b.name] = cells
-                else:
-                    self._dirty[b.name] = b
-            self._reorder(visible)
-            self._restore_cursor(keep)
-            # Only the rows in view (and a screenful either side) are brought up to date now; the
-            # rest when they scroll into view. A fleet of thousands costs what a screenful costs.
-            self._update_in_view()
-            self._update_title()
+        keep = self.selected_name if self._chosen else None
+        shown = [b for b in fleet.backends if fmt.matches(b, self.filter_text)] if self.filter_text else fleet.backends
+        self._rows = self._ordered(shown)
+        self._index = {b.name: i for i, b in enumerate(self._rows)}
+        if len(self._cells) > len(fleet.backends):  # forget backends that are gone
+            names = {b.name for b in fleet.backends}
+            self._cells = {n: c for n, c in self._cells.items() if n in names}
+            self._strips = {n: s for n, s in self._strips.items() if n in names}
+        width = sum(self._width(k) + 2 * CELL_PADDING for k in self._columns)
+        if self.virtual_size != (size := Size(width, len(self._rows) + HEADER)):
+            self.virtual_size = size
+        if keep is not None and keep in self._index:
+            row = self._index[keep]
+        else:
+            row = min(self._cursor, len(self._rows) - 1) if self._chosen else 0
+        if max(row, 0) != self._cursor:
+            self._cursor = max(row, 0)
+            self._scroll_to_cursor()
+        self._refresh_changed()
+        self._update_title()
+        self._announce()
 
-    def _in_view(self) -> range:
-        top = int(self.scroll_y)
-        height = max(1, self.size.height)
-        return range(max(0, top - height), top + 2 * height)
+    def _ordered(self, backends) -> list[BackendSnapshot]:
+        order_of = fmt.SORT_KEYS[self.sort_name]
+        ordered = sorted(backends, key=order_of)
+        if self.sort_reverse:  # the other way round, but a backend with no figure still sorts last
+            known = [b for b in ordered if order_of(b)[0] != fmt.NO_FIGURE]
+            ordered = known[::-1] + [b for b in ordered if order_of(b)[0] == fmt.NO_FIGURE]
+        return ordered
 
-    def _update_in_view(self) -> None:
-        if not self._dirty or self._row_context is None:
+    def _place_cursor(self, row: int) -> None:
+        if row != self._cursor:
+            old, self._cursor = self._cursor, row
+            self._refresh_row(old)
+            self._refresh_row(row)
+
+    def _scroll_to_cursor(self) -> None:
+        """Scroll as little as keeps the cursor's row in view, below the header."""
+        top, rows = int(self.scroll_y), self._page()
+        if self._cursor < top:
+            self.scroll_to(y=self._cursor, animate=False)
+        elif self._cursor >= top + rows:
+            self.scroll_to(y=self._cursor - rows + 1, animate=False)
+
+    def _announce(self) -> None:
+        if (name := self.selected_name) != self._highlighted:
+            self._highlighted = name
+            self.post_message(self.Highlighted(name))
+
+    def _refresh_row(self, row: int | None) -> None:
+        if row is None:
             return
-        ordered = self._order_list
-        window = self._in_view()
-        names = [ordered[i] for i in window if i < len(ordered)] if len(self._dirty) > len(window) else [
-            n for n in self._dirty if window.start <= self._order.get(n, -1) < window.stop
-        ]
-        for name in names:
-            b = self._dirty.pop(name, None)
-            old = self._cells.get(name)
-            if b is None or old is None:
-                continue
-            cells = self._row_cells(b, self._row_context)
-            for key, cell in cells.items():
-                if old[key] != cell:
-                    self.update_cell(name, key, self._styled(key, cell))
-            self._cells[name] = cells
+        y = HEADER + row - int(self.scroll_y) if row >= 0 else 0
+        if 0 <= y < self.size.height:
+            self.refresh(Region(0, y, self.size.width, 1))
 
-    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
-        super().watch_scroll_y(old_value, new_value)
-        if round(old_value) != round(new_value) and getattr(self, "_dirty", None):  # also called while DataTable initialises
-            with self._itself():
-                self._update_in_view()
+    def _refresh_changed(self) -> None:
+        """Draw again only the lines in view whose backend, cells or highlight changed."""
+        width, height = self.size
+        top = int(self.scroll_y)
+        regions = [Region(0, y, width, 1) for y in range(height) if self._shown.get(y) != self._line_key(y, top)]
+        if regions:
+            self.refresh(*regions)
 
-    def _relabel(self) -> None:
-        """The sort mark moves between header labels in place: rebuilding the table for it cost a
-        second at 3,000 rows."""
-        changed = False
-        for key, column in self.columns.items():
-            label = self._label(key.value)
-            if str(column.label.plain) != label:
-                column.label = styled(Cell(label), self._styles, COLUMNS[key.value].justify)
-                changed = True
-        if changed:
-            self._clear_caches()
-            self.refresh()
+    def _line_key(self, y: int, top: int) -> tuple:
+        if y < HEADER:
+            return ("header", self._columns, self._name_width, self.sort_name, self.sort_reverse, self._hover == -1)
+        row = y - HEADER + top
+        if row >= len(self._rows):
+            return ()
+        b = self._rows[row]
+        return b.name, self._cells_of(b), row == self._cursor, row == self._hover
 
-    def _row_cells(self, b: BackendSnapshot, context: RowContext) -> dict[str, Cell]:
+    def _cells_of(self, b: BackendSnapshot) -> tuple[Cell, ...]:
         busy = b.name in self._probing
-        cache_key = (b.seq, busy, b.stale_since, b.agent)  # an agent lost changes no seq of its backends
-        old = self._cells.get(b.name)
-        if old is not None and self._cache_keys.get(b.name) == cache_key:
-            cells = dict(old)
+        stamp = (b.seq, busy, b.stale_since, b.agent)  # an agent lost changes no seq of its backends
+        context = self._row_context
+        cached = self._cells.get(b.name)
+        if cached is not None and cached[0] == stamp:
+            if cached[1] == context.now:
+                return tuple(cached[2].values())
+            cells = dict(cached[2])
             for key in _TICKING:  # figures turn old with time alone
                 if key in cells:
                     cells[key] = _dim(COLUMNS[key].cell(b, context), b)
-            return cells
-        cells = {key: _dim(COLUMNS[key].cell(b, context), b) for key in self._columns}
-        if busy:
-            cells["status"] = fmt.PROBING
-        self._cache_keys[b.name] = cache_key
-        return cells
+        else:
+            cells = {key: _dim(COLUMNS[key].cell(b, context), b) for key in self._columns}
+            if busy:
+                cells["status"] = fmt.PROBING
+        self._cells[b.name] = (stamp, context.now, cells)
+        return tuple(cells.values())
 
     def _update_title(self) -> None:
         direction = " (reversed)" if self.sort_reverse else ""
@@ -310,28 +469,67 @@ class FleetTable(ThemedPalette, DataTable):
             self._title = title
             self.border_title = Content(title)  # the filter is typed text, never markup
 
-    def _styled(self, key: str, cell: Cell):
-        return styled(cell, self._styles, COLUMNS[key].justify)
+    # -- drawing ------------------------------------------------------------------------------
 
-    def _reorder(self, visible: list[BackendSnapshot]) -> None:
-        order_of = fmt.SORT_KEYS[self.sort_name]
-        ordered = sorted(visible, key=order_of)
-        if self.sort_reverse:  # the other way round, but a backend with no figure still sorts last
-            known = [b for b in ordered if order_of(b)[0] != fmt.NO_FIGURE]
-            ordered = known[::-1] + [b for b in ordered if order_of(b)[0] == fmt.NO_FIGURE]
-        order = {b.name: i for i, b in enumerate(ordered)}
-        if order == self._order and len(order) == self.row_count:
-            return
-        self._order = order
-        self._order_list = [b.name for b in ordered]
-        # DataTable sorts on cell values; the name cell carries the full name, so it keys the order.
-        self.sort("name", key=lambda name: order[name.plain])
+    def render_lines(self, crop: Region) -> list[Strip]:
+        look = (self.rich_style, self.get_pseudo_class_state(), self.size.width, self._styles)
+        if look != self._look:
+            self._look = look
+            self._strips.clear()
+        return super().render_lines(crop)
 
-    def _restore_cursor(self, name: str | None) -> None:
-        if name is None or name not in self._cells:
-            if not self._chosen and self.row_count and self.cursor_row != 0:
-                self.move_cursor(row=0, animate=False)
-            return
-        index = self.get_row_index(name)
-        if index != self.cursor_row:
-            self.move_cursor(row=index, animate=False)
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        top, left = int(self.scroll_y), int(self.scroll_x)
+        key = self._line_key(y, top)
+        self._shown[y] = key
+        base = self.rich_style
+        if not key:
+            return Strip.blank(width, base)
+        if y < HEADER:
+            strip = self._header_strip(key[-1])
+        else:
+            name, cells, cursor, hover = key
+            if cursor or hover:
+                strip = self._row_strip(cells, cursor, hover)
+            else:
+                cached = self._strips.get(name)
+                if cached is None or cached[0] != cells:
+                    cached = (cells, self._row_strip(cells, False, False))
+                    self._strips[name] = cached
+                strip = cached[1]
+        if left or strip.cell_length > width:
+            strip = strip.crop(left, left + width)
+        return strip.adjust_cell_length(width, base)
+
+    def _header_strip(self, hover: bool) -> Strip:
+        row = self.get_component_styles("fleet-table--header").rich_style
+        if hover:
+            row += self.get_component_rich_style("fleet-table--hover") + self.get_component_rich_style("fleet-table--header-hover")
+        pad = " " * CELL_PADDING
+        segments = []
+        for i, key in enumerate(self._columns):
+            segments.append(Segment(pad + fit(self._label(key), self._width(key), COLUMNS[key].justify) + pad, row + _CELL[i]))
+        segments.append(Segment(" " * max(0, self.size.width - sum(s.cell_length for s in segments)), row + _EDGE))
+        return Strip(segments).simplify()
+
+    def _row_strip(self, cells: tuple[Cell, ...], cursor: bool, hover: bool) -> Strip:
+        row = self.rich_style
+        over = Style.null()
+        if hover:
+            row += self.get_component_rich_style("fleet-table--hover")
+        if cursor:
+            highlight = self.get_component_rich_style("fleet-table--cursor")
+            row += highlight
+            over = Style.from_color(highlight.color)  # the cursor's colour wins over the levels' colours
+        styles = self._styles
+        pad = " " * CELL_PADDING
+        segments = []
+        for i, (key, cell) in enumerate(zip(self._columns, cells)):
+            edge = row + _CELL[i]
+            level = styles.get(cell.level) or Style.null() if cell.text else Style.null()  # Rich styled no blank of an empty text
+            text = Segment(fit(cell.text, self._width(key), COLUMNS[key].justify), edge + level + over)
+            segments += (Segment(pad, edge), text, Segment(pad, edge))
+        used = sum(self._width(k) + 2 * CELL_PADDING for k in self._columns)
+        segments.append(Segment(" " * max(0, self.size.width - used), row + _EDGE))
+        return Strip(segments).simplify()

@@ -54,14 +54,15 @@ class FleetSummary(Static):
         def fits(candidate: list) -> bool:
             return sum(len(p if isinstance(p, str) else p[0]) for p in candidate) <= width
 
-        # Shorter forms as room runs out; the probe spend stays while anything can hold it.
-        candidates = [
-            self._counts(view, short=False) + self._spend(view, short=False),
-            self._counts(view, short=False) + self._spend(view, short=True),
-            self._counts(view, short=True) + self._spend(view, short=True),
-        ]
-        parts = next((c for c in candidates if fits(c)), self._counts(view, short=True))
+        # Shorter forms as room runs out; the probe spend stays while anything can hold it. Each
+        # sum over the fleet is taken once: 3,000 rows made every pass count.
         fleet = view.fleet
+        counts, spend = fleet.counts(), fleet.spend()
+        circuits = [b.circuit for b in fleet.backends if b.stale_since is None]  # a lost agent's: not known now
+        long_counts, short_counts = self._counts(view, counts, circuits, short=False), self._counts(view, counts, circuits, short=True)
+        short_spend = self._spend(spend, short=True)
+        candidates = [long_counts + self._spend(spend, short=False), long_counts + short_spend, short_counts + short_spend]
+        parts = next((c for c in candidates if fits(c)), short_counts)
         if view.sources:
             parts += ["\n", *self._sources(view, width)]
         if fleet.config_error:
@@ -74,10 +75,9 @@ class FleetSummary(Static):
             self.update(Content.assemble(*parts))
 
     @staticmethod
-    def _spend(view: FleetView, short: bool) -> list:
+    def _spend(spend: dict, short: bool) -> list:
         """What the fleet's probes cost per hour, as planned (tokens in and out; money where a
-        price is set), and the budget that holds them, if any."""
-        spend = view.fleet.spend()
+        price is set), and the budget that holds them, if any (`spend`: FleetSnapshot.spend())."""
         tokens = spend["tokens_per_hour"]
         if not tokens and not spend["budget_tokens_per_hour"]:
             return []
@@ -110,14 +110,12 @@ class FleetSummary(Static):
         return parts
 
     @staticmethod
-    def _counts(view: FleetView, short: bool) -> list:
+    def _counts(view: FleetView, counts: dict[str, int], circuits: list[str], short: bool) -> list:
         fleet, progress = view.fleet, view.progress
-        counts = fleet.counts()
         parts: list[str | tuple[str, str]] = [("llmtop", "bold $accent"), f" {len(fleet.backends)}" + ("" if short else " backends ")]
         for key, symbol, word, colour in _COUNTS:
             if counts.get(key) or key in _ALWAYS:
                 parts.append((f" {symbol}{counts.get(key, 0)}" if short else f" {symbol} {counts.get(key, 0)} {word}", colour))
-        circuits = [b.circuit for b in fleet.backends if b.stale_since is None]  # a lost agent's: not known now
         opened, half = circuits.count("open"), circuits.count("half_open")
         if opened or half:
             parts.append((f"  ⚡{opened} open" if short else f"  ⚡ circuits: {opened} open", "bold $text-error"))
