@@ -14,6 +14,7 @@ import time
 
 from llmtop.config import Config
 from llmtop.engine import Engine
+from llmtop.owners import Owners, local_ports
 from llmtop.snapshot import BackendSnapshot, FleetSnapshot, GpuStatus, TerminalView
 from llmtop.state import StateStore
 
@@ -82,6 +83,9 @@ def check_fleet(
         shards.append((proc, receive))
     try:
         gpu_status = gpu.read_within() if gpu is not None else GpuStatus(message="GPU not read")
+        ports = local_ports((b.name, b.url) for b in config.backends)
+        if ports and gpu_status.gpus:
+            gpu_status = Owners().label(gpu_status, ports)
         parts = [_result(proc, receive) for proc, receive in shards]
     finally:
         for proc, _ in shards:
@@ -243,8 +247,18 @@ def render_table(snapshot: FleetSnapshot) -> str:
                 f"GPU {g.index} {g.name}: util {_num(g.utilization_pct, '.0f')}%  mem {_num(g.memory_used_mib, '.0f')}/"
                 f"{_num(g.memory_total_mib, '.0f')} MiB  {_num(g.temperature_c, '.0f')}°C  {_num(g.power_w, '.0f')} W"
             )
+            lines.extend(_process_lines(g.processes, "  "))
             for m in g.mig:
                 lines.append(f"  MIG {m.gpu_instance_id}/{m.compute_instance_id} {m.name}: mem {_num(m.memory_used_mib, '.0f')}/{_num(m.memory_total_mib, '.0f')} MiB")
+                lines.extend(_process_lines(m.processes, "    "))
     else:
         lines.append(gpu.message or "no NVIDIA GPU")
     return "\n".join(lines)
+
+
+def _process_lines(processes, indent: str) -> list[str]:
+    """A GPU's processes, the backend each serves first where known: "gpu1-vllm: pid 4242 python3 -m vllm..., 61440 MiB"."""
+    return [
+        f"{indent}{p.backend + ': ' if p.backend else ''}pid {p.pid} {p.name}, {_num(p.used_memory_mib, '.0f')} MiB"
+        for p in processes
+    ]

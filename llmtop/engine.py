@@ -15,6 +15,7 @@ from llmtop.config import Config
 from llmtop.governor import Governor, Pacer
 from llmtop.gpu import STALL_NOTE_S
 from llmtop.metrics import alert_values
+from llmtop.owners import Owners, local_ports
 from llmtop.snapshot import BackendSnapshot, Event, FleetSnapshot, GpuStatus
 from llmtop.state import StateStore
 from llmtop.tracker import BackendTracker, uses_tls
@@ -47,6 +48,7 @@ class Engine:
         self.wall = wall
         self.gpu = gpu
         self.gpu_status = GpuStatus(message="GPU not read yet")
+        self._owners = Owners()
         self.events: deque[Event] = deque(maxlen=500)
         self._listeners: list[Callable[[Event], None]] = []
         self._watchers: list[Callable[[BackendSnapshot | None], None]] = []
@@ -317,7 +319,11 @@ class Engine:
         """The GPU reading, waited for at most STALL_NOTE_S from its start: a stalled NVML call
         delays one round's polls by that at most, and no later round's."""
         if self.gpu is not None:
-            self.gpu_status = await self.gpu.read_async(wait_s=STALL_NOTE_S)
+            status = await self.gpu.read_async(wait_s=STALL_NOTE_S)
+            ports = local_ports((b.name, b.url) for b in self.config.backends)
+            if ports and status.gpus:  # which backend each GPU process serves: /proc reads, off the loop
+                status = await asyncio.to_thread(self._owners.label, status, ports)
+            self.gpu_status = status
 
     def _jittered(self, interval: float) -> float:
         return interval * self._rng.uniform(0.9, 1.1)

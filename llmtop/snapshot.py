@@ -298,6 +298,7 @@ class GpuProcess:
     name: str  # its command line; "?" when unknown
     used_memory_mib: float | None
     name_note: str | None = None  # why the name is unknown or came from NVML rather than this machine's /proc
+    backend: str | None = None  # the configured backend it serves (owners.py), when this machine's /proc says
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,9 @@ class TerminalView:
 
 
 def _safe_processes(processes: tuple[GpuProcess, ...]) -> tuple[GpuProcess, ...]:
-    return tuple(dataclasses.replace(p, name=for_terminal(p.name, 40), name_note=_safe(p.name_note, 120)) for p in processes)
+    return tuple(
+        dataclasses.replace(p, name=for_terminal(p.name, 40), name_note=_safe(p.name_note, 120), backend=_safe(p.backend, 64)) for p in processes
+    )
 
 
 def _safe_gpu(status: GpuStatus) -> GpuStatus:

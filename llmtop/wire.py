@@ -188,6 +188,7 @@ def _gpu_processes(data: Any) -> tuple[GpuProcess, ...]:
             name=_text(p.get("name"), 200) or "?",
             used_memory_mib=_nonneg(p.get("used_memory_mib")),
             name_note=_text(p.get("name_note"), 200),
+            backend=_text(p.get("backend"), 200),
         )
         for p in procs[:LIST_MAX]
         if isinstance(p, dict)
