@@ -1,4 +1,8 @@
-"""The command line as a user runs it: real processes, real exit codes, one-line errors."""
+"""The command line as a user runs it: real processes, real exit codes, one-line errors.
+
+What ends in the argument, config or state-file checks, or in an admin command's state write, runs
+in this process through `cli.main` (`here`); what reads a fleet, a pipe or the program's own exit
+runs as a real process (`llmtop`)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from llmtop.cli import main
 from llmtop.simulator import SimBackend, Simulator
 from served import WAY_IN_AND_OUT_MS, served_ttft_ms
 
@@ -18,6 +23,26 @@ from served import WAY_IN_AND_OUT_MS, served_ttft_ms
 def llmtop(*args, env=None, cwd=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "llmtop", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60)
+
+
+@pytest.fixture
+def here(capsys):
+    """`llmtop ARGS` run in this process by `cli.main`, as `entry` runs it: its return is the exit
+    code (argparse's own errors exit through SystemExit), its output what it printed. For commands
+    that end before any fleet is read, a process of their own (some 0.3 s of CPU: an interpreter
+    and its imports, 60 of them in this file) adds nothing the test looks at; an exception that
+    escapes main fails the test with its traceback."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["llmtop", *args], code, out, err)
+
+    return run
 
 
 @pytest.fixture
@@ -80,10 +105,10 @@ def test_config_from_environment_variable(config, tmp_path):
         ("[settings\n", "not valid TOML"),
     ],
 )
-def test_config_errors_exit_2_with_one_line(tmp_path, content, expected):
+def test_config_errors_exit_2_with_one_line(here, tmp_path, content, expected):
     path = tmp_path / "bad.toml"
     path.write_text(content)
-    r = llmtop("check", "--config", str(path))
+    r = here("check", "--config", str(path))
     assert r.returncode == 2
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
@@ -91,41 +116,41 @@ def test_config_errors_exit_2_with_one_line(tmp_path, content, expected):
     assert "Traceback" not in r.stderr
 
 
-def test_missing_config_points_at_init_and_demo(tmp_path):
-    r = llmtop("check", "--config", str(tmp_path / "none.toml"))
+def test_missing_config_points_at_init_and_demo(here, tmp_path):
+    r = here("check", "--config", str(tmp_path / "none.toml"))
     assert r.returncode == 2 and "llmtop init" in r.stderr and "--demo" in r.stderr
 
 
-def test_usage_errors_exit_2(tmp_path, config):
-    assert llmtop("check", "--rounds", "0", "--config", str(config)).returncode == 2
-    assert llmtop("check", "--bogus").returncode == 2
+def test_usage_errors_exit_2(here, config):
+    assert here("check", "--rounds", "0", "--config", str(config)).returncode == 2
+    assert here("check", "--bogus").returncode == 2
 
 
-def test_drain_undrain_disable_enable_persist(config, tmp_path):
+def test_drain_undrain_disable_enable_persist(here, config, tmp_path):
     state = tmp_path / "state.json"
     common = ["--config", str(config), "--state", str(state)]
-    r = llmtop("drain", "fast", *common)
+    r = here("drain", "fast", *common)
     assert r.returncode == 0 and "active -> draining" in r.stdout
     assert json.loads(state.read_text()) == {"admin": {"fast": "draining"}}
     r = llmtop("check", "--json", *common)
     b = {x["name"]: x for x in json.loads(r.stdout)["backends"]}
     assert b["fast"]["admin"] == "draining" and b["fast"]["probe"] is None
     assert r.returncode == 0  # only active backends count
-    assert llmtop("disable", "ollama", *common).returncode == 0
+    assert here("disable", "ollama", *common).returncode == 0
     assert json.loads(state.read_text())["admin"] == {"fast": "draining", "ollama": "disabled"}
     r = llmtop("check", *common)  # nothing active: nothing serves, which is no success
     assert r.returncode == 1 and "no backend is active" in r.stdout
-    assert llmtop("undrain", "fast", *common).returncode == 0
-    assert llmtop("enable", "ollama", *common).returncode == 0
+    assert here("undrain", "fast", *common).returncode == 0
+    assert here("enable", "ollama", *common).returncode == 0
     assert json.loads(state.read_text()) == {"admin": {}}
-    r = llmtop("drain", "nope", *common)
+    r = here("drain", "nope", *common)
     assert r.returncode == 2 and "no backend named 'nope'" in r.stderr and "fast" in r.stderr
 
 
-def test_corrupt_state_file_is_a_clear_error(config, tmp_path):
+def test_corrupt_state_file_is_a_clear_error(here, config, tmp_path):
     state = tmp_path / "state.json"
     state.write_text("{not json")
-    r = llmtop("check", "--config", str(config), "--state", str(state))
+    r = here("check", "--config", str(config), "--state", str(state))
     assert r.returncode == 2 and "state file is corrupt" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -139,13 +164,13 @@ def test_check_demo_runs_the_simulated_fleet(tmp_path):
     assert by["vllm-fast"]["status"] == "healthy"
 
 
-def test_init_writes_a_valid_commented_config(tmp_path):
+def test_init_writes_a_valid_commented_config(here, tmp_path):
     path = tmp_path / "c" / "config.toml"
-    r = llmtop("init", "--config", str(path))
+    r = here("init", "--config", str(path))
     assert r.returncode == 0 and path.exists()
     text = path.read_text()
     assert text.startswith("#") and "api_key_env" in text
-    assert llmtop("init", "--config", str(path)).returncode == 2  # never overwrites silently
+    assert here("init", "--config", str(path)).returncode == 2  # never overwrites silently
     from llmtop.config import load_config
 
     load_config(path)
@@ -197,24 +222,24 @@ def test_check_split_over_worker_processes_reports_every_backend_in_config_order
     assert table.returncode == 1 and "b3: " in table.stdout and table.stdout.count("HEALTHY") == 6
 
 
-def test_workers_must_be_positive(config, tmp_path):
-    r = llmtop("check", "--workers", "0", "--config", str(config), "--state", str(tmp_path / "s.json"))
+def test_workers_must_be_positive(here, config, tmp_path):
+    r = here("check", "--workers", "0", "--config", str(config), "--state", str(tmp_path / "s.json"))
     assert r.returncode == 2 and r.stderr.strip() == "llmtop: --workers must be at least 1"
 
 
 # -- the command line means what it says ------------------------------------------------------
 
 
-def test_global_options_work_before_or_after_the_subcommand(config, tmp_path):
+def test_global_options_work_before_or_after_the_subcommand(here, config, tmp_path):
     state = tmp_path / "s.json"
     r = llmtop("--config", str(config), "--state", str(state), "check", "--json")
     assert r.returncode == 0, r.stderr
     assert [b["name"] for b in json.loads(r.stdout)["backends"]] == ["fast", "ollama"]
-    r = llmtop("--state", str(state), "drain", "fast", "--config", str(config))
+    r = here("--state", str(state), "drain", "fast", "--config", str(config))
     assert r.returncode == 0 and json.loads(state.read_text()) == {"admin": {"fast": "draining"}}
     # After the subcommand wins over before it, as the last of a repeated option does.
     other = tmp_path / "other.json"
-    assert llmtop("--state", str(state), "disable", "ollama", "--config", str(config), "--state", str(other)).returncode == 0
+    assert here("--state", str(state), "disable", "ollama", "--config", str(config), "--state", str(other)).returncode == 0
     assert json.loads(other.read_text()) == {"admin": {"ollama": "disabled"}}
     assert json.loads(state.read_text()) == {"admin": {"fast": "draining"}}
 
@@ -228,15 +253,15 @@ def test_global_options_work_before_or_after_the_subcommand(config, tmp_path):
         (["check", "--demo", "--config", "fleet.toml"], "--demo watches its own simulated fleet; leave out --config"),
     ],
 )
-def test_an_option_the_command_would_ignore_is_an_error(args, says):
-    r = llmtop(*args)
+def test_an_option_the_command_would_ignore_is_an_error(here, args, says):
+    r = here(*args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr
 
 
-def test_an_empty_fleet_is_not_success(tmp_path):
+def test_an_empty_fleet_is_not_success(here, tmp_path):
     path = tmp_path / "empty.toml"
     path.write_text("[settings]\ntimeout_s = 3\n")
-    r = llmtop("check", "--config", str(path), "--state", str(tmp_path / "s.json"))
+    r = here("check", "--config", str(path), "--state", str(tmp_path / "s.json"))
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"llmtop: {path}: no backends to check; add a [[backend]]")
 
@@ -290,27 +315,27 @@ def hostile_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_bad_paths_and_numbers_are_one_line_errors_not_internal_ones(config, tmp_path):
+def test_bad_paths_and_numbers_are_one_line_errors_not_internal_ones(here, config, tmp_path):
     for args, says in hostile_cases(tmp_path):
         full = [*args, "--config", str(config)] if "--config" not in args else args
         if "--state" not in full:
             full += ["--state", str(tmp_path / "s.json")]
-        r = llmtop(*full)
+        r = here(*full)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("llmtop: "), (args, r.stderr)
         assert says in r.stderr and "internal error" not in r.stderr, (args, r.stderr)
     assert Path("/dev/null").is_char_device()  # not swapped for a file by a state write
 
 
-def test_undrain_leaves_a_disabled_backend_disabled_and_enable_a_draining_one_draining(config, tmp_path):
+def test_undrain_leaves_a_disabled_backend_disabled_and_enable_a_draining_one_draining(here, config, tmp_path):
     state = tmp_path / "state.json"
     common = ["--config", str(config), "--state", str(state)]
-    assert llmtop("disable", "fast", *common).returncode == 0
-    r = llmtop("undrain", "fast", *common)
+    assert here("disable", "fast", *common).returncode == 0
+    r = here("undrain", "fast", *common)
     assert r.returncode == 0
     assert r.stdout == "fast: disabled, not draining; left disabled (`llmtop enable fast` enables it)\n"
     assert json.loads(state.read_text()) == {"admin": {"fast": "disabled"}}
-    assert llmtop("drain", "ollama", *common).returncode == 0
-    r = llmtop("enable", "ollama", *common)
+    assert here("drain", "ollama", *common).returncode == 0
+    r = here("enable", "ollama", *common)
     assert r.stdout == "ollama: draining, not disabled; left draining (`llmtop undrain ollama` undrains it)\n"
     assert json.loads(state.read_text()) == {"admin": {"fast": "disabled", "ollama": "draining"}}

@@ -288,7 +288,9 @@ async def test_an_unreadable_model_list_is_unknown_not_all_served(provider, stat
 
 
 async def test_figures_from_before_a_failure_are_shown_as_old(state):
-    sb = SimBackend("fall", "vllm")
+    # Two tokens 100 ms apart: the first is read alone, so timed, even on a loaded core (10 ms
+    # apart, a loop late by that much read both together, twice, and the probe was honestly untimed).
+    sb = SimBackend("fall", "vllm", gap_ms=100, output_tokens=2)
     async with Simulator([sb]) as sim:
         async with Engine(config(sim, [sb], timeout_s=1.0), state) as engine:
             await engine.run_round()
@@ -307,7 +309,7 @@ async def test_figures_from_before_a_failure_are_shown_as_old(state):
 
 @pytest.mark.parametrize("provider", ["vllm", "openai", "lmstudio", "anthropic"])
 async def test_a_backend_without_expected_models_is_probed_with_one_it_serves(provider, state):
-    sb = SimBackend(f"p-{provider}", provider, ["served-one", "served-two"])
+    sb = SimBackend(f"p-{provider}", provider, ["served-one", "served-two"], gap_ms=100, output_tokens=2)  # timed even when read late
     async with Simulator([sb]) as sim:
         cfg = config(sim, [sb])
         cfg = Config(settings=cfg.settings, backends=(BackendConfig(sb.name, provider, sim.url(sb.name)),))
@@ -434,7 +436,7 @@ async def test_a_rate_that_overflows_from_finite_inputs_breaks_nothing(state):
 
 
 async def test_figures_from_before_an_outage_stay_old_after_the_backend_is_back(state):
-    sb = SimBackend("gpu1", "vllm")
+    sb = SimBackend("gpu1", "vllm", gap_ms=100, output_tokens=2)  # timed even when read late
     async with Simulator([sb]) as sim:
         async with Engine(config(sim, [sb], timeout_s=1.0), state) as engine:
             await engine.run_round()  # a probe measures

@@ -103,7 +103,7 @@ async def test_estimated_tokens_when_server_sends_no_usage(state):
 
 
 async def test_vllm_server_ttft_histogram_reaches_metrics(state):
-    sb = SimBackend("v", ttft_ms=30)
+    sb = SimBackend("v", ttft_ms=30, gap_ms=100, output_tokens=2)  # read one by one on a loaded core: no untimed retry
     async with Simulator([sb]) as sim:
         async with Engine(make_config(sim, [sb]), state) as engine:
             await engine.run_round()
@@ -130,7 +130,7 @@ async def test_vllm_server_ttft_histogram_reaches_metrics(state):
 )
 async def test_fault_is_reported_and_others_unaffected(fault, arg, status, words, state):
     bad = SimBackend("bad", provider="openai", fault=fault, fault_arg=arg)
-    good = SimBackend("good", ttft_ms=50, gap_ms=10)
+    good = SimBackend("good", ttft_ms=50, gap_ms=100, output_tokens=2)  # its first token read alone even on a loaded core
     async with Simulator([bad, good]) as sim:
         start = time.perf_counter()
         snap = await one_round(sim, [bad, good], state, timeout_s=0.6)

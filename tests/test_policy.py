@@ -384,7 +384,7 @@ async def test_per_backend_max_tokens_and_timeout_are_used(state):
 
 
 async def test_input_tokens_and_prices_are_counted_and_exported(state):
-    sb = SimBackend("paid", provider="openai", models=["gpt"])
+    sb = SimBackend("paid", provider="openai", models=["gpt"], gap_ms=40)  # read one by one on a loaded core: no untimed retry
     async with Simulator([sb]) as sim:
         policy = PolicyKeys(price_per_1k_output_tokens=0.6, price_per_1k_input_tokens=0.15, probe_interval_s=60)
         async with Engine(config_for(sim, [sb], {"paid": policy}), state) as engine:

@@ -152,6 +152,22 @@ async def test_the_live_screen_serves_the_same_endpoints_and_its_d_drains_there(
         await pilot.press("q")
 
 
+async def test_a_live_screen_without_listen_imports_no_server(tmp_path, monkeypatch):
+    """The servers' modules bring aiohttp, whose import alone cost every start of the screen 0.2 s
+    of CPU; without --listen or --agent-listen they are not imported at all (an import of either
+    raises here)."""
+    from llmtop.config import Config
+    from llmtop.engine import Engine
+    from llmtop.state import StateStore
+    from llmtop.tui.app import LlmtopApp
+
+    monkeypatch.setitem(sys.modules, "llmtop.serve.http", None)
+    monkeypatch.setitem(sys.modules, "llmtop.serve.agent", None)
+    app = LlmtopApp(Engine(Config(), StateStore(tmp_path / "s.json")), config_path=None)
+    await app._start_serving()
+    assert app._served == []
+
+
 def test_a_stalled_nvml_call_does_not_hold_serve_past_2s_after_sigterm(config, tmp_path):
     """A GPU whose NVML calls hang (a wedged driver, a GPU off the bus): serve still stops within
     2 s of SIGTERM. The stand-in NVML module sleeps in every device count."""

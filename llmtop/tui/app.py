@@ -192,6 +192,10 @@ class LlmtopApp(App):
             await self._start_serving()
 
     async def _start_serving(self) -> None:
+        if self._listen is None and self._agent_listen is None:
+            # Nothing to serve: not even an import. serve.http brings aiohttp, whose import makes
+            # its TLS contexts: 0.2 s of CPU at every start of a screen that serves nothing.
+            return
         from llmtop.serve.agent import AgentServer
         from llmtop.serve.http import ServeSite
 
