@@ -672,6 +672,39 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files, 
         await quit_app(app)
 
 
+async def test_the_gpu_panel_names_the_backends_whose_server_uses_each_gpu(sim, files, monkeypatch, tmp_path):
+    """The simulator serving the configured backends listens in this very process; the stand-in
+    driver lists this process on GPU 0. The panel names what it serves (owners.py, from the real
+    /proc: the listening socket and its owner), and `check`'s JSON carries it per process."""
+    import os
+
+    import pynvml
+    from fake_nvml_lib import FakeDevice, FakeDriver, FakeProcess, install
+
+    from llmtop.gpu import GpuReader
+
+    config_path, state_path = files
+    backends = list(sim.backends.values())[:1]  # one backend: its name alone is shown
+    config_path.write_text(config_text(sim, backends))
+    root = tmp_path / "proc" / str(os.getpid())  # gpu.py's own check that the pid maps the GPU
+    root.mkdir(parents=True)
+    (root / "cmdline").write_bytes(b"python3\0-m\0vllm\0")
+    (root / "maps").write_text("7f10 rw-s 00000000 00:05 7 /dev/nvidia0\n")
+    install(monkeypatch, FakeDriver([FakeDevice(compute=[FakeProcess(os.getpid(), 30 * 1024**3)]), FakeDevice(name="NVIDIA A10")]))
+    engine = Engine(load_config(config_path), StateStore(state_path), gpu=GpuReader(nvml=pynvml, cache_s=0.1, proc_root=str(tmp_path / "proc")))
+    app = LlmtopApp(engine, config_path=config_path)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await wait_for(pilot, lambda: app.view is not None and app.view.fleet.gpu.gpus, what="a GPU reading")
+        app.refresh_fleet()
+        await pilot.pause()
+        lines = [line for line in screen_text(app).splitlines() if "H100" in line or "A10" in line]
+        name = backends[0].name
+        assert any(f"{name} 30G" in line for line in lines if "H100" in line), lines
+        assert not any(name in line for line in lines if "A10" in line), lines
+        assert engine.gpu_status.gpus[0].processes[0].backend == name
+        await quit_app(app)
+
+
 # -- regressions found in review ------------------------------------------------------------------
 
 

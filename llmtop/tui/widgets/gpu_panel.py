@@ -1,4 +1,4 @@
-"""Local GPUs from NVML: utilization with a short history, memory, temperature, power; calm when there are none."""
+"""Local GPUs from NVML: utilization with a short history, memory, temperature, power, and the backends each serves; calm when there are none."""
 
 from __future__ import annotations
 
@@ -92,12 +92,43 @@ class GpuPanel(Widget):
         p = self._parts(gpu)
         fixed = Content("  ").join([p["mem"], p["temp"], p["power"]])
         head = Content(" ").join([p["name"], p["util"]])
-        room = min(HISTORY, width - head.cell_length - fixed.cell_length - 4)
-        return Content(" ").join([head, self._spark(gpu, room), " ", fixed])
+        served = _served(gpu)
+        # The backends served get what the sparkline can spare beyond 20 cells.
+        spare = width - head.cell_length - fixed.cell_length - 4
+        served_text = _fit(served, max(0, spare - 20 - 2)) if served else ""
+        room = min(HISTORY, spare - (len(served_text) + 2 if served_text else 0))
+        parts = [head, self._spark(gpu, room), " ", fixed]
+        if served_text:
+            parts += [" ", Content.styled(served_text, "$text-accent")]
+        return Content(" ").join(parts)
 
     def _two_lines(self, gpu: GpuSnapshot, width: int) -> Content:
         p = self._parts(gpu)
         first = Content("  ").join([p["name"], p["temp"], p["power"]])
+        served = _served(gpu)
+        if served:
+            served_text = _fit(served, width - first.cell_length - 2)
+            if served_text:
+                first = Content("  ").join([first, Content.styled(served_text, "$text-accent")])
         room = min(HISTORY, width - p["util"].cell_length - p["mem"].cell_length - 6)
         second = Content(" ").join(["", p["util"], self._spark(gpu, room), p["mem"]])
         return Content("\n").join([first, second])
+
+
+def _served(gpu: GpuSnapshot) -> list[str]:
+    """The configured backends whose processes use this GPU (its MIG instances included), with
+    their memory on it: ["gpu1-vllm 60G"]; processes of no known backend are left to details."""
+    memory: dict[str, float] = {}
+    for process in (*gpu.processes, *(p for m in gpu.mig for p in m.processes)):
+        if process.backend:
+            memory[process.backend] = memory.get(process.backend, 0.0) + (process.used_memory_mib or 0.0)
+    return [f"{name} {mib / 1024:.0f}G" if mib else name for name, mib in memory.items()]
+
+
+def _fit(items: list[str], room: int) -> str:
+    """As many items as fit in `room` cells, then "+N" for the rest; "" when not even that fits."""
+    for shown in range(len(items), 0, -1):
+        text = ", ".join(items[:shown]) + (f" +{len(items) - shown}" if shown < len(items) else "")
+        if len(text) <= room:
+            return text
+    return f"+{len(items)}" if len(f"+{len(items)}") <= room else ""
