@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -376,7 +377,16 @@ class FleetSnapshot:
         return counts
 
     def backend(self, name: str) -> BackendSnapshot | None:
-        return next((b for b in self.backends if b.name == name), None)
+        return self._by_name.get(name)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, BackendSnapshot]:
+        """Built on the first look-up (a screen looks up the selected row every tick and every key;
+        a scan of 3,000 rows each time was not free). The first of a name wins, as the scan's did."""
+        index: dict[str, BackendSnapshot] = {}
+        for b in self.backends:
+            index.setdefault(b.name, b)
+        return index
 
     def to_json(self) -> dict[str, Any]:
         """The exact data (no text is altered; JSON escapes what it must) for scripts."""
