@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -377,7 +378,16 @@ class FleetSnapshot:
         return counts
 
     def backend(self, name: str) -> BackendSnapshot | None:
-        return next((b for b in self.backends if b.name == name), None)
+        return self._by_name.get(name)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, BackendSnapshot]:
+        """Built on the first look-up (a screen looks up the selected row every tick and every key;
+        a scan of 3,000 rows each time was not free). The first of a name wins, as the scan's did."""
+        index: dict[str, BackendSnapshot] = {}
+        for b in self.backends:
+            index.setdefault(b.name, b)
+        return index
 
     def to_json(self) -> dict[str, Any]:
         """The exact data (no text is altered; JSON escapes what it must) for scripts."""
@@ -399,17 +409,20 @@ class TerminalView:
         self._backends: dict[str, tuple[int, BackendSnapshot, BackendSnapshot]] = {}
         self._events: dict[int, Event] = {}
         self._gpu: tuple[GpuStatus, GpuStatus] | None = None
+        self._rows: tuple[tuple[BackendSnapshot, ...], tuple[BackendSnapshot, ...]] | None = None  # (rows in, their copies)
 
     def __call__(self, fleet: FleetSnapshot) -> FleetSnapshot:
-        backends = []
-        seen = {}
-        for b in fleet.backends:
-            cached = self._backends.get(b.name)
-            if cached is None or cached[0] != b.seq or cached[1] is not b:
-                cached = (b.seq, b, b.for_terminal())
-            seen[b.name] = cached
-            backends.append(cached[2])
-        self._backends = seen
+        if self._rows is None or fleet.backends is not self._rows[0]:  # else: the same rows, the same copies
+            backends = []
+            seen = {}
+            for b in fleet.backends:
+                cached = self._backends.get(b.name)
+                if cached is None or cached[0] != b.seq or cached[1] is not b:
+                    cached = (b.seq, b, b.for_terminal())
+                seen[b.name] = cached
+                backends.append(cached[2])
+            self._backends = seen
+            self._rows = (fleet.backends, tuple(backends))
         events = {}
         for e in fleet.events:
             safe = self._events.get(id(e))
@@ -421,7 +434,7 @@ class TerminalView:
             self._gpu = (fleet.gpu, _safe_gpu(fleet.gpu))
         return dataclasses.replace(
             fleet,
-            backends=tuple(backends),
+            backends=self._rows[1],
             events=tuple(safe for _, safe in events.values()),
             gpu=self._gpu[1],
             config_path=_safe(fleet.config_path, 200),

@@ -19,7 +19,7 @@ from llmtop.simulator import SimBackend, Simulator
 from llmtop.state import StateStore
 from llmtop.tui.app import LlmtopApp
 from llmtop.tui.screens.confirm import ConfirmScreen
-from llmtop.tui.screens.detail import DetailScreen
+from llmtop.tui.screens.detail import Chart, DetailScreen
 from llmtop.tui.screens.fleet import FleetScreen
 from llmtop.tui.screens.help import HelpScreen
 from llmtop.tui.widgets.fleet_table import FleetTable
@@ -400,6 +400,27 @@ async def test_enter_opens_details_and_esc_goes_back(sim, files):
         await pilot.pause()
         assert isinstance(app.screen, FleetScreen)
         assert table(app).selected_name == "beta"
+
+
+async def test_details_draw_their_charts_after_the_first_frame_and_keep_them_for_the_same_backend(sim, files):
+    async with running(sim, files, size=(160, 50)) as (app, pilot):
+        await settled(app, pilot)
+        await select(pilot, app, "beta")
+        await pilot.press("enter")
+        charts = list(app.screen.query(Chart))
+        await wait_for(pilot, lambda: not any(c.pending for c in charts), what="charts drawn")
+        assert "seconds ago" in screen_text(app)  # a real plot with its x axis, not the placeholder
+        drawn = [c.version for c in charts]
+        await pilot.press("escape")
+        await pilot.press("enter")  # the same backend again: its charts are shown as drawn, at once
+        assert isinstance(app.screen, DetailScreen) and not any(c.pending for c in charts)
+        assert all(now >= before for now, before in zip((c.version for c in charts), drawn))
+        await pilot.press("escape")
+        await select(pilot, app, "alpha")
+        await pilot.press("enter")  # another backend: its charts are drawn anew
+        assert app.screen.backend == "alpha"
+        await wait_for(pilot, lambda: not any(c.pending for c in charts), what="alpha's charts drawn")
+        assert all(now > before for now, before in zip((c.version for c in charts), drawn))
 
 
 async def test_the_mouse_picks_a_row_opens_it_and_sorts_by_a_header(sim, files):

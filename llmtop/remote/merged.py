@@ -27,6 +27,8 @@ class MergedFleet:
         self._clock = clock
         self._routes: dict[str, tuple[Source | None, str]] = {}
         self._renamed: dict[tuple[int, str], tuple[BackendSnapshot, BackendSnapshot]] = {}
+        self._plain: dict[int, tuple[list[str], dict[str, tuple[Source | None, str]]]] = {}  # per source with no clash: its names, its routes
+        self._rows: tuple[BackendSnapshot, ...] | None = None  # the rows last shown
         self._events: deque[Event] = deque(maxlen=EVENTS_KEPT)
         self._seen_event: dict[int, Event | None] = {}
         self._event_copies: dict[int, tuple[Event, Event]] = {}
@@ -85,16 +87,32 @@ class MergedFleet:
     def snapshot(self) -> FleetSnapshot:
         local = self.local() if self.local is not None else None
         remote = [(s, s.backends()) for s in self.sources]
-        names = Counter(b.name for b in (local.backends if local else ()))
-        for _, backends in remote:
-            names.update(b.name for b in backends)
+        local_rows = local.backends if local else ()
+        names = Counter(b.name for b in local_rows)
+        own_names: dict[int, list[str]] = {}
+        for source, backends in remote:
+            own_names[id(source)] = [b.name for b in backends]
+            names.update(own_names[id(source)])
+        clashes = len(names) < sum(names.values())
         routes: dict[str, tuple[Source | None, str]] = {}
         rows: list[BackendSnapshot] = []
         renamed: dict[tuple[int, str], tuple[BackendSnapshot, BackendSnapshot]] = {}
-        for b in local.backends if local else ():
+        plain: dict[int, tuple[list[str], dict[str, tuple[Source | None, str]]]] = {}
+        for b in local_rows:
             routes[b.name] = (None, b.name)
             rows.append(b)
         for source, backends in remote:
+            source_names = own_names[id(source)]
+            if not clashes:
+                # No name is shown twice: every row keeps its own name, and the routes stay as
+                # they were while the source's names do (the common case, with no work per row).
+                cached = self._plain.get(id(source))
+                if cached is None or cached[0] != source_names:
+                    cached = (source_names, {name: (source, name) for name in source_names})
+                plain[id(source)] = cached
+                routes.update(cached[1])
+                rows.extend(backends)
+                continue
             for b in backends:
                 own = b.name
                 shown = own if names[own] == 1 else f"{b.agent}/{own}"
@@ -109,12 +127,14 @@ class MergedFleet:
                     b = cached[1]
                 routes[shown] = (source, own)
                 rows.append(b)
-        self._routes, self._renamed = routes, renamed
+        self._routes, self._renamed, self._plain = routes, renamed, plain
+        if self._rows is None or len(self._rows) != len(rows) or any(a is not b for a, b in zip(self._rows, rows)):
+            self._rows = tuple(rows)  # else the same tuple as last time: a face can tell nothing changed
         self._take_events(local, remote)
         now = self._clock()
         return FleetSnapshot(
             at=local.at if local else now,
-            backends=tuple(rows),
+            backends=self._rows,
             gpu=self._gpus(local),
             events=tuple(self._events),
             config_path=local.config_path if local else None,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from textual.app import ComposeResult
+from rich.text import Text
+from textual.app import ComposeResult, RenderResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.content import Content
@@ -26,6 +27,26 @@ RAW_METRICS_SHOWN = 8
 MODELS_SHOWN = 20  # served models listed by name; however many a backend serves, the rest are a count
 CHART_DRIFT_S = 5.0  # redraw the charts at least this often, so "seconds ago" stays true
 ERRORS_SHOWN = 8
+
+
+class Chart(PlotextPlot):
+    """A plotext chart whose text is built once per version of its data, size and theme (plotext's
+    build is the costly part of this screen), and left blank while `pending`: the screen is shown
+    first, its charts drawn just after."""
+
+    def __init__(self, *, id: str, classes: str) -> None:
+        super().__init__(id=id, classes=classes)
+        self.pending = True
+        self.version = 0  # bumped by whoever changes the plot
+        self._built: tuple[tuple, RenderResult] | None = None
+
+    def render(self) -> RenderResult:
+        if self.pending:
+            return Text("drawing…", style="dim")
+        key = (self.version, self.size, self.app.theme)
+        if self._built is None or self._built[0] != key:
+            self._built = (key, super().render())
+        return self._built[1]
 
 
 def _y_range(values: list[float]) -> tuple[float, float]:
@@ -78,6 +99,7 @@ class DetailScreen(BlindKeysOff, Screen):
         self._plotted: dict[str, tuple] = {}  # chart key -> history_mark of what it shows
         self._plotted_at = 0.0  # the "now" the x axes were last drawn against
         self._ready = False
+        self._charts_pending = True  # drawn once the screen's first frame is out, not before it
 
     def compose(self) -> ComposeResult:
         yield TooSmall()
@@ -85,7 +107,7 @@ class DetailScreen(BlindKeysOff, Screen):
         with VerticalScroll(id="detail-body"):
             with Horizontal(id="charts"):
                 for key, title, _ in _CHARTS:
-                    plot = PlotextPlot(id=f"chart-{key}", classes="chart")
+                    plot = Chart(id=f"chart-{key}", classes="chart")
                     plot.border_title = title
                     yield plot
             with Grid(id="facts"):
@@ -109,13 +131,37 @@ class DetailScreen(BlindKeysOff, Screen):
         self._ready = True
         if self._view is not None:
             self.show_fleet(self._view)
+        self.call_after_refresh(self._draw_charts)
+
+    def on_screen_resume(self) -> None:
+        if self._charts_pending and self._ready:
+            self.call_after_refresh(self._draw_charts)
+
+    def _draw_charts(self) -> None:
+        """After the frame that shows the text: a key that opens details is answered before the
+        charts cost anything."""
+        if not self._charts_pending or not self._ready:
+            return
+        self._charts_pending = False
+        for chart in self.query(Chart):
+            chart.pending = False
+            chart.refresh()
+        if self._view is not None:
+            self.show_fleet(self._view)
 
     def select(self, backend: str, view: FleetView) -> None:
-        """Show this backend; the app keeps one DetailScreen and reuses it, since building one costs a visible moment."""
+        """Show this backend; the app keeps one DetailScreen and reuses it, since building one costs a visible moment.
+        The same backend again keeps its charts as drawn (redrawn only if a point came or the axis drifted)."""
+        if backend != self.backend:
+            self._plotted.clear()
+            self._plotted_at = 0.0
+            self._charts_pending = True
+            if self._ready:
+                for chart in self.query(Chart):
+                    chart.pending = True
+                    chart.refresh()
         self.backend = backend
         self._seq = None
-        self._plotted.clear()
-        self._plotted_at = 0.0
         if self._ready:
             self.query_one("#detail-body").scroll_home(animate=False)
         self.show_fleet(view)
@@ -132,7 +178,8 @@ class DetailScreen(BlindKeysOff, Screen):
             return
         self.query_one("#detail-head", Static).update(self._head(b, view))
         self.query_one("#fact-probe", Static).update(self._probe(b, view))  # holds the ticking "ago"
-        self._plot(b, view.fleet.at)
+        if not self._charts_pending:
+            self._plot(b, view.fleet.at)
         if b.seq == self._seq:
             return
         self._seq = b.seq
@@ -197,7 +244,7 @@ class DetailScreen(BlindKeysOff, Screen):
         return Content("\n").join(lines)
 
     def _chart(self, key: str, history, now: float) -> None:
-        widget = self.query_one(f"#chart-{key}", PlotextPlot)
+        widget = self.query_one(f"#chart-{key}", Chart)
         plt = widget.plt
         plt.clear_data()
         plt.clear_figure()
@@ -213,6 +260,7 @@ class DetailScreen(BlindKeysOff, Screen):
             plt.xlabel("seconds ago")
         else:
             plt.title("no data yet")
+        widget.version += 1
         widget.refresh()
 
     def _probe(self, b: BackendSnapshot, view: FleetView) -> Content:

@@ -42,6 +42,7 @@ class FleetSummary(Static):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._parts: list = []
+        self._lines: list[int] = []  # the cell length of each line shown
         self._view: FleetView | None = None
 
     def on_resize(self) -> None:
@@ -71,8 +72,13 @@ class FleetSummary(Static):
         elif view.hint:
             parts += ["\n", (view.hint, "$foreground-muted")]
         if parts != self._parts:  # an update re-lays out the screen (auto height), so skip a same-text tick
-            self._parts = parts
-            self.update(Content.assemble(*parts))
+            content = Content.assemble(*parts)
+            lines = [line.cell_length for line in content.split("\n")]
+            # As many lines as before, none of them wrapping, before or after: the height stays, and
+            # the screen need not be laid out again (a whole-screen layout each tick at 3,000 rows).
+            same_height = len(lines) == len(self._lines) and max(lines + self._lines) <= width
+            self._parts, self._lines = parts, lines
+            self.update(content, layout=not same_height)
 
     @staticmethod
     def _spend(spend: dict, short: bool) -> list:

@@ -52,7 +52,7 @@ class Trends(Vertical):
                 self._shown.clear()
                 self.border_title = "trends"
                 for series in SERIES:
-                    self.query_one(f"#trend-{series.key}-label", Static).update(f"{series.title}: no backend selected")
+                    self.query_one(f"#trend-{series.key}-label", Static).update(f"{series.title}: no backend selected", layout=False)
                     self.query_one(f"#trend-{series.key}", Sparkline).data = []
             return
         if b.name != self._name:
@@ -64,7 +64,8 @@ class Trends(Vertical):
             if self._shown.get(series.key) == (mark := fmt.history_mark(history)):
                 continue
             self._shown[series.key] = mark
-            self.query_one(f"#trend-{series.key}-label", Static).update(self._label(series, history))
+            # One line of a fixed width (app.tcss): a new text never changes its size, so no layout of the whole screen.
+            self.query_one(f"#trend-{series.key}-label", Static).update(self._label(series, history), layout=False)
             sparkline = self.query_one(f"#trend-{series.key}", Sparkline)
             # A new list is what makes Sparkline redraw. One point would fill the box as a solid block.
             sparkline.data = [v for _, v in history] if len(history) > 1 else []
