@@ -723,6 +723,16 @@ async def test_the_gpu_panel_names_the_backends_whose_server_uses_each_gpu(sim, 
         assert any(f"{name} 30G" in line for line in lines if "H100" in line), lines
         assert not any(name in line for line in lines if "A10" in line), lines
         assert engine.gpu_status.gpus[0].processes[0].backend == name
+        await select(pilot, app, name)
+        await pilot.press("enter")  # details: the GPUs this backend's server uses, and what it holds there
+
+
+        def metrics_panel() -> str:
+            panels = app.screen.query("#fact-metrics")
+            return str(panels.first().content) if panels else ""
+
+        await wait_for(pilot, lambda: "this backend 30.0 GiB" in metrics_panel(), what="the GPU lines in details")
+        assert "GPU 0 H100 80GB HBM3: util 87%, mem 40/80 GiB" in metrics_panel()
         await quit_app(app)
 
 

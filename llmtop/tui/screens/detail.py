@@ -364,7 +364,8 @@ class DetailScreen(BlindKeysOff, Screen):
         m = b.metrics
         error = b.extra.get("metrics_error")
         if m is None:
-            return Content.styled(error or "no metrics endpoint read", "$foreground-muted")
+            note = Content.styled(error or "no metrics endpoint read", "$foreground-muted")
+            return Content("\n").join([note, *_gpu_lines(b, self._view)])
         rows: list = [
             ("running", fmt.NONE.text if m.requests_running is None else f"{m.requests_running:g}"),
             ("waiting", _styled(fmt.queue_cell(b))),
@@ -378,7 +379,8 @@ class DetailScreen(BlindKeysOff, Screen):
             rows.append(("", (f"… {len(m.raw) - RAW_METRICS_SHOWN} more series", "$foreground-muted")))
         if error:
             rows.append(("error", (error, "$text-error")))
-        return _rows(rows)
+        gpus = _gpu_lines(b, self._view)
+        return Content("\n").join([_rows(rows), *gpus]) if gpus else _rows(rows)
 
     def _errors(self, b: BackendSnapshot) -> Content:
         if not b.recent_errors:
@@ -388,3 +390,22 @@ class DetailScreen(BlindKeysOff, Screen):
             for at, message in reversed(b.recent_errors[-ERRORS_SHOWN:])
         ]
         return Content("\n").join(lines)
+
+
+def _gpu_lines(b: BackendSnapshot, view: FleetView | None) -> list[Content]:
+    """The local GPUs this backend's server processes use (owners.py), two lines each: the GPU's
+    own figures, then what this backend holds on it."""
+    lines: list[Content] = []
+    if view is None or b.agent is not None:  # an agent's GPUs are its own machine's
+        return lines
+    for g in view.fleet.gpu.gpus:
+        mine = [p for p in (*g.processes, *(p for m in g.mig for p in m.processes)) if p.backend and b.name in p.backend.split(", ")]
+        if not mine:
+            continue
+        used = sum(p.used_memory_mib or 0.0 for p in mine)
+        util = "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%"
+        memory = "-" if g.memory_used_mib is None or not g.memory_total_mib else f"{g.memory_used_mib / 1024:.0f}/{g.memory_total_mib / 1024:.0f} GiB"
+        pids = ", ".join(str(p.pid) for p in mine[:3]) + (f" +{len(mine) - 3}" if len(mine) > 3 else "")
+        lines.append(Content.assemble((f"GPU {g.index} ", "bold"), f"{g.name.removeprefix('NVIDIA ')[:20]}: util {util}, mem {memory}"))
+        lines.append(Content(f"  this backend {used / 1024:.1f} GiB (pid {pids})"))
+    return lines
