@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from llmtop.snapshot import GpuProcess, GpuStatus
 
-RESCAN_S = 30.0  # listeners move rarely: a server restarted on its port is found again within this
+RESCAN_S = 30.0  # what was found for a pid is kept this long: a server restarted on its port is found again within it
 MAX_DEPTH = 64  # ancestors walked from a GPU process (a loop in a broken /proc ends here)
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
@@ -53,27 +53,32 @@ def _is_local(host: str) -> bool:
 
 
 class Owners:
-    """Names the backend of each GPU process, from /proc (rescanned at most every RESCAN_S)."""
+    """Names the backend of each GPU process, from /proc.
+
+    Only the GPU processes and their ancestors are looked at (their open files against the
+    listening sockets of the backends' ports), never every process on the host: a GPU host with
+    thousands of processes costs a few hundred readlinks, not hundreds of thousands. What was
+    found for a pid is kept for RESCAN_S, so a steady host costs one look every 30 s."""
 
     def __init__(self, proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic):
         self._proc = proc_root
         self._clock = clock
-        self._listeners: dict[int, tuple[str, ...]] = {}  # pid -> backend names
-        self._scanned_for: dict[int, tuple[str, ...]] | None = None
-        self._scanned_at = -RESCAN_S
+        self._found: dict[int, str | None] = {}  # GPU pid -> backend names, as of _found_at
+        self._found_for: dict[int, tuple[str, ...]] | None = None
+        self._found_at = -RESCAN_S
 
     def label(self, status: GpuStatus, ports: dict[int, tuple[str, ...]]) -> GpuStatus:
         """status with each process of ours that serves a local backend named (GpuProcess.backend)."""
-        pids = [p.pid for g in status.gpus for p in _all_processes(g) if p.name_note is None]
+        pids = {p.pid for g in status.gpus for p in _all_processes(g) if p.name_note is None}
         if not pids or not ports:
             return status
         now = self._clock()
-        if ports != self._scanned_for or now - self._scanned_at >= RESCAN_S:
-            self._listeners = self._scan(ports)
-            self._scanned_for, self._scanned_at = ports, now
-        if not self._listeners:
-            return status
-        found = {pid: self._backend_of(pid) for pid in set(pids)}
+        if ports != self._found_for or now - self._found_at >= RESCAN_S:
+            self._found, self._found_for, self._found_at = {}, ports, now
+        missing = pids - self._found.keys()
+        if missing:
+            self._found.update(self._look(missing, ports))
+        found = self._found
 
         def named(processes: tuple[GpuProcess, ...]) -> tuple[GpuProcess, ...]:
             return tuple(
@@ -86,27 +91,31 @@ class Owners:
         )
         return dataclasses.replace(status, gpus=gpus)
 
-    def _backend_of(self, pid: int) -> str | None:
-        for _ in range(MAX_DEPTH):
-            names = self._listeners.get(pid)
-            if names is not None:
-                return ", ".join(names)
-            parent = self._parent(pid)
-            if parent is None or parent <= 1 or parent == pid:
-                return None
-            pid = parent
-        return None
+    def _look(self, pids: set[int], ports: dict[int, tuple[str, ...]]) -> dict[int, str | None]:
+        """{pid: the backends served} for these GPU pids: the nearest of each one's ancestors
+        (itself first) that holds a listening socket of a backend's port."""
+        sockets = self._listening(ports)
+        out: dict[int, str | None] = {}
+        holds: dict[int, tuple[str, ...] | None] = {}  # ancestor pid -> what it listens for
+        for pid in pids:
+            out[pid] = None
+            if not sockets:
+                continue
+            current = pid
+            for _ in range(MAX_DEPTH):
+                if current not in holds:
+                    holds[current] = self._holds(current, sockets)
+                if holds[current] is not None:
+                    out[pid] = ", ".join(holds[current])
+                    break
+                parent = self._parent(current)
+                if parent is None or parent <= 1 or parent == current:
+                    break
+                current = parent
+        return out
 
-    def _parent(self, pid: int) -> int | None:
-        try:
-            with open(f"{self._proc}/{pid}/stat", "rb") as f:
-                stat = f.read()
-            return int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "pid (comm) state"
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _scan(self, ports: dict[int, tuple[str, ...]]) -> dict[int, tuple[str, ...]]:
-        """{pid: backend names} of the processes holding a listening socket on a backend's port."""
+    def _listening(self, ports: dict[int, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        """{"socket:[inode]": backend names} of the listening TCP sockets on the backends' ports."""
         inodes: dict[str, tuple[str, ...]] = {}
         for table in ("tcp", "tcp6"):
             try:
@@ -120,28 +129,30 @@ class Owners:
                                 inodes[f"socket:[{fields[9]}]"] = ports[port]
             except (OSError, ValueError):
                 continue
-        if not inodes:
-            return {}
-        owners: dict[int, tuple[str, ...]] = {}
+        return inodes
+
+    def _holds(self, pid: int, sockets: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
+        fd_dir = f"{self._proc}/{pid}/fd"
         try:
-            pids = [int(d) for d in os.listdir(self._proc) if d.isdigit()]
-        except OSError:
-            return {}
-        for pid in pids:
-            fd_dir = f"{self._proc}/{pid}/fd"
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or another user's without the privilege to look
+            return None
+        for fd in fds:
             try:
-                fds = os.listdir(fd_dir)
-            except OSError:  # gone, or another user's without the privilege to look
+                names = sockets.get(os.readlink(f"{fd_dir}/{fd}"))
+            except OSError:
                 continue
-            for fd in fds:
-                try:
-                    names = inodes.get(os.readlink(f"{fd_dir}/{fd}"))
-                except OSError:
-                    continue
-                if names is not None:
-                    owners[pid] = names
-                    break
-        return owners
+            if names is not None:
+                return names
+        return None
+
+    def _parent(self, pid: int) -> int | None:
+        try:
+            with open(f"{self._proc}/{pid}/stat", "rb") as f:
+                stat = f.read()
+            return int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "pid (comm) state"
+        except (OSError, ValueError, IndexError):
+            return None
 
 
 def _all_processes(gpu) -> Iterable[GpuProcess]:

@@ -70,20 +70,33 @@ def test_a_pid_that_is_not_this_machines_gpu_process_is_never_named(server):
     assert labelled.gpus[0].mig[0].processes[0].backend == "gpu1-vllm"  # MIG instances' processes too
 
 
-def test_listeners_are_scanned_again_when_the_config_changes_and_once_the_interval_passed(server, monkeypatch):
+def test_a_pid_is_looked_at_once_per_interval_and_again_when_the_config_changes(server, monkeypatch):
     listener, port, child = server
     now = [0.0]
     owners = Owners(clock=lambda: now[0])
-    scans = []
-    scan = owners._scan
-    monkeypatch.setattr(owners, "_scan", lambda ports: scans.append(ports) or scan(ports))
+    looks = []
+    look = owners._look
+    monkeypatch.setattr(owners, "_look", lambda pids, ports: looks.append((set(pids), ports)) or look(pids, ports))
     other = local_ports([("other", "http://127.0.0.1:1")])  # nobody listens there
     ports = local_ports([("gpu1-vllm", f"http://127.0.0.1:{port}")])
     gpu = status(GpuProcess(child, "vllm", 1.0))
     assert owners.label(gpu, other).gpus[0].processes[0].backend is None
     assert owners.label(gpu, ports).gpus[0].processes[0].backend == "gpu1-vllm"  # a new config: at once
     now[0] = 29.0
-    owners.label(gpu, ports)
+    assert owners.label(gpu, ports).gpus[0].processes[0].backend == "gpu1-vllm"  # kept, not looked at again
     now[0] = 31.0
-    owners.label(gpu, ports)
-    assert scans == [other, ports, ports]  # not at 29 s, again past 30 s
+    owners.label(status(GpuProcess(child, "vllm", 1.0), GpuProcess(listener, "api", 1.0)), ports)
+    now[0] = 32.0
+    owners.label(status(GpuProcess(child, "vllm", 1.0), GpuProcess(listener, "api", 1.0)), ports)
+    assert looks == [({child}, other), ({child}, ports), ({child, listener}, ports)]  # a new pid is looked at; a known one is not
+
+
+def test_only_the_gpu_processes_and_their_ancestors_are_looked_at(server, monkeypatch):
+    """Not every process on the host: a big GPU host has thousands."""
+    listener, port, child = server
+    owners = Owners()
+    seen = []
+    holds = owners._holds
+    monkeypatch.setattr(owners, "_holds", lambda pid, sockets: seen.append(pid) or holds(pid, sockets))
+    owners.label(status(GpuProcess(child, "vllm", 1.0)), local_ports([("gpu1-vllm", f"http://127.0.0.1:{port}")]))
+    assert seen == [child, listener]  # the child holds no listening socket; its parent does
