@@ -460,7 +460,14 @@ for _kind in ("Compute", "Graphics"):
 
 
 def install(monkeypatch: Any, driver: FakeDriver) -> FakeDriver:
-    """Load `driver` as pynvml's library, with pynvml's symbol cache and refcount fresh for it."""
+    """Load `driver` as pynvml's library, with pynvml's symbol cache and refcount fresh for it.
+
+    First, an earlier test's GpuReader.close() must have finished: its shutdown runs on a thread
+    of its own, and one still running would take pynvml's refcount from this test's init and
+    shut this driver down under the test (seen on a loaded machine: a read with no GPUs)."""
+    for thread in threading.enumerate():
+        if thread.name == "llmtop-nvml-shutdown":
+            thread.join(10)
     monkeypatch.setattr(pynvml, "nvmlLib", driver)
     monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
     monkeypatch.setattr(pynvml, "_nvmlLib_refcount", 0)
