@@ -688,8 +688,9 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files, 
         app.refresh_fleet()
         await pilot.pause()
         assert "12%" in screen_text(app)
-        history = list(app.screen.query_one(GpuPanel)._util[0])
+        history = app.view.gpu_history.util(0)
         assert 87.0 in history and history[-1] == 12.0
+        assert app.view.gpu_history.memory(0)[-1] == 0.5  # 40 of 80 GiB: the memory history the details draw
         await quit_app(app)
 
 
@@ -732,7 +733,9 @@ async def test_the_gpu_panel_names_the_backends_whose_server_uses_each_gpu(sim, 
             return str(panels.first().content) if panels else ""
 
         await wait_for(pilot, lambda: "this backend 30.0 GiB" in metrics_panel(), what="the GPU lines in details")
-        assert "GPU 0 H100 80GB HBM3: util 87%, mem 40/80 GiB" in metrics_panel()
+        line = next(line for line in metrics_panel().splitlines() if line.startswith("GPU 0"))
+        assert line.startswith("GPU 0 H100 80GB HBM3: util 87% ") and " mem 40/80 GiB " in line
+        assert any(c in "▁▂▃▄▅▆▇█" for c in line.split(" mem ")[1])  # the memory history's sparkline
         await quit_app(app)
 
 

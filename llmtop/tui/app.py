@@ -31,7 +31,7 @@ from llmtop.tui.screens.fleet import FleetScreen
 from llmtop.tui.screens.help import HelpScreen
 from llmtop.tui.terminal import terminal_hung_up
 from llmtop.tui.themes import DEFAULT_THEME, load_themes, save_theme
-from llmtop.tui.view import FleetView, Progress
+from llmtop.tui.view import FleetView, GpuHistory, Progress
 from llmtop.tui.widgets.filter_bar import FilterBar
 from llmtop.tui.widgets.too_small import MIN_HEIGHT, MIN_WIDTH
 
@@ -138,6 +138,7 @@ class LlmtopApp(App):
         # The one place snapshots become what screens show: every text from a backend or the
         # config made safe to print (snapshot.TerminalView, sanitize.py).
         self._terminal_view = TerminalView()
+        self._gpu_history = GpuHistory()
         self.paused = False
         self.prefs_path = prefs_path  # where the theme chosen with T is remembered; None: nowhere
         # Admin changes and prefs writes run one at a time, in the order of the keys that asked for
@@ -238,7 +239,9 @@ class LlmtopApp(App):
     def _build_view(self) -> FleetView:
         fleet = self._terminal_view(self.fleet_source.snapshot())
         probing = self._round_progress(fleet)
+        self._gpu_history.add(fleet.gpu)
         return FleetView(
+            gpu_history=self._gpu_history,
             sources=tuple(_safe_state(s) for s in self.fleet_source.states()),
             fleet=fleet,
             settings=self.engine.config.settings,

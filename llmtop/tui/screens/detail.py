@@ -392,6 +392,9 @@ class DetailScreen(BlindKeysOff, Screen):
         return Content("\n").join(lines)
 
 
+GPU_SPARK = 10  # cells of each GPU's utilization and memory history in details
+
+
 def _gpu_lines(b: BackendSnapshot, view: FleetView | None) -> list[Content]:
     """The local GPUs this backend's server processes use (owners.py), two lines each: the GPU's
     own figures, then what this backend holds on it."""
@@ -406,6 +409,13 @@ def _gpu_lines(b: BackendSnapshot, view: FleetView | None) -> list[Content]:
         util = "-" if g.utilization_pct is None else f"{g.utilization_pct:.0f}%"
         memory = "-" if g.memory_used_mib is None or not g.memory_total_mib else f"{g.memory_used_mib / 1024:.0f}/{g.memory_total_mib / 1024:.0f} GiB"
         pids = ", ".join(str(p.pid) for p in mine[:3]) + (f" +{len(mine) - 3}" if len(mine) > 3 else "")
-        lines.append(Content.assemble((f"GPU {g.index} ", "bold"), f"{g.name.removeprefix('NVIDIA ')[:20]}: util {util}, mem {memory}"))
+        history = view.gpu_history
+        lines.append(
+            Content.assemble(
+                (f"GPU {g.index} ", "bold"), f"{g.name.removeprefix('NVIDIA ')[:20]}: util {util} ",
+                (fmt.spark(history.util(g.index), GPU_SPARK, low=0, high=100), "$text-accent"), f" mem {memory} ",
+                (fmt.spark(history.memory(g.index), GPU_SPARK, low=0, high=1), "$text-accent"),
+            )
+        )
         lines.append(Content(f"  this backend {used / 1024:.1f} GiB (pid {pids})"))
     return lines

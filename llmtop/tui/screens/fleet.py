@@ -78,7 +78,7 @@ class FleetScreen(BlindKeysOff, Screen):
         self.query_one(FleetSummary).show(view)
         self.table.show(view)
         self._show_trends()
-        self.query_one(GpuPanel).show(view.fleet.gpu)
+        self.query_one(GpuPanel).show(view.fleet.gpu, view.gpu_history)
         self.query_one(EventsLog).show(view.fleet.events)
 
     def _show_trends(self) -> None:

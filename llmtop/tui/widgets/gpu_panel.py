@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from textual.content import Content
 from textual.widget import Widget
 
 from llmtop.snapshot import GpuSnapshot, GpuStatus
 from llmtop.tui import format as fmt
+from llmtop.tui.view import GPU_HISTORY, GpuHistory
 
-HISTORY = 60  # readings kept per GPU, about a minute at the engine's 1 s NVML cache
+HISTORY = GPU_HISTORY
 WIDE = 72  # from this width one GPU fits on one line
 # Only heat gets a colour: full utilization is a busy server doing its job, and vLLM reserves
 # about 90% of GPU memory up front, so neither is an alarm. Most data-centre GPUs throttle near 85-90°C.
@@ -28,14 +27,18 @@ def _short_name(name: str) -> str:
 
 
 class GpuPanel(Widget):
-    """Renders the latest GpuStatus; keeps its own utilization history per GPU."""
+    """Renders the latest GpuStatus, with each GPU's utilization history (the app's GpuHistory)."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._status: GpuStatus = GpuStatus(message="GPU not read yet")
-        self._util: dict[int, deque[float]] = {}
+        self._history = GpuHistory()
 
-    def show(self, status: GpuStatus) -> None:
+    def show(self, status: GpuStatus, history: GpuHistory | None = None) -> None:
+        if history is not None:
+            self._history = history
+        else:
+            self._history.add(status)
         if status is self._status:  # the engine replaces the object on each NVML read
             return
         if not status.gpus and status.message == self._status.message and not self._status.gpus:
@@ -43,9 +46,6 @@ class GpuPanel(Widget):
         # Only a change in the number of GPUs changes this panel's height; a re-layout costs a full screen.
         relayout = len(status.gpus) != len(self._status.gpus) or bool(status.gpus) != bool(self._status.gpus)
         self._status = status
-        for gpu in status.gpus:
-            if gpu.utilization_pct is not None:
-                self._util.setdefault(gpu.index, deque(maxlen=HISTORY)).append(gpu.utilization_pct)
         title = f"GPUs ({len(status.gpus)})" if status.gpus else "GPU"
         if title != self.border_title:
             self.border_title = title
@@ -86,7 +86,7 @@ class GpuPanel(Widget):
         }
 
     def _spark(self, gpu: GpuSnapshot, width: int) -> Content:
-        return Content.styled(fmt.spark(self._util.get(gpu.index, ()), width, low=0, high=100), "$text-accent")
+        return Content.styled(fmt.spark(self._history.util(gpu.index), width, low=0, high=100), "$text-accent")
 
     def _line(self, gpu: GpuSnapshot, width: int) -> Content:
         p = self._parts(gpu)
