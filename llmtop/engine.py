@@ -305,8 +305,14 @@ class Engine:
         bounded by timeout_s, so a backend that hangs delays no other.
         """
         trackers = [self.trackers[n] for n in (self.trackers if names is None else names) if n in self.trackers]
-        await self.read_gpu()  # first: its thread start and NVML calls must not land inside a timing
-        await asyncio.gather(*(self._step(t, self._poll) for t in trackers))
+        # The GPU is read beside the polls, never before them: a stalled NVML call delays no poll.
+        # It is done before any probe (bounded by STALL_NOTE_S from its start), so its thread and
+        # NVML calls do not land inside a timing.
+        gpu = asyncio.create_task(self.read_gpu())
+        try:
+            await asyncio.gather(*(self._step(t, self._poll) for t in trackers))
+        finally:
+            await gpu
         if probe:
             await asyncio.gather(*(self._step(t, self._probe) for t in trackers if self._probe_wanted(t) and self._admit(t, False)))
             # Probes this process read too late to time truly are sent again once the rest are

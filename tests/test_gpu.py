@@ -429,3 +429,35 @@ def test_a_process_renaming_itself_shows_its_new_name(driver, proc, tmp_path):
     (tmp_path / "proc" / "100" / "cmdline").write_bytes(b"VLLM::EngineCore\0")
 
     assert r.read().gpus[0].processes[0].name == "VLLM::EngineCore"
+
+
+async def test_a_stalled_nvml_call_delays_no_poll_of_a_check_round(driver, tmp_path, monkeypatch):
+    """The round's GPU read runs beside its polls: with NVML stalled (and the engine's wait for
+    it made longer than any test), the backends are still polled at once."""
+    import llmtop.engine
+    from llmtop.config import BackendConfig, Config
+    from llmtop.simulator import SimBackend, Simulator
+    from llmtop.state import StateStore
+
+    monkeypatch.setattr(llmtop.engine, "STALL_NOTE_S", 300.0)
+    nvml = driver(FakeDevice())
+    gate = nvml.stall("nvmlDeviceGetCount_v2")
+    sb = SimBackend("a", "vllm")
+    async with Simulator([sb]) as sim:
+        config = Config(backends=(BackendConfig("a", "vllm", sim.url("a"), tuple(sb.models)),))
+        engine = Engine(config, StateStore(tmp_path / "s.json"), gpu=reader(cache_s=0))
+        await engine.open()
+        try:
+            round_ = asyncio.create_task(engine.run_round(probe=False))
+            await asyncio.to_thread(nvml.entered["nvmlDeviceGetCount_v2"].wait, 30)
+            deadline = asyncio.get_running_loop().time() + 30  # an outer bound for a broken build only
+            while not sb.requests["/metrics"]:
+                assert asyncio.get_running_loop().time() < deadline, "the polls waited for the stalled GPU read"
+                await asyncio.sleep(0.01)
+            assert not round_.done()  # the round itself still waits for the GPU reading before any probe
+            gate.set()
+            await asyncio.wait_for(round_, 30)
+            assert engine.snapshot().backends[0].status == "healthy" and engine.gpu_status.gpus
+        finally:
+            gate.set()
+            await engine.close()
