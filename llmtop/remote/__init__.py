@@ -8,8 +8,11 @@ a backend when it can (a Prometheus source never can; an agent only with its tok
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
+
+import httpx
 
 from llmtop.snapshot import BackendSnapshot, Event, GpuStatus
 
@@ -51,3 +54,12 @@ class Source(Protocol):
     async def probe_all(self) -> str:
         """Every backend of the source probed now, in one request; its answer, or ActionRefused."""
         ...
+
+
+async def stop_following(task: asyncio.Task | None, client: httpx.AsyncClient | None) -> None:
+    """What a source's stop() does: cancel its follow task, wait for it, close its client."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if client is not None:
+        await client.aclose()

@@ -23,7 +23,7 @@ import httpx
 
 from llmtop import wire
 from llmtop.redact import Redactor
-from llmtop.remote import ActionRefused, SourceState
+from llmtop.remote import ActionRefused, SourceState, stop_following
 from llmtop.snapshot import BackendSnapshot, Event, GpuStatus
 
 DEFAULT_TOKEN_ENV = "LLMTOP_TOKEN"
@@ -115,13 +115,8 @@ class AgentSource:
         self._task = asyncio.create_task(self._follow(), name=f"llmtop:agent {self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        task, client, self._task, self._client = self._task, self._client, None, None
+        await stop_following(task, client)
 
     async def act(self, backend: str, action: str) -> str:
         return await self._post(f"/api/v1/backends/{quote(backend, safe='')}/{action}")

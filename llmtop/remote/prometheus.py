@@ -50,7 +50,7 @@ import httpx
 
 from llmtop.inbound import count, finite
 from llmtop.redact import Redactor
-from llmtop.remote import ActionRefused, SourceState
+from llmtop.remote import ActionRefused, SourceState, stop_following
 from llmtop.snapshot import ADMIN_STATES, CIRCUITS, STATUSES, BackendSnapshot, Counters, Event, GpuStatus, Metrics, ProbeSummary
 
 MAX_BODY = 64 * 1024 * 1024  # one answer; past it the selector must be narrowed
@@ -543,13 +543,8 @@ class PrometheusSource:
             self._task = asyncio.create_task(self._run(), name="llmtop:prometheus")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        task, client, self._task, self._client = self._task, self._client, None, None
+        await stop_following(task, client)
 
     async def _run(self) -> None:
         failures = 0
