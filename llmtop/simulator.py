@@ -3,7 +3,7 @@
 One listener serves many simulated backends, each under its own path prefix (``/{name}``), each speaking
 the wire format of the engine it imitates: vLLM, SGLang, TGI, llama.cpp, LM Studio, LiteLLM, OpenAI,
 Ollama or Anthropic. It powers ``llmtop --demo``, the integration tests and the benchmarks, so streamed
-tokens leave at absolute deadlines measured from the moment the request was read, and faults (hangs,
+tokens leave at absolute deadlines measured from the moment the request arrived, and faults (hangs,
 resets, truncated bodies, slow headers) happen on the real socket, where a client would meet them.
 
 The HTTP layer is a small hand-written HTTP/1.1 (request line, headers, Content-Length bodies,
@@ -39,6 +39,7 @@ from typing import Any
 
 import tomli_w
 
+from llmtop import kernelclock
 from llmtop.config import PROVIDERS
 
 FAULTS = (
@@ -209,7 +210,7 @@ class _Request:
     path: str  # without the query string; relative to the backend base once routed
     headers: dict[str, str]  # names lower-cased
     body: bytes
-    received: float  # perf_counter() when the request was fully read: the anchor of every deadline
+    received: float  # perf_counter() time its last bytes reached this machine: the anchor of every deadline
     keep_alive: bool
 
     def json(self) -> dict[str, Any]:
@@ -231,16 +232,97 @@ class _Response:
     truncated: bool = False  # close the connection after the body, without the terminating chunk
 
 
-async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+class _SocketReader:
+    """A connection's request side, read off its socket with recvmsg, so each read carries the
+    kernel's receive time (kernelclock.py): a request's deadlines run from when it reached this
+    machine, not from when this event loop, busy with hundreds of other streams, read it. Otherwise
+    that lateness would be served as time to first token, and a client that times TTFT truly
+    (from its send) would be blamed for it (benchmarks/bench_check_fleet.py).
+
+    Made in the connection's connection_made (asyncio.start_server calls its callback there), so
+    the transport is paused before its first read and never reads: this is the socket's only
+    reader, and the transport only writes."""
+
+    LIMIT = 64 * 1024  # of a request head, as asyncio's StreamReader
+    READ = 64 * 1024
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        writer.transport.pause_reading()
+        # A descriptor of its own on the same socket: asyncio lets no one else watch the
+        # transport's. The connection ends (FIN, or the reset of a "reset" fault) once both are
+        # closed: the transport's by writer.close(), this one by close() as the connection's task ends.
+        self._sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        self._fd = self._sock.fileno()
+        self._stamped = hasattr(self._sock, "recvmsg") and kernelclock.enable(self._sock)
+        self._buffer = bytearray()
+        self._eof = False
+        self.arrived = 0.0  # perf_counter() time the kernel received the last bytes read
+
+    async def _fill(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if self._stamped:
+                    data, ancillary, _flags, _addr = self._sock.recvmsg(self.READ, kernelclock.ANCILLARY_SIZE)
+                    arrived = kernelclock.kernel_time(ancillary)
+                else:
+                    data, arrived = self._sock.recv(self.READ), time.perf_counter()
+            except (BlockingIOError, InterruptedError):
+                waiter = loop.create_future()
+                loop.add_reader(self._fd, _set_done, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_reader(self._fd)
+                continue
+            if data:
+                self._buffer += data
+                self.arrived = arrived
+            else:
+                self._eof = True
+            return
+
+    async def read_head(self) -> bytes | None:
+        """The request head, up to its blank line; None when the client closed cleanly before one."""
+        searched = 0
+        while True:
+            end = self._buffer.find(b"\r\n\r\n", searched)
+            if end >= 0:
+                head = bytes(self._buffer[: end + 4])
+                del self._buffer[: end + 4]
+                return head
+            if len(self._buffer) > self.LIMIT:
+                raise _Malformed("request head too large")
+            if self._eof:
+                if self._buffer:
+                    raise _Malformed("connection closed inside the request head")
+                return None
+            searched = max(0, len(self._buffer) - 3)
+            await self._fill()
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            if self._eof:
+                raise _Malformed("connection closed inside the request body")
+            await self._fill()
+        body = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return body
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _set_done(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _read_request(reader: _SocketReader) -> _Request | None:
     """Read one request; None when the client closed the connection cleanly between requests."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise _Malformed("connection closed inside the request head") from None
+    head = await reader.read_head()
+    if head is None:
         return None
-    except asyncio.LimitOverrunError:
-        raise _Malformed("request head too large") from None
     request_line, *header_lines = head[:-4].decode("latin-1").split("\r\n")
     try:
         method, target, version = request_line.split(" ")
@@ -256,12 +338,12 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
         length = int(headers.get("content-length", "0"))
     except ValueError:
         raise _Malformed("bad Content-Length") from None
-    try:
-        body = await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise _Malformed("connection closed inside the request body") from None
+    if length < 0:
+        raise _Malformed("bad Content-Length")
+    body = await reader.read_exactly(length)
     keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    return _Request(method, target.partition("?")[0], headers, body, time.perf_counter(), keep_alive)
+    # Deadlines run from when the request's last bytes reached this machine (the kernel's stamp).
+    return _Request(method, target.partition("?")[0], headers, body, reader.arrived, keep_alive)
 
 
 async def _send(writer: asyncio.StreamWriter, response: _Response, keep_alive: bool) -> bool:
@@ -919,7 +1001,12 @@ class Simulator:
 
     async def start(self) -> None:
         """Bind and start serving; sets `port` when it was 0."""
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, start_serving=False)
+        for listener in self._server.sockets:
+            # Connections inherit it from the listener, so a request that arrives before its
+            # connection is accepted, as a first request does, is stamped too (_SocketReader).
+            kernelclock.enable(listener)
+        await self._server.start_serving()
         self.port = self._server.sockets[0].getsockname()[1]
         self._started = self._clock()
 
@@ -968,14 +1055,17 @@ class Simulator:
         thread.join()
         loop.close()
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, _stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Called in connection_made: the socket is read by a _SocketReader from its first byte.
         # A task of our own rather than a coroutine callback: stop() cancels it, and asyncio's stream
         # machinery would log a cancelled callback task as an error (Python 3.11).
+        reader = _SocketReader(writer)
         task = asyncio.get_running_loop().create_task(self._serve_connection(reader, writer))
+        task.add_done_callback(lambda _task: reader.close())  # also when cancelled before it ran
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(self, reader: _SocketReader, writer: asyncio.StreamWriter) -> None:
         # Nagle's algorithm would hold a small chunk back until the previous one is acknowledged,
         # which shows up as tens of milliseconds of invented latency.
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -985,9 +1075,10 @@ class Simulator:
         except (_Malformed, ConnectionError):
             pass  # the client sent garbage or went away: nobody is left to answer
         finally:
+            reader.close()
             writer.close()
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _serve_one(self, reader: _SocketReader, writer: asyncio.StreamWriter) -> bool:
         """Read and answer one request; False when the connection must close."""
         req = await _read_request(reader)
         if req is None:

@@ -40,7 +40,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import struct
 import sys
 import time
 import zlib
@@ -52,14 +51,14 @@ from typing import AsyncIterator
 import h11
 import httpx
 
+from llmtop import kernelclock
+
 READ_SIZE = 64 * 1024
 DECODED_PIECE = 64 * 1024  # the most one step of inflating a compressed body may produce
 
 
-# The kernel's receive time of each read (SO_TIMESTAMPNS: CLOCK_REALTIME, nanoseconds). Linux
-# has it (the constant is not in Python's socket module); elsewhere reads are stamped when read.
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
-_ANCILLARY = socket.CMSG_SPACE(16) if hasattr(socket, "CMSG_SPACE") else 0
+# The kernel's receive time of each read (kernelclock.py); None where there is none.
+SO_TIMESTAMPNS = kernelclock.SO_TIMESTAMPNS
 
 
 class _StreamIO:
@@ -137,7 +136,7 @@ class _RawIO:
             self._unwatch()  # the held read is not taken yet: watch again once it is
             return
         try:
-            data, ancillary, _flags, _addr = self.sock.recvmsg(READ_SIZE, _ANCILLARY)
+            data, ancillary, _flags, _addr = self.sock.recvmsg(READ_SIZE, kernelclock.ANCILLARY_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -147,7 +146,7 @@ class _RawIO:
             if data:
                 # Never before the request went out: a wall clock stepped forward between the
                 # kernel's stamp and this read would otherwise make an answer older than its question.
-                self._held = (data, max(_kernel_time(ancillary), self.sent_at), time.perf_counter())
+                self._held = (data, max(kernelclock.kernel_time(ancillary), self.sent_at), time.perf_counter())
             else:
                 self._held = (b"", 0.0, 0.0)
                 self._unwatch()  # the end of the stream: nothing more will come
@@ -248,48 +247,6 @@ def _wake(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
-class _ClockPair:
-    """The offset between the kernel's stamps (CLOCK_REALTIME) and perf_counter(), measured only
-    from reads taken back to back.
-
-    Reading one clock and then the other is exact only if nothing runs between the two reads; on
-    a loaded machine the process may be preempted there for milliseconds, and every arrival
-    converted with that pair would come out early by as much (a TTFT shorter than the server
-    took). So the offset is taken from a read of realtime, perf_counter, realtime whose two
-    realtime reads are close, and the last good one is kept for the reads that are not."""
-
-    TIGHT_S = 20e-6
-
-    def __init__(self) -> None:
-        self.offset: float | None = None  # time.time() - time.perf_counter()
-
-    def realtime_to_perf(self, realtime: float) -> float | None:
-        before = time.time()
-        perf = time.perf_counter()
-        after = time.time()
-        if after - before <= self.TIGHT_S or self.offset is None:
-            self.offset = (before + after) / 2 - perf
-            if after - before > self.TIGHT_S:  # the first pair, not a tight one: use it once, measure again next time
-                offset, self.offset = self.offset, None
-                return realtime - offset
-        return realtime - self.offset
-
-
-_CLOCKS = _ClockPair()
-
-
-def _kernel_time(ancillary) -> float:
-    """perf_counter() time at which the kernel received the bytes just read."""
-    now = time.perf_counter()
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
-            sec, nsec = struct.unpack("qq", data[:16])
-            arrived = _CLOCKS.realtime_to_perf(sec + nsec / 1e9)
-            if arrived is not None and 0 <= now - arrived < 60:  # a wall clock stepped mid-read is not believed
-                return min(arrived, now)
-    return now
-
-
 async def _open_raw(host: str, port: int) -> socket.socket:
     """A connected non-blocking TCP socket with receive timestamps on.
 
@@ -319,10 +276,7 @@ async def _connect_one(info) -> socket.socket:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if SO_TIMESTAMPNS is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            except OSError:
-                pass  # no stamps from this kernel: reads are stamped when read (_kernel_time)
+            kernelclock.enable(sock)
         await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:  # also a cancelled loser of the race
         sock.close()

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -288,6 +289,32 @@ async def test_stream_timing_follows_ttft_and_gap():
     assert all(t >= d for t, d in zip(text_ms, due)), (text_ms, due)
     assert text_ms[0] < due[-1] and text_ms[-1] < due[-1] + 150, (text_ms, due)
     assert lines[0][0] * 1000 < ttft - 50  # the role chunk is sent at once, not with the first token
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="kernel receive timestamps (SO_TIMESTAMPNS) are Linux's")
+async def test_a_requests_deadlines_run_from_when_it_arrived_not_from_when_a_busy_simulator_read_it():
+    # The simulator's event loop is held (this test blocks it) while a request arrives. Its first
+    # token is due 20 ms after the request reached the machine, so once the loop runs again the
+    # token is already late and goes at once: served in no less than the hold. Anchored on when
+    # the loop got round to reading the request instead, it would be served in 20 ms, and a client
+    # timing from its own send would be blamed for the hold (benchmarks/bench_check_fleet.py).
+    backend = SimBackend("v", ttft_ms=20, gap_ms=5)
+    hold_s = 0.2
+    async with Simulator([backend]) as sim:
+        body = json.dumps(chat(max_tokens=2)).encode()
+        request = (
+            b"POST /v/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        with socket.create_connection(("127.0.0.1", sim.port)) as sock:  # the kernel accepts for it
+            sock.sendall(request)
+            time.sleep(hold_s)  # the event loop, the simulator's too, is held: this is the busy loop under test
+            sock.setblocking(False)
+            answer = b""
+            while chunk := await asyncio.get_running_loop().sock_recv(sock, 65536):
+                answer += chunk
+    assert b'"content":" The"' in answer
+    assert backend.last_ttft_s >= hold_s, backend.last_ttft_s
 
 
 # --- Ollama -------------------------------------------------------------------------------------------
