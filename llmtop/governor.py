@@ -19,7 +19,11 @@ import time
 from collections import deque
 
 PERIOD_S = 0.005  # how often the loop's lateness is sampled while probes run
-TARGET_LAG_S = 0.002  # lateness that still keeps a TTFT within a couple of milliseconds
+TARGET_LAG_S = 0.002  # lateness that still keeps a TTFT stamped when read within a couple of milliseconds
+# Where the kernel stamps each read, lateness enters no TTFT; it only risks a first token read
+# together with the next (untimed, engine.Engine._probe_lag_target). Keeping it under 12.5 ms
+# (2.5x this) keeps that rare for tokens 10 ms or more apart.
+STAMPED_LAG_S = 0.005
 ADJUST_EVERY = 20  # samples (100 ms) between two decisions
 IDLE_STOP_S = 1.0  # stop sampling this long after the last probe
 

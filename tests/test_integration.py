@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -402,6 +403,35 @@ async def test_reload_applies_a_new_timeout_to_requests(state):
             await engine.run_round(probe=False)
             b = engine.snapshot().backends[0]
             assert b.error is None and b.latency_ms > 900  # waited for the slow answer this time
+
+
+async def test_a_backends_probe_goes_out_without_waiting_for_another_backends_hung_poll(state):
+    # A round polls and probes each backend on its own: a server that never answers its poll
+    # holds its own probe (there is nothing to probe), never the fleet's, for up to timeout_s.
+    hung, ok = SimBackend("hung", fault="hang"), SimBackend("ok", ttft_ms=10, gap_ms=20)
+    async with Simulator([hung, ok]) as sim:
+        async with Engine(make_config(sim, [hung, ok], timeout_s=60), state) as engine:
+            round_ = asyncio.create_task(engine.run_round())
+            await eventually(lambda: engine.trackers["ok"].probe is not None, "the answering backend's probe")
+            assert engine.trackers["hung"].health is None  # its poll is still waiting
+            assert engine.trackers["ok"].probe.error is None
+            round_.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await round_
+
+
+async def test_a_round_sends_a_probe_read_too_late_to_time_once_more_and_no_more(state):
+    # Behind slow headers every token arrives in one burst: the probe cannot be timed, however
+    # punctual this process is. A check sends it again at once (the first might have been read
+    # late by a busy loop), then reports it untimed, with why, rather than spend a third.
+    sb = SimBackend("burst", fault="slow_headers", fault_arg=0.05)
+    async with Simulator([sb]) as sim:
+        async with Engine(make_config(sim, [sb], timeout_s=10), state) as engine:
+            await engine.run_round()
+            b = engine.snapshot().backends[0]
+    assert sb.requests["/v1/chat/completions"] == 2
+    assert b.probe.untimed and b.probe.untimed.startswith("not timed: ")
+    assert b.probe.ttft_ms is None and b.probe.tokens_per_s is None
 
 
 def test_two_processes_draining_at_once_lose_nothing(tmp_path):
