@@ -193,21 +193,26 @@ def main() -> int:
     return 0
 
 
-def served_ttft(base_url: str, spec: list[dict]) -> dict[str, tuple[float, float]]:
-    """Per backend, the simulator's own TTFT histogram (sum s, count): what it really served,
-    its own lateness included."""
+def served(base_url: str, spec: list[dict]) -> dict[str, tuple[float, float, float, float]]:
+    """Per backend, the simulator's own TTFT and time-per-output-token histograms (TTFT sum s,
+    count, TPOT sum s, count): what it really served, its own lateness included. It times a TTFT
+    from the kernel's receive stamp of the request (simulator._SocketReader), so its own lateness
+    in reading a request is its, not llmtop's."""
     import httpx
 
+    wanted = {
+        "vllm:time_to_first_token_seconds_sum": 0, "vllm:time_to_first_token_seconds_count": 1,
+        "vllm:request_time_per_output_token_seconds_sum": 2, "vllm:request_time_per_output_token_seconds_count": 3,
+    }  # fmt: skip
     out = {}
     with httpx.Client(trust_env=False, timeout=10) as client:
         for b in spec:
-            total = count = 0.0
+            values = [0.0, 0.0, 0.0, 0.0]
             for line in client.get(f"{base_url}/{b['name']}/metrics").text.splitlines():
-                if line.startswith("vllm:time_to_first_token_seconds_sum"):
-                    total = float(line.rsplit(" ", 1)[1])
-                elif line.startswith("vllm:time_to_first_token_seconds_count"):
-                    count = float(line.rsplit(" ", 1)[1])
-            out[b["name"]] = (total, count)
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in wanted:
+                    values[wanted[name]] = float(line.rsplit(" ", 1)[1])
+            out[b["name"]] = tuple(values)
     return out
 
 
@@ -215,7 +220,8 @@ def measure(config: Path, spec: list[dict], runs: int, slowest: float, workers: 
     walls, peaks, psss, ttft_err, rate_err = [], [], [], [], []
     untimed.clear()
     measured: dict[str, list[float]] = {}
-    before = served_ttft(base_url, spec)
+    rates: dict[str, list[float]] = {}
+    before = served(base_url, spec)
     for _ in range(runs):
         wall, code, peak, pss, report = run_check(config, workers)
         walls.append(wall)
@@ -227,14 +233,23 @@ def measure(config: Path, spec: list[dict], runs: int, slowest: float, workers: 
         for b in report["backends"]:
             if b["probe"] and b["probe"]["ttft_ms"] is not None:
                 measured.setdefault(b["name"], []).append(b["probe"]["ttft_ms"])
-    after = served_ttft(base_url, spec)
+            if b["probe"] and b["probe"]["tokens_per_s"] is not None:
+                rates.setdefault(b["name"], []).append(b["probe"]["tokens_per_s"])
+    after = served(base_url, spec)
     own, late = [], []  # per backend: llmtop's measured minus what the simulator served; served minus nominal
+    own_rate = []  # per backend, |llmtop's decode rate / the served one - 1| in %
     for b in spec:
-        (s0, n0), (s1, n1) = before[b["name"]], after[b["name"]]
-        if n1 > n0 and b["name"] in measured:
-            served = (s1 - s0) / (n1 - n0) * 1000
-            own.append(sum(measured[b["name"]]) / len(measured[b["name"]]) - served)
-            late.append(served - b["ttft_ms"])
+        (s0, n0, t0, m0), (s1, n1, t1, m1) = before[b["name"]], after[b["name"]]
+        # Only where every generation served was one llmtop timed: an untimed probe's retry
+        # makes two generations, and the mean of what was served would mix them.
+        if n1 > n0 and b["name"] in measured and len(measured[b["name"]]) == n1 - n0:
+            served_ms = (s1 - s0) / (n1 - n0) * 1000
+            own.append(sum(measured[b["name"]]) / len(measured[b["name"]]) - served_ms)
+            late.append(served_ms - b["ttft_ms"])
+        if m1 > m0 and t1 > t0 and len(rates.get(b["name"], ())) == m1 - m0:
+            served_rate = 1 / ((t1 - t0) / (m1 - m0))
+            mean_rate = sum(rates[b["name"]]) / len(rates[b["name"]])
+            own_rate.append(abs(mean_rate / served_rate - 1) * 100)
     print(f"  `llmtop check --json` wall time: median {median(walls):.2f} s  (min {min(walls):.2f}, max {max(walls):.2f})"
           f"  = {median(walls) / slowest:.2f}x the slowest probe (target < 2x)")
     print(f"  peak memory: {max(psss):.1f} MB PSS of all its processes together (target < 150 MB);"
@@ -249,6 +264,11 @@ def measure(config: Path, spec: list[dict], runs: int, slowest: float, workers: 
         print(
             f"    of which the simulator served late (its own histogram): median {median(late):+.1f} ms, p95 {percentile(late, 95):+.1f} ms;"
             f" llmtop's own: median {median(own):+.1f} ms, p95 {percentile(own, 95):+.1f} ms  (per-backend means)"
+        )
+    if own_rate:
+        print(
+            f"    decode rate against what the simulator served (its own per-token histogram):"
+            f" |error| median {median(own_rate):.2f} %, p95 {percentile(own_rate, 95):.2f} %  (per-backend means)"
         )
     print(f"  health latency shown (server answers in < 1 ms): median {median(latency):.1f} ms, p95 {percentile(latency, 95):.1f} ms")
     print(f"  probes not timed (read late, and again on their retry): {max(untimed)} at most in a run, of {len(spec)}")

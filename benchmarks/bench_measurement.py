@@ -56,10 +56,15 @@ def fleet_spec() -> list[dict]:
     return spec
 
 
-def served_ttft_ms(text: str) -> tuple[float, float]:
-    total = float(text.split("vllm:time_to_first_token_seconds_sum", 1)[1].split()[1])
-    count = float(text.split("vllm:time_to_first_token_seconds_count", 1)[1].split()[1])
-    return total, count
+def served_ttft_ms(text: str) -> tuple[float, float, float, float]:
+    """The simulator's own histograms: TTFT sum and count, time-per-output-token sum and count."""
+    def value(name: str) -> float:
+        return float(text.split(name, 1)[1].split()[1])
+
+    return (
+        value("vllm:time_to_first_token_seconds_sum"), value("vllm:time_to_first_token_seconds_count"),
+        value("vllm:request_time_per_output_token_seconds_sum"), value("vllm:request_time_per_output_token_seconds_count"),
+    )  # fmt: skip
 
 
 async def run(base_url: str, spec: list[dict], rounds: int, together: bool) -> dict[str, list]:
@@ -101,7 +106,7 @@ async def run(base_url: str, spec: list[dict], rounds: int, together: bool) -> d
 
 def report(title: str, spec: list[dict], results: dict[str, list]) -> None:
     hist = results.pop("__hist__")[0]
-    ttft_err, rate_err, own, late, untimed, timed = [], [], [], [], 0, 0
+    ttft_err, rate_err, own, late, untimed, timed, own_rate = [], [], [], [], 0, 0, []
     for b in spec:
         if b.get("fault"):
             continue
@@ -113,11 +118,15 @@ def report(title: str, spec: list[dict], results: dict[str, list]) -> None:
         ttft_err += [t - b["ttft_ms"] for t, _ in good]
         rate_err += [abs(r - expected_rate) / expected_rate * 100 for _, r in good if r is not None]
         if b["name"] in hist.get("before", {}) and good:
-            (s0, n0), (s1, n1) = hist["before"][b["name"]], hist["after"][b["name"]]
+            (s0, n0, t0, m0), (s1, n1, t1, m1) = hist["before"][b["name"]], hist["after"][b["name"]]
             if n1 > n0:
                 served = (s1 - s0) / (n1 - n0) * 1000
                 late.append(served - b["ttft_ms"])
                 own.append(sum(t for t, _ in good) / len(good) - served)
+            rates = [r for _, r in good if r is not None]
+            if m1 > m0 and t1 > t0 and rates:
+                served_rate = (m1 - m0) / (t1 - t0)
+                own_rate.append(abs(sum(rates) / len(rates) / served_rate - 1) * 100)
     print(f"{title}: {timed} probes timed, {untimed} not timed (read late, retried)")
     if ttft_err:
         print(f"  TTFT error: median {median(ttft_err):+.3f} ms, p95 |err| {percentile([abs(x) for x in ttft_err], 95):.3f} ms")
@@ -128,6 +137,11 @@ def report(title: str, spec: list[dict], results: dict[str, list]) -> None:
         )
     if rate_err:
         print(f"  decode-rate |error|: median {median(rate_err):.3f} %, p95 {percentile(rate_err, 95):.3f} %")
+    if own_rate:
+        print(
+            f"    against what the simulator served (its per-token histogram): llmtop's own |error|"
+            f" median {median(own_rate):.3f} %, max {max(own_rate):.3f} % (per-backend means)"
+        )
 
 
 def main() -> int:
