@@ -101,7 +101,7 @@ async def screen(args) -> None:
         rss0 = rss_mb()
         sources = [AgentSource(f"{base}/agent{k}", f"agent{k}") for k in range(args.agents)]
         with tempfile.TemporaryDirectory() as tmp:
-            app = LlmtopApp(Engine(Config(), StateStore(Path(tmp) / "s.json")), config_path=None, sources=sources)
+            app = LlmtopApp(Engine(Config(), StateStore(Path(tmp) / "s.json")), config_path=None, sources=sources, settle_heap=True)
             async with app.run_test(size=SIZE) as pilot:
                 watch = FrameWatch(app)
                 table = app.screen.query_one(FleetTable)

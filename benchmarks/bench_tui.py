@@ -123,7 +123,7 @@ async def engine_alone(config: Path, state: Path, args) -> float:
 async def measure(config: Path, state: Path, args) -> None:
     print(f"engine alone, no UI, over {args.steady:.0f} s: CPU {await engine_alone(config, state, args):.1f}% of one core")
     engine = Engine(load_config(config), StateStore(state))
-    app = LlmtopApp(engine, config_path=config)
+    app = LlmtopApp(engine, config_path=config, settle_heap=True)  # as the live screen (tui/run.py)
     async with app.run_test(size=SIZE) as pilot:
         watch = FrameWatch(app)
         table = app.screen.query_one(FleetTable)

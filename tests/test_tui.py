@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -59,12 +60,12 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @asynccontextmanager
-async def running(sim: Simulator, files, *, size=SIZE, read_only=False, timeout_s=2.0):
+async def running(sim: Simulator, files, *, size=SIZE, read_only=False, timeout_s=2.0, settle_heap=False):
     config_path, state_path = files
     if not config_path.exists():
         config_path.write_text(config_text(sim, list(sim.backends.values()), timeout_s))
     engine = Engine(load_config(config_path), StateStore(state_path))
-    app = LlmtopApp(engine, config_path=config_path, read_only=read_only)
+    app = LlmtopApp(engine, config_path=config_path, read_only=read_only, settle_heap=settle_heap)
     async with app.run_test(size=size) as pilot:
         yield app, pilot
         await quit_app(app)
@@ -478,6 +479,22 @@ async def test_q_quits(sim, files):
         await pilot.press("q")
         await pilot.pause()
         assert not app.is_running
+
+
+async def test_the_live_screen_takes_its_long_lived_objects_out_of_the_collectors_view_after_the_first_round(sim, files):
+    # heap.py: full collections stop walking what the screen holds for its whole life. Once,
+    # when the first round is in (a later round's garbage is not frozen in).
+    gc.unfreeze()
+    try:
+        async with running(sim, files, settle_heap=True) as (app, pilot):
+            assert gc.get_freeze_count() == 0 or app.engine.first_round_pending() == 0
+            await wait_for(pilot, lambda: gc.get_freeze_count() > 0, what="the heap settled")
+            assert app.engine.first_round_pending() == 0
+            frozen = gc.get_freeze_count()
+            app.refresh_fleet()
+            assert gc.get_freeze_count() == frozen  # once only
+    finally:
+        gc.unfreeze()  # this process runs many more tests
 
 
 # -- faults and sizes -----------------------------------------------------------------------

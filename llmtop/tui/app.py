@@ -17,6 +17,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
 
+from llmtop import heap
 from llmtop.config import Config, ConfigError, load_config
 from llmtop.engine import Engine
 from llmtop.remote import ActionRefused, Source, SourceState
@@ -106,6 +107,7 @@ class LlmtopApp(App):
         listen: str | None = None,
         agent_listen: str | None = None,
         sources: list[Source] | None = None,
+        settle_heap: bool = False,
     ) -> None:
         super().__init__()
         self.engine = engine
@@ -148,6 +150,10 @@ class LlmtopApp(App):
         self._writes_done = asyncio.Event()
         self._writes_done.set()
         self._quitting = False
+        # The live screen's long-lived objects leave the collector's view once the first round is
+        # in (heap.py); not in tests, whose process outlives many apps.
+        self._settle_heap = settle_heap
+        self._settle_by: float | None = None
 
     def get_driver_class(self):
         if sys.platform == "win32" or constants.DRIVER is not None:
@@ -186,6 +192,8 @@ class LlmtopApp(App):
         if self.live:
             await self.engine.open()
             self.engine.start()
+            if self._settle_heap:
+                self._settle_by = time.monotonic() + heap.SETTLE_AFTER_S
             await self.fleet_source.start()
             self.set_interval(TICK_S, self.refresh_fleet)
             if self.config_path is not None:
@@ -228,6 +236,9 @@ class LlmtopApp(App):
             return  # shutting down: a last tick would query widgets already removed from their screens
         if self.live:
             self._refresh_state()
+        if self._settle_by is not None and (not self.engine.first_round_pending() or time.monotonic() >= self._settle_by):
+            self._settle_by = None
+            heap.settle()
         if self.paused:
             return  # the screen holds still; the engine goes on
         self.view = self._build_view()

@@ -119,6 +119,7 @@ def run_tui(args) -> int:
             app = LlmtopApp(
                 engine, config_path=config_path, read_only=args.read_only, theme=theme, hint=hint, prefs_path=prefs_path,
                 listen=getattr(args, "listen", None), agent_listen=getattr(args, "agent_listen", None), sources=sources,
+                settle_heap=True,
             )
             app.run()
             return app.return_code or 0
