@@ -481,18 +481,23 @@ async def test_q_quits(sim, files):
         assert not app.is_running
 
 
-async def test_the_live_screen_takes_its_long_lived_objects_out_of_the_collectors_view_after_the_first_round(sim, files):
-    # heap.py: full collections stop walking what the screen holds for its whole life. Once,
-    # when the first round is in (a later round's garbage is not frozen in).
+async def test_once_the_first_round_is_in_the_details_are_built_ahead_and_the_heap_settles(sim, files):
+    # At a quiet moment after the first round: the details screen is mounted before the first
+    # Enter (which otherwise builds it, a visible moment), and the live screen's long-lived
+    # objects leave the collector's view (heap.py). Both once.
     gc.unfreeze()
     try:
         async with running(sim, files, settle_heap=True) as (app, pilot):
-            assert gc.get_freeze_count() == 0 or app.engine.first_round_pending() == 0
             await wait_for(pilot, lambda: gc.get_freeze_count() > 0, what="the heap settled")
             assert app.engine.first_round_pending() == 0
+            assert app.is_screen_installed("detail") and app.get_screen("detail").is_running
+            assert isinstance(app.screen, FleetScreen)  # built, not shown
             frozen = gc.get_freeze_count()
             app.refresh_fleet()
             assert gc.get_freeze_count() == frozen  # once only
+            await select(pilot, app, "beta")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, DetailScreen) and "beta" in screen_text(app), what="beta's details")
     finally:
         gc.unfreeze()  # this process runs many more tests
 
