@@ -119,6 +119,10 @@ def report(title: str, spec: list[dict], results: dict[str, list]) -> None:
         rate_err += [abs(r - expected_rate) / expected_rate * 100 for _, r in good if r is not None]
         if b["name"] in hist.get("before", {}) and good:
             (s0, n0, t0, m0), (s1, n1, t1, m1) = hist["before"][b["name"]], hist["after"][b["name"]]
+            # Only where every generation served was one llmtop timed: an untimed probe's retry
+            # makes two generations, and the mean of what was served would mix them.
+            if n1 - n0 != len(good):
+                continue
             if n1 > n0:
                 served = (s1 - s0) / (n1 - n0) * 1000
                 late.append(served - b["ttft_ms"])

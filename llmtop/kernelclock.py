@@ -9,6 +9,7 @@ other's latency. Elsewhere (no SO_TIMESTAMPNS) a read is stamped when it is read
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import sys
@@ -30,6 +31,15 @@ def enable(sock: socket.socket) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether this kernel stamps what a TCP socket receives (asked once, of a throwaway socket)."""
+    if SO_TIMESTAMPNS is None:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return enable(probe)
+
+
 class _ClockPair:
     """The offset between the kernel's stamps (CLOCK_REALTIME) and perf_counter(), measured only
     from reads taken back to back.
@@ -46,15 +56,18 @@ class _ClockPair:
         self.offset: float | None = None  # time.time() - time.perf_counter()
 
     def realtime_to_perf(self, realtime: float) -> float | None:
+        # One read of the shared offset: the simulator may run in a thread of its own beside the
+        # engine's loop (Simulator.start_in_thread), each converting its reads.
+        offset = self.offset
         before = time.time()
         perf = time.perf_counter()
         after = time.time()
-        if after - before <= self.TIGHT_S or self.offset is None:
-            self.offset = (before + after) / 2 - perf
-            if after - before > self.TIGHT_S:  # the first pair, not a tight one: use it once, measure again next time
-                offset, self.offset = self.offset, None
-                return realtime - offset
-        return realtime - self.offset
+        if after - before <= self.TIGHT_S or offset is None:
+            pair = (before + after) / 2 - perf
+            # The first pair, not a tight one, is used once and measured again next time.
+            self.offset = pair if after - before <= self.TIGHT_S else None
+            return realtime - pair
+        return realtime - offset
 
 
 _CLOCKS = _ClockPair()

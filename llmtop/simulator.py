@@ -232,6 +232,48 @@ class _Response:
     truncated: bool = False  # close the connection after the body, without the terminating chunk
 
 
+# Kernel receive stamps on each connection's reads (_SocketReader), where this Python can take
+# the reading over from asyncio: Linux (SO_TIMESTAMPNS), and transports that honour a
+# pause_reading() from connection_made (CPython gh-103607: fixed in 3.12 and in 3.11's later
+# releases; 3.11.7 is the first checked here). Elsewhere a request's clock starts when it is read
+# (_StreamRequestReader), as it always did.
+_STAMPED_READS = (
+    kernelclock.SO_TIMESTAMPNS is not None and hasattr(socket.socket, "recvmsg") and sys.version_info >= (3, 11, 7)
+)
+
+
+class _StreamRequestReader:
+    """A connection's request side over asyncio's StreamReader: reads carry no kernel stamp, so a
+    request arrived when it was read."""
+
+    def __init__(self, stream: asyncio.StreamReader):
+        self._stream = stream
+        self.arrived = 0.0  # perf_counter() time the request's last bytes were read
+
+    async def read_head(self) -> bytes | None:
+        try:
+            head = await self._stream.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise _Malformed("connection closed inside the request head") from None
+            return None
+        except asyncio.LimitOverrunError:
+            raise _Malformed("request head too large") from None
+        self.arrived = time.perf_counter()
+        return head
+
+    async def read_exactly(self, n: int) -> bytes:
+        try:
+            body = await self._stream.readexactly(n)
+        except asyncio.IncompleteReadError:
+            raise _Malformed("connection closed inside the request body") from None
+        self.arrived = time.perf_counter()
+        return body
+
+    def close(self) -> None:
+        pass  # the transport is the writer's to close
+
+
 class _SocketReader:
     """A connection's request side, read off its socket with recvmsg, so each read carries the
     kernel's receive time (kernelclock.py): a request's deadlines run from when it reached this
@@ -318,7 +360,7 @@ def _set_done(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
-async def _read_request(reader: _SocketReader) -> _Request | None:
+async def _read_request(reader: _SocketReader | _StreamRequestReader) -> _Request | None:
     """Read one request; None when the client closed the connection cleanly between requests."""
     head = await reader.read_head()
     if head is None:
@@ -1055,17 +1097,26 @@ class Simulator:
         thread.join()
         loop.close()
 
-    def _accept(self, _stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Called in connection_made: the socket is read by a _SocketReader from its first byte.
+    def _accept(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Called in connection_made: a _SocketReader reads the socket from its first byte.
         # A task of our own rather than a coroutine callback: stop() cancels it, and asyncio's stream
         # machinery would log a cancelled callback task as an error (Python 3.11).
-        reader = _SocketReader(writer)
+        try:
+            reader = _SocketReader(writer) if _STAMPED_READS else _StreamRequestReader(stream)
+        except OSError:  # no descriptor left for it (EMFILE): this connection ends, the rest go on
+            writer.transport.abort()
+            return
+
+        def closed(_task: asyncio.Task) -> None:  # also when cancelled before it ran
+            reader.close()
+            writer.close()
+
         task = asyncio.get_running_loop().create_task(self._serve_connection(reader, writer))
-        task.add_done_callback(lambda _task: reader.close())  # also when cancelled before it ran
+        task.add_done_callback(closed)
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
-    async def _serve_connection(self, reader: _SocketReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(self, reader: _SocketReader | _StreamRequestReader, writer: asyncio.StreamWriter) -> None:
         # Nagle's algorithm would hold a small chunk back until the previous one is acknowledged,
         # which shows up as tens of milliseconds of invented latency.
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1078,7 +1129,7 @@ class Simulator:
             reader.close()
             writer.close()
 
-    async def _serve_one(self, reader: _SocketReader, writer: asyncio.StreamWriter) -> bool:
+    async def _serve_one(self, reader: _SocketReader | _StreamRequestReader, writer: asyncio.StreamWriter) -> bool:
         """Read and answer one request; False when the connection must close."""
         req = await _read_request(reader)
         if req is None:

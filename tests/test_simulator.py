@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmtop.config import parse_config
+from llmtop import simulator
 from llmtop.simulator import SimBackend, Simulator, demo_config_toml, demo_fleet, uniform_fleet
 from served import served_tokens_per_s, served_ttft_ms
 
@@ -315,6 +316,44 @@ async def test_a_requests_deadlines_run_from_when_it_arrived_not_from_when_a_bus
                 answer += chunk
     assert b'"content":" The"' in answer
     assert backend.last_ttft_s >= hold_s, backend.last_ttft_s
+
+
+async def test_where_reads_carry_no_kernel_stamp_requests_are_read_through_asyncio_streams(monkeypatch):
+    # Other platforms and older Pythons (simulator._STAMPED_READS): the same answers, keep-alive,
+    # a streamed generation and a malformed request, over asyncio's StreamReader.
+    monkeypatch.setattr(simulator, "_STAMPED_READS", False)
+    backend = SimBackend("v", ttft_ms=5, gap_ms=5)
+    async with serve(backend) as (sim, client):
+        for _ in range(2):
+            assert (await client.get(sim.url("v") + "/health")).status_code == 200
+        lines = await sse_lines(client, sim.url("v") + "/v1/chat/completions", chat(max_tokens=3))
+        assert len([c for c in data_chunks(lines) if c["choices"] and c["choices"][0]["delta"].get("content")]) == 3
+        reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+        writer.write(b"NONSENSE\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not answered, not hung
+        writer.close()
+        assert (await client.get(sim.url("v") + "/health")).status_code == 200
+
+
+async def test_a_connection_the_simulator_has_no_descriptor_for_is_closed_and_the_next_is_served(monkeypatch):
+    # Out of file descriptors (EMFILE) while taking a connection over: that one ends at once,
+    # rather than hang unanswered, and the simulator goes on serving.
+    backend = SimBackend("v")
+    async with serve(backend) as (sim, client):
+        if not simulator._STAMPED_READS:
+            pytest.skip("connections are read through asyncio streams here: no descriptor of their own")
+
+        def no_descriptor(fd):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(simulator.os, "dup", no_descriptor)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+        writer.write(b"GET /v/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        monkeypatch.undo()
+        assert (await client.get(sim.url("v") + "/health")).status_code == 200
 
 
 # --- Ollama -------------------------------------------------------------------------------------------

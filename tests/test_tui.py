@@ -490,7 +490,8 @@ async def test_once_the_first_round_is_in_the_details_are_built_ahead_and_the_he
         async with running(sim, files, settle_heap=True) as (app, pilot):
             await wait_for(pilot, lambda: gc.get_freeze_count() > 0, what="the heap settled")
             assert app.engine.first_round_pending() == 0
-            assert app.is_screen_installed("detail") and app.get_screen("detail").is_running
+            assert app.is_screen_installed("detail")
+            await wait_for(pilot, lambda: app.get_screen("detail").is_running, what="the details screen built")
             assert isinstance(app.screen, FleetScreen)  # built, not shown
             frozen = gc.get_freeze_count()
             app.refresh_fleet()

@@ -180,7 +180,7 @@ class LlmtopApp(App):
     def _details_screen(self, build: bool = False) -> DetailScreen:
         """The one DetailScreen, installed and reused: a popped installed screen stays built, so
         reopening is quick. `build`: mount its widgets now, before it is first shown: the first
-        Enter then takes 56-100 ms at 300 backends instead of 304-382 ms (benchmarks/bench_tui.py).
+        Enter then takes 56-100 ms at 300 backends instead of 304-498 ms (benchmarks/bench_tui.py).
         Textual has no public call for that; without it the first Enter just builds it then."""
         if not self.is_screen_installed("detail"):
             self.install_screen(DetailScreen(), "detail")
