@@ -503,6 +503,51 @@ async def test_once_the_first_round_is_in_the_details_are_built_ahead_and_the_he
         gc.unfreeze()  # this process runs many more tests
 
 
+async def test_a_screen_of_remote_agents_settles_once_they_have_answered_not_while_connecting(sim, files):
+    # No local backend: the first round is in at once, but the agents' rows are not. The heap
+    # settles (and the details are built) once no agent is still connecting.
+    from llmtop.config import Config
+    from llmtop.remote import SourceState
+    from llmtop.snapshot import GpuStatus
+
+    class Agent:
+        standing = "connecting"
+
+        def state(self):
+            return SourceState("rack1", "http://rack1:9850", self.standing, None)
+
+        def backends(self):
+            return ()
+
+        def gpus(self):
+            return GpuStatus()
+
+        def events(self):
+            return ()
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+    agent = Agent()
+    gc.unfreeze()
+    try:
+        app = LlmtopApp(Engine(Config(), StateStore(files[1])), config_path=None, sources=[agent], settle_heap=True)
+        async with app.run_test(size=SIZE) as pilot:
+            for _ in range(3):
+                app.refresh_fleet()
+                await pilot.pause()
+            assert gc.get_freeze_count() == 0 and not app.is_screen_installed("detail")
+            agent.standing = "connected"
+            app.refresh_fleet()
+            assert gc.get_freeze_count() > 0 and app.is_screen_installed("detail")
+            await quit_app(app)
+    finally:
+        gc.unfreeze()
+
+
 # -- faults and sizes -----------------------------------------------------------------------
 
 

@@ -246,7 +246,7 @@ class LlmtopApp(App):
             return  # shutting down: a last tick would query widgets already removed from their screens
         if self.live:
             self._refresh_state()
-        if self._first_round_by is not None and (not self.engine.first_round_pending() or time.monotonic() >= self._first_round_by):
+        if self._first_round_by is not None and (self._first_round_in() or time.monotonic() >= self._first_round_by):
             self._first_round_by = None
             self._details_screen(build=True)
             if self._settle_heap:
@@ -258,6 +258,11 @@ class LlmtopApp(App):
             show = getattr(screen, "show_fleet", None)
             if show is not None:
                 show(self.view)
+
+    def _first_round_in(self) -> bool:
+        """Every local backend polled once, and every remote source past connecting (its rows in,
+        or its failure known)."""
+        return not self.engine.first_round_pending() and all(s.standing != "connecting" for s in self.fleet_source.states())
 
     def _build_view(self) -> FleetView:
         fleet = self._terminal_view(self.fleet_source.snapshot())
