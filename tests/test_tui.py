@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from textual.worker import WorkerCancelled
 
-from llmtop.config import load_config
+from llmtop.config import Config, load_config
 from llmtop.engine import Engine
 from llmtop.simulator import SimBackend, Simulator
 from llmtop.state import StateStore
@@ -25,6 +25,7 @@ from llmtop.tui.screens.fleet import FleetScreen
 from llmtop.tui.screens.help import HelpScreen
 from llmtop.tui.widgets.fleet_table import FleetTable
 from llmtop.tui.widgets.gpu_panel import GpuPanel
+from fixed_source import FixedSource
 
 COMPLETIONS = "/v1/chat/completions"
 SIZE = (120, 36)
@@ -503,35 +504,10 @@ async def test_once_the_first_round_is_in_the_details_are_built_ahead_and_the_he
         gc.unfreeze()  # this process runs many more tests
 
 
-async def test_a_screen_of_remote_agents_settles_once_they_have_answered_not_while_connecting(sim, files):
+async def test_a_screen_of_remote_agents_settles_once_they_have_answered_not_while_connecting(files):
     # No local backend: the first round is in at once, but the agents' rows are not. The heap
     # settles (and the details are built) once no agent is still connecting.
-    from llmtop.config import Config
-    from llmtop.remote import SourceState
-    from llmtop.snapshot import GpuStatus
-
-    class Agent:
-        standing = "connecting"
-
-        def state(self):
-            return SourceState("rack1", "http://rack1:9850", self.standing, None)
-
-        def backends(self):
-            return ()
-
-        def gpus(self):
-            return GpuStatus()
-
-        def events(self):
-            return ()
-
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
-
-    agent = Agent()
+    agent = FixedSource("rack1", (), "connecting")
     gc.unfreeze()
     try:
         app = LlmtopApp(Engine(Config(), StateStore(files[1])), config_path=None, sources=[agent], settle_heap=True)

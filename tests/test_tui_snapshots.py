@@ -14,6 +14,7 @@ from llmtop.snapshot import GpuSnapshot, GpuStatus, Metrics
 from llmtop.state import StateStore
 from llmtop.tui.app import LlmtopApp
 from llmtop.tui.widgets.fleet_table import FleetTable
+from fixed_source import FixedSource
 
 START = 1_750_000_000.0  # a fixed wall clock: every time on screen is derived from it
 SMALL, MEDIUM, LARGE = (80, 24), (120, 40), (200, 50)
@@ -147,39 +148,6 @@ def test_detail_screen(snap_compare, engine, size):
 @SIZES
 def test_help_screen(snap_compare, engine, size):
     assert snap_compare(app_for(engine), terminal_size=size, press=["question_mark"])
-
-
-class FixedSource:
-    """A remote source with fixed rows (the engine's, as another agent's) and a fixed standing."""
-
-    def __init__(self, name: str, backends, standing: str, since: float | None = None, detail: str | None = None):
-        import dataclasses
-
-        from llmtop.remote import SourceState
-
-        self._backends = tuple(dataclasses.replace(b, agent=name, stale_since=since if standing == "stale" else None) for b in backends)
-        self._state = SourceState(name, f"http://{name}:9850", standing, since, detail, can_act=False, backends=len(self._backends))
-
-    def state(self):
-        return self._state
-
-    def backends(self):
-        return self._backends
-
-    def gpus(self):
-        return GpuStatus()
-
-    def events(self):
-        return ()
-
-    async def start(self):
-        pass
-
-    async def stop(self):
-        pass
-
-    async def act(self, backend, action):
-        raise AssertionError("a fixed source takes no action")
 
 
 @pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "200x50"])
