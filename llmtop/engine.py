@@ -286,7 +286,7 @@ class Engine:
     ) -> None:
         """One backend: a poll, then a completion probe when one is wanted (`paced`: and the
         budgets allow it now; an operator's or a check's probe is counted, never held back).
-        `before_probe`: awaited between the two (a round's GPU reading). `retry_untimed`: a probe
+        `before_probe`: waited for between the two (a round's GPU reading). `retry_untimed`: a probe
         read too late to time (probe.StreamMeter) is sent once more at once, through the gate,
         which has just closed further on it (a check has no next round to wait for)."""
         tracker = self.trackers[name]
