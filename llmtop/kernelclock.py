@@ -36,8 +36,11 @@ def available() -> bool:
     """Whether this kernel stamps what a TCP socket receives (asked once, of a throwaway socket)."""
     if SO_TIMESTAMPNS is None:
         return False
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        return enable(probe)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            return enable(probe)
+    except OSError:  # no IPv4 sockets at all here: nothing to stamp either
+        return False
 
 
 class _ClockPair:
