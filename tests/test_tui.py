@@ -437,7 +437,7 @@ async def test_the_mouse_picks_a_row_opens_it_and_sorts_by_a_header(sim, files):
         await wait_for(pilot, lambda: isinstance(app.screen, DetailScreen), what="details")
         assert app.screen.backend == second
         await pilot.press("escape")
-        await pilot.pause()
+        await wait_for(pilot, lambda: isinstance(app.screen, FleetScreen), what="back on the fleet")
         name_x = 1 + 10 + 2  # past the status column and its padding
         assert await pilot.click(FleetTable, offset=(name_x, 1))
         assert (t.sort_name, t.sort_reverse) == ("name", False) and t.names == sorted(t.names)
@@ -512,7 +512,7 @@ async def test_a_screen_of_remote_agents_settles_once_they_have_answered_not_whi
     try:
         app = LlmtopApp(Engine(Config(), StateStore(files[1])), config_path=None, sources=[agent], settle_heap=True)
         async with app.run_test(size=SIZE) as pilot:
-            for _ in range(3):
+            for _ in range(3):  # ticks while the agent connects (a negative: nothing to wait for)
                 app.refresh_fleet()
                 await pilot.pause()
             assert gc.get_freeze_count() == 0 and not app.is_screen_installed("detail")
@@ -762,9 +762,9 @@ async def test_the_gpu_panel_names_the_backends_whose_server_uses_each_gpu(sim, 
     async with app.run_test(size=(200, 50)) as pilot:
         await wait_for(pilot, lambda: app.view is not None and app.view.fleet.gpu.gpus, what="a GPU reading")
         app.refresh_fleet()
-        await pilot.pause()
-        lines = [line for line in screen_text(app).splitlines() if "H100" in line or "A10" in line]
         name = backends[0].name
+        await wait_for(pilot, lambda: f"{name} 30G" in screen_text(app), what="the GPU panel naming the backend")
+        lines = [line for line in screen_text(app).splitlines() if "H100" in line or "A10" in line]
         assert any(f"{name} 30G" in line for line in lines if "H100" in line), lines
         assert not any(name in line for line in lines if "A10" in line), lines
         assert engine.gpu_status.gpus[0].processes[0].backend == name
