@@ -29,7 +29,7 @@ class AgentServer(BoardServer):
     while the engine's loop is stuck (board.STALL_S): what it last said is not current.
 
     Answered on a thread of its own from the published table (board.py), so HAProxy never waits
-    on the engine's loop (thread.py)."""
+    on the engine's loop (loopthread.py)."""
 
     def __init__(self, engine: Engine, listen: str, settings: Callable[[], ServeSettings] | None = None):
         super().__init__(engine, settings, "llmtop-agent")
@@ -60,7 +60,7 @@ class AgentServer(BoardServer):
                 return
             current, a = self._board.current(name)
             if not current:
-                a = await self._thread.on_engine(self._board.ask, name)
+                a = await self._thread.on_home(self._board.ask, name)
             if a is None:
                 self._unknown(name)
                 return
@@ -82,7 +82,7 @@ class AgentServer(BoardServer):
             self._unknown_any = now
             self._unknown_logged = {n: at for n, at in self._unknown_logged.items() if now - at < UNKNOWN_EVERY_S}
             self._unknown_logged[name] = now
-            self._thread.to_engine(
+            self._thread.to_home(
                 self.engine.emit,
                 Event(time.time(), None, "agent", f"HAProxy asked about {for_terminal(name, 64)!r}, which is not in the config; set agent-send to a backend's name", "warning"),
             )

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 from llmtop.config import ServeSettings
 from llmtop.engine import Engine
 from llmtop.serve.readiness import agent_reply, readiness
-from llmtop.serve.thread import LoopThread
+from llmtop.loopthread import LoopThread
 from llmtop.snapshot import BackendSnapshot
 
 BEAT_S = 0.5  # how often the engine's loop says it is ticking
@@ -130,7 +130,7 @@ class Board:
 
 class BoardServer:
     """What serve's HTTP site and its agent port share: a server on a LoopThread of its own
-    (thread.py) answering from a Board the engine publishes. start() and stop() run on the
+    (loopthread.py) answering from a Board the engine publishes. start() and stop() run on the
     engine's loop; a subclass gives `_start` (listen; returns the port) and `_stop`, which run on
     the thread, and `_after_stop` for what it must release once the thread is gone."""
 

@@ -49,7 +49,7 @@ def _ready_response(a: Answer) -> web.Response:
 
 def fleet_json(fleet: FleetSnapshot) -> str:
     """json.dumps(fleet_document(fleet)), byte for byte, written one backend at a time: one call
-    over 500 backends holds the GIL for 12 ms, and every readiness answer with it (thread.py)."""
+    over 500 backends holds the GIL for 12 ms, and every readiness answer with it (loopthread.py)."""
     doc = fleet_document(fleet)
     backends = doc["backends"]
     doc["backends"] = []
@@ -63,7 +63,7 @@ class ServeSite(BoardServer):
     """The endpoints over one engine. Every answer comes from the engine's latest snapshot: a
     balancer asking is never kept waiting on a backend, nor on the engine's loop.
 
-    aiohttp runs on a thread of its own (thread.py). Readiness is answered there from the
+    aiohttp runs on a thread of its own (loopthread.py). Readiness is answered there from the
     published table (board.py); what needs the engine (a snapshot, an admin action) is asked of
     the engine's loop; rendering /metrics and the fleet's JSON runs on a third thread, so that
     neither the readiness answers nor the probes' timing waits for it longer than the GIL's
@@ -133,7 +133,7 @@ class ServeSite(BoardServer):
         if stalled is not None:
             return _text(503, f"the event loop missed its heartbeat for {stalled:.1f}s")
         try:
-            problem = await asyncio.wait_for(self._thread.on_engine(self.engine.alive), STALL_S)
+            problem = await asyncio.wait_for(self._thread.on_home(self.engine.alive), STALL_S)
         except asyncio.TimeoutError:
             return _text(503, f"the event loop did not answer within {STALL_S:g}s")
         return _text(503, problem) if problem else _text(200, "ok")
@@ -158,7 +158,7 @@ class ServeSite(BoardServer):
         name = request.match_info["name"]
         current, a = self._board.current(name)
         if not current:
-            a = await self._thread.on_engine(self._board.ask, name)
+            a = await self._thread.on_home(self._board.ask, name)
         if a is None:
             return _text(404, "no such backend in llmtop's config")
         return _ready_response(a)
@@ -171,7 +171,7 @@ class ServeSite(BoardServer):
         openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
         backends = self._board.backends()
         if backends is None:
-            fleet = await self._thread.on_engine(self.engine.snapshot)
+            fleet = await self._thread.on_home(self.engine.snapshot)
         else:  # what the exposition reads of Engine.snapshot(): the time, the backends, the GPUs
             fleet = FleetSnapshot(at=self.engine.wall(), backends=backends, gpu=self.engine.gpu_status, events=())
         ready_when = self._settings().ready_when
@@ -179,7 +179,7 @@ class ServeSite(BoardServer):
         return web.Response(body=body, headers={"Content-Type": content_type(openmetrics)})
 
     async def fleet(self, request: web.Request) -> web.Response:
-        fleet = await self._thread.on_engine(self.engine.snapshot)
+        fleet = await self._thread.on_home(self.engine.snapshot)
         body = await asyncio.get_running_loop().run_in_executor(self._render, fleet_json, fleet)
         return web.Response(text=body, content_type="application/json")
 
@@ -201,9 +201,9 @@ class ServeSite(BoardServer):
         def listen(event: Event) -> None:  # on the engine's loop
             self._thread.call_soon(put, event)
 
-        unsubscribe = await self._thread.on_engine(self.engine.subscribe, listen)
+        unsubscribe = await self._thread.on_home(self.engine.subscribe, listen)
         try:
-            fleet = await self._thread.on_engine(self.engine.snapshot)
+            fleet = await self._thread.on_home(self.engine.snapshot)
             await _send(response, "fleet", fleet_json(fleet))
             for event in fleet.events[-RECENT_EVENTS:]:  # a screen that connects sees what led here
                 await _send(response, "event", event_document(event))
@@ -221,7 +221,7 @@ class ServeSite(BoardServer):
                 if event is not None:
                     await _send(response, "event", event_document(event))
                     last_write = time.monotonic()
-                fleet = await self._thread.on_engine(self.engine.snapshot)
+                fleet = await self._thread.on_home(self.engine.snapshot)
                 for b in fleet.backends:
                     if seqs.get(b.name) != b.seq:
                         seqs[b.name] = b.seq
@@ -240,7 +240,7 @@ class ServeSite(BoardServer):
         except (ConnectionResetError, asyncio.CancelledError, asyncio.TimeoutError):
             pass  # the client went away, stopped reading, or the server is stopping
         finally:
-            self._thread.to_engine(unsubscribe)
+            self._thread.to_home(unsubscribe)
         return response
 
     # -- admin -----------------------------------------------------------------------------
@@ -268,7 +268,7 @@ class ServeSite(BoardServer):
         if action not in ACTIONS:
             return _text(404, f"no such action; use one of {', '.join(ACTIONS)}")
         peer = request.remote or "?"
-        return _text(*await self._thread.on_engine_await(self._act(name, action, peer)))
+        return _text(*await self._thread.on_home_await(self._act(name, action, peer)))
 
     async def probe_all(self, request: web.Request) -> web.Response:
         """Every backend probed now (the TUI's `P` on an agent's rows): one request, not one per backend."""
@@ -283,7 +283,7 @@ class ServeSite(BoardServer):
             self.engine.emit(Event(time.time(), None, "admin", f"probe of all {count} backends requested (API, from {peer})"))
             return 202, f"probing {count} backends"
 
-        return _text(*await self._thread.on_engine(probe))
+        return _text(*await self._thread.on_home(probe))
 
     async def _act(self, name: str, action: str, peer: str) -> tuple[int, str]:
         """On the engine's loop: the action, and the status and line to answer with. A drain is

@@ -1,4 +1,4 @@
-"""The Textual app: runs the engine on its event loop, shows a snapshot (its own backends and remote agents') each tick, and turns keys into engine or agent calls."""
+"""The Textual app: shows a snapshot (its own engine's backends, run on a thread of their own by local.py, and remote agents') each tick, and turns keys into engine or agent calls."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from textual.screen import Screen
 from llmtop import heap
 from llmtop.config import Config, ConfigError, load_config
 from llmtop.engine import Engine
+from llmtop.local import LocalEngine
 from llmtop.remote import ActionRefused, Source, SourceState
 from llmtop.remote.merged import MergedFleet
 from llmtop.sanitize import for_terminal
@@ -111,8 +112,11 @@ class LlmtopApp(App):
     ) -> None:
         super().__init__()
         self.engine = engine
+        # The engine runs on a loop of its own (local.py): the UI reads what it publishes and asks
+        # it to act through `local`, never calling into it from this loop.
+        self.local = LocalEngine(engine)
         # What the screen shows: the engine's own backends and those of each remote source (--connect).
-        self.fleet_source = MergedFleet(engine.snapshot, list(sources or ()))
+        self.fleet_source = MergedFleet(self.local.snapshot, list(sources or ()))
         # serve's endpoints while the screen runs (--listen, --agent-listen): a balancer or a
         # Prometheus sees what this screen sees, and a `d` here drains it there.
         self._listen, self._agent_listen = listen, agent_listen
@@ -201,8 +205,7 @@ class LlmtopApp(App):
         for error in self._theme_errors:
             self.notify(error, severity="warning", timeout=10)
         if self.live:
-            await self.engine.open()
-            self.engine.start()
+            await self.local.start()
             self._first_round_by = time.monotonic() + heap.SETTLE_AFTER_S
             await self.fleet_source.start()
             self.set_interval(TICK_S, self.refresh_fleet)
@@ -223,7 +226,7 @@ class LlmtopApp(App):
                 continue
             server = make(self.engine, address)
             try:
-                await server.start()
+                await self.local.run(server.start)  # on the engine's loop, whose snapshots it answers from
             except OSError as exc:
                 self.notify(f"not serving {what}: {exc.strerror or exc}", severity="error", timeout=15)
                 continue
@@ -234,9 +237,9 @@ class LlmtopApp(App):
         if self.live:
             self._remove_signals()
             for server in self._served:
-                await server.stop()
+                await self.local.run(server.stop)
             await self.fleet_source.stop()
-            await self.engine.close()
+            await self.local.stop()
 
     # -- the tick ---------------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class LlmtopApp(App):
     def _first_round_in(self) -> bool:
         """Every local backend polled once, and every remote source past connecting (its rows in,
         or its failure known)."""
-        return not self.engine.first_round_pending() and all(s.standing != "connecting" for s in self.fleet_source.states())
+        return not self.local.first_round_pending() and all(s.standing != "connecting" for s in self.fleet_source.states())
 
     def _build_view(self) -> FleetView:
         fleet = self._terminal_view(self.fleet_source.snapshot())
@@ -272,7 +275,7 @@ class LlmtopApp(App):
             gpu_history=self._gpu_history,
             sources=tuple(_safe_state(s) for s in self.fleet_source.states()),
             fleet=fleet,
-            settings=self.engine.config.settings,
+            settings=self.local.settings,
             probing=probing,
             progress=Progress(self._round_total - len(probing), self._round_total) if self._round else None,
             read_only=self.read_only,
@@ -287,7 +290,7 @@ class LlmtopApp(App):
 
     async def _read_state(self) -> None:
         try:
-            await self.engine.refresh_state()
+            await self.local.run(self.engine.refresh_state)
         except StateError as exc:
             if str(exc) != self._state_error:
                 self.notify(str(exc), severity="error", timeout=10)
@@ -318,11 +321,11 @@ class LlmtopApp(App):
                 probe = backends[name].probe
                 self._round[name] = (backends[name].last_health_at, probe.at if probe else None)
                 self._round_total += 1
-        settings = self.engine.config.settings
+        settings = self.local.settings
         self._round_deadline = time.monotonic() + 2 * settings.timeout_s + settings.health_interval_s
         local = [n for n in names if self.fleet_source.route(n)[0] is None]
         if local:
-            self.engine.force_probe(local)
+            self.local.call_soon(self.engine.force_probe, local)
         remote = [n for n in names if self.fleet_source.route(n)[0] is not None]
         if remote:
             self._act_remote(remote, "probe", quiet=message.names is None)
@@ -453,25 +456,32 @@ class LlmtopApp(App):
             self.refresh_fleet()
             return
         try:
-            # Decide against the file as it is now, not the snapshot the key saw: the write of a key
-            # pressed just before may have landed since, or another llmtop may have written.
-            await self.engine.refresh_state()
-            before = self.engine.state.admin(name)
-            if command == "toggle":
-                command = "enable" if before == "disabled" else "disable"
-            after = admin_after(before, command)
-            if after == before:
-                if command in LIFTS and before != "active":
-                    self.notify(f"{name} is {before}, not {LIFTS[command]}: left {before} ({LIFT_KEYS[command]})")
-                return
-            await self.engine.set_admin(name, after)
+            command, before, after = await self.local.run(self._change_admin, name, command)
         except StateError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
-        b = self.engine.snapshot().backend(name)
+        if after == before:
+            if command in LIFTS and before != "active":
+                self.notify(f"{name} is {before}, not {LIFTS[command]}: left {before} ({LIFT_KEYS[command]})")
+            return
+        b = self.local.snapshot().backend(name)
         if b is not None:
             self.notify(f"{name}: {b.admin}")
         self.refresh_fleet()
+
+    async def _change_admin(self, name: str, command: str) -> tuple[str, str, str]:
+        """On the engine's loop: (the command, with a toggle turned into enable or disable; the
+        admin state before; after)."""
+        # Decide against the file as it is now, not the snapshot the key saw: the write of a key
+        # pressed just before may have landed since, or another llmtop may have written.
+        await self.engine.refresh_state()
+        before = self.engine.state.admin(name)
+        if command == "toggle":
+            command = "enable" if before == "disabled" else "disable"
+        after = admin_after(before, command)
+        if after != before:
+            await self.engine.set_admin(name, after)
+        return command, before, after
 
     # -- quitting ---------------------------------------------------------------------------
 
@@ -558,9 +568,9 @@ class LlmtopApp(App):
         else:
             self.post_message(ConfigLoaded(config, stamp, why))
 
-    def on_config_loaded(self, message: ConfigLoaded) -> None:
+    async def on_config_loaded(self, message: ConfigLoaded) -> None:
         self._config_stamp = message.stamp
-        self.engine.reload(message.config)
+        await self.local.call(self.engine.reload, message.config)
         # An empty fleet says how to add a backend, and stops saying it once there is one.
         empty = no_backends_hint(self.config_path)
         if not message.config.backends:
@@ -570,9 +580,9 @@ class LlmtopApp(App):
         self.notify(f"config reloaded ({message.why}): {len(message.config.backends)} backends")
         self.refresh_fleet()
 
-    def on_config_failed(self, message: ConfigFailed) -> None:
+    async def on_config_failed(self, message: ConfigFailed) -> None:
         self._config_stamp = message.stamp  # retry only when the file changes again
-        self.engine.note_config_error(message.error)
+        await self.local.call(self.engine.note_config_error, message.error)
         self.notify(f"config not reloaded ({message.why}): {message.error}", severity="error", timeout=15)
         self.refresh_fleet()
 

@@ -1,10 +1,14 @@
-"""A thread with an asyncio loop of its own that serve answers from, and the bridges between it and the engine's loop.
+"""A thread with an asyncio loop of its own, and the bridges between it and the loop that started it (its home).
 
-Why a thread: on the engine's loop, a balancer's readiness question waited behind whatever the
+Two uses. serve answers on such a thread, its home being the engine's loop (serve/board.py). The
+screen runs its local engine on one, its home being the UI's loop (local.py).
+
+Why serve answers on a thread: on the engine's loop, a balancer's readiness question waited behind whatever the
 loop was doing (reading 500 backends' metrics, building snapshots), and a stuck loop answered
 nothing. On a loop of its own, it waits only for the GIL (and the CPU), which Python hands over
-every `sys.getswitchinterval()` seconds to a thread that asks for it; serve asks for SWITCH_S. Everything that reads or changes the engine still runs on the engine's loop
-(`on_engine`), so the engine stays single-threaded.
+every `sys.getswitchinterval()` seconds to a thread that asks for it; both uses ask for
+SWITCH_S. Everything that reads or changes the engine runs on the engine's loop (serve's
+`on_home`, the screen's `run`), so the engine stays single-threaded.
 """
 
 from __future__ import annotations
@@ -25,17 +29,17 @@ STOP_S = 1.0
 
 
 class LoopThread:
-    """`start()` on the engine's loop; then `await thread.run(coro)` runs a coroutine on the
-    thread's loop, and, from there, `await thread.on_engine(fn, ...)` calls fn on the engine's."""
+    """`start()` on the home loop; then `await thread.run(coro)` runs a coroutine on the
+    thread's loop, and, from there, `await thread.on_home(fn, ...)` calls fn on the home loop."""
 
     def __init__(self, name: str):
         self.name = name
         self.loop = asyncio.new_event_loop()
-        self.engine_loop: asyncio.AbstractEventLoop | None = None
+        self.home: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        self.engine_loop = asyncio.get_running_loop()
+        self.home = asyncio.get_running_loop()
         if sys.getswitchinterval() > SWITCH_S:
             sys.setswitchinterval(SWITCH_S)
         self._thread.start()
@@ -53,11 +57,11 @@ class LoopThread:
             self.loop.close()
 
     async def run(self, coro: Awaitable[T]) -> T:
-        """From the engine's loop: run coro on the thread's loop and wait for its result."""
+        """From the home loop: run coro on the thread's loop and wait for its result."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    async def on_engine(self, fn: Callable[..., T], *args) -> T:
-        """From the thread: call fn(*args) on the engine's loop and wait for what it returns."""
+    async def on_home(self, fn: Callable[..., T], *args) -> T:
+        """From the thread: call fn(*args) on the home loop and wait for what it returns."""
         done: concurrent.futures.Future = concurrent.futures.Future()
 
         def call() -> None:
@@ -67,29 +71,29 @@ class LoopThread:
                 except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
                     done.set_exception(exc)
 
-        self.engine_loop.call_soon_threadsafe(call)
+        self.home.call_soon_threadsafe(call)
         return await asyncio.wrap_future(done)
 
-    async def on_engine_await(self, coro: Awaitable[T]) -> T:
-        """From the thread: run coro on the engine's loop and wait for its result."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.engine_loop))
+    async def on_home_await(self, coro: Awaitable[T]) -> T:
+        """From the thread: run coro on the home loop and wait for its result."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.home))
 
-    def to_engine(self, fn: Callable[..., object], *args) -> None:
-        """From the thread: have the engine's loop call fn(*args) soon, without waiting for it."""
+    def to_home(self, fn: Callable[..., object], *args) -> None:
+        """From the thread: have the home loop call fn(*args) soon, without waiting for it."""
         try:
-            self.engine_loop.call_soon_threadsafe(fn, *args)
+            self.home.call_soon_threadsafe(fn, *args)
         except RuntimeError:
-            pass  # the engine's loop is closed: nothing is listening any more
+            pass  # the home loop is closed: nothing is listening any more
 
     def call_soon(self, fn: Callable[..., object], *args) -> None:
-        """From the engine's loop: have the thread's loop call fn(*args) soon (dropped once it stopped)."""
+        """From the home loop: have the thread's loop call fn(*args) soon (dropped once it stopped)."""
         try:
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
             pass  # the thread's loop is closed: whoever was waiting is gone
 
     async def stop(self) -> None:
-        """From the engine's loop: stop the thread's loop (after `run` of whatever closes its
+        """From the home loop: stop the thread's loop (after `run` of whatever closes its
         servers) and wait, in a thread and bounded, for it to end."""
         if self._thread.is_alive():
             self.call_soon(self.loop.stop)

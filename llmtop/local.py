@@ -1,0 +1,136 @@
+"""The screen's own engine on a thread and event loop of its own: the UI reads the snapshots it publishes and asks it to act, as it reads and asks a remote agent.
+
+Why: on the UI's loop, a key waited behind whatever the engine was doing (a round of polls, a
+large answer being parsed), and a probe's tokens were read late while the screen drew. Now each
+has its own loop. They share the GIL, which Python hands to a waiting thread every
+loopthread.SWITCH_S.
+
+The engine stays single-threaded: everything that reads or changes it runs on its loop (`run`,
+`call`, `call_soon`). The UI reads only what that loop published: one immutable FleetSnapshot,
+swapped in whole every PUBLISH_S, and at once after every action asked through `run` or `call`,
+so that what the UI reads after an action returns already shows it.
+
+Until `start()` (a screen that is not live: snapshot tests), it is a plain view of the engine on
+the caller's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
+
+from llmtop.config import Settings
+from llmtop.engine import Engine
+from llmtop.loopthread import LoopThread
+from llmtop.snapshot import FleetSnapshot
+
+T = TypeVar("T")
+
+# A change reaches the UI within this (plus the UI's own tick). Publishing 300 backends costs
+# about 0.1 ms when nothing changed: their snapshots are cached (tracker.py).
+PUBLISH_S = 0.1
+
+
+class Published(NamedTuple):
+    fleet: FleetSnapshot
+    pending: int  # Engine.first_round_pending() at the same moment
+
+
+class LocalEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._thread: LoopThread | None = None
+        self._published: Published | None = None  # replaced whole on the engine's loop, read anywhere
+        self._publisher: asyncio.Task | None = None
+
+    # -- what the UI reads (any thread) -----------------------------------------------------
+
+    def snapshot(self) -> FleetSnapshot:
+        published = self._published
+        return self.engine.snapshot() if published is None else published.fleet
+
+    def first_round_pending(self) -> int:
+        published = self._published
+        return self.engine.first_round_pending() if published is None else published.pending
+
+    @property
+    def settings(self) -> Settings:
+        return self.engine.config.settings  # one attribute read: a reload swaps the whole config
+
+    # -- lifecycle (from the UI's loop) -----------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the engine and start its live loop on a thread of its own."""
+        thread = LoopThread("llmtop-engine")
+        thread.start()
+        try:
+            await thread.run(self._open())
+        except BaseException:
+            await thread.stop()
+            raise
+        self._thread = thread
+
+    async def _open(self) -> None:
+        await self.engine.open()
+        self.engine.start()
+        self._publish()
+        self._publisher = asyncio.create_task(self._publish_every(), name="llmtop:publish")
+
+    async def stop(self) -> None:
+        """Close the engine on its loop, then end the thread (bounded: loopthread.STOP_S). The
+        last snapshot stays readable."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        try:
+            await thread.run(self._close())
+        finally:
+            await thread.stop()
+
+    async def _close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+        await self.engine.close()
+
+    # -- acting (from the UI's loop) --------------------------------------------------------
+
+    async def run(self, action: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """await action(*args) on the engine's loop; what it returns or raises. Its effect is
+        published before this returns."""
+        thread = self._thread
+        if thread is None:
+            return await action(*args)
+        return await thread.run(self._then_publish(action, args))
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), a plain function, on the engine's loop; as `run`."""
+
+        async def plain() -> T:
+            return fn(*args)
+
+        return await self.run(plain)
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """fn(*args) on the engine's loop soon, without waiting (its effect shows with the next
+        publication); dropped once the engine stopped."""
+        thread = self._thread
+        if thread is None:
+            fn(*args)
+        else:
+            thread.call_soon(fn, *args)
+
+    # -- on the engine's loop ---------------------------------------------------------------
+
+    async def _then_publish(self, action: Callable[..., Awaitable[T]], args: tuple) -> T:
+        try:
+            return await action(*args)
+        finally:
+            self._publish()
+
+    def _publish(self) -> None:
+        self._published = Published(self.engine.snapshot(), self.engine.first_round_pending())
+
+    async def _publish_every(self) -> None:
+        while True:
+            await asyncio.sleep(PUBLISH_S)
+            self._publish()
