@@ -29,6 +29,7 @@ T = TypeVar("T")
 # A change reaches the UI within this (plus the UI's own tick). Publishing 300 backends costs
 # about 0.1 ms when nothing changed: their snapshots are cached (tracker.py).
 PUBLISH_S = 0.1
+CLOSE_S = 2.0  # closing the engine (its clients, NVML) past this is abandoned: quitting must not wait on it
 
 
 class Published(NamedTuple):
@@ -77,13 +78,16 @@ class LocalEngine:
         self._publisher = asyncio.create_task(self._publish_every(), name="llmtop:publish")
 
     async def stop(self) -> None:
-        """Close the engine on its loop, then end the thread (bounded: loopthread.STOP_S). The
-        last snapshot stays readable."""
+        """Close the engine on its loop, then end the thread, each bounded (CLOSE_S,
+        loopthread.STOP_S): a loop stuck in a long call must not keep the operator from quitting.
+        The last snapshot stays readable."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
         try:
-            await thread.run(self._close())
+            await asyncio.wait_for(thread.run(self._close()), CLOSE_S)
+        except asyncio.TimeoutError:
+            pass
         finally:
             await thread.stop()
 

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -875,3 +876,24 @@ async def test_a_held_screen_does_not_hold_the_engine(tmp_path):
             await quit_app(app)
     finally:
         sim.stop_thread()
+
+
+async def test_quitting_does_not_wait_on_a_stuck_engine(sim, files):
+    # The engine's loop stuck in a long call (a parse, a driver call gone wrong): q still ends the
+    # screen, closing what it can within local.CLOSE_S; the stuck thread is a daemon and goes with the process.
+    stuck = threading.Event()
+
+    async def quit_while_stuck() -> None:
+        async with running(sim, files) as (app, pilot):
+            await settled(app, pilot)
+            app.local.call_soon(stuck.wait)
+            await pilot.press("q")
+        # run_test returns once the app has ended, on_unmount and all
+
+    ending = asyncio.ensure_future(quit_while_stuck())
+    try:
+        done, _ = await asyncio.wait({ending}, timeout=30)  # outer bound only: unbounded, it never ended
+    finally:
+        stuck.set()  # lets a failed run end, rather than hang the suite
+    assert ending in done
+    await ending
