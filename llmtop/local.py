@@ -2,8 +2,12 @@
 
 Why: on the UI's loop, a key waited behind whatever the engine was doing (a round of polls, a
 large answer being parsed), and a probe's tokens were read late while the screen drew. Now each
-has its own loop. They share the GIL, which Python hands to a waiting thread every
-loopthread.SWITCH_S.
+has its own loop. They share the GIL, which Python hands to a waiting thread every 5 ms, its
+default: at serve's 0.5 ms (loopthread.SWITCH_S) a key took longer (key-to-screen p95 71-89 ms
+against 59-63 ms at 300 backends, benchmarks/bench_tui.py), as the UI's drawing was cut into
+slices. A probe's figures stay true while its thread waits: its tokens are timed by the
+kernel's receive stamps (kernelclock.py), not by when they are read, and a first token read
+only together with the next is not timed at all and the probe retried (probe.StreamMeter).
 
 The engine stays single-threaded: everything that reads or changes it runs on its loop (`run`,
 `call`, `call_soon`). The UI reads only what that loop published: one immutable FleetSnapshot,
@@ -62,7 +66,7 @@ class LocalEngine:
 
     async def start(self) -> None:
         """Open the engine and start its live loop on a thread of its own."""
-        thread = LoopThread("llmtop-engine")
+        thread = LoopThread("llmtop-engine", switch_s=None)
         thread.start()
         try:
             await thread.run(self._open())

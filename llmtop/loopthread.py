@@ -6,8 +6,8 @@ screen runs its local engine on one, its home being the UI's loop (local.py).
 Why serve answers on a thread: on the engine's loop, a balancer's readiness question waited behind whatever the
 loop was doing (reading 500 backends' metrics, building snapshots), and a stuck loop answered
 nothing. On a loop of its own, it waits only for the GIL (and the CPU), which Python hands over
-every `sys.getswitchinterval()` seconds to a thread that asks for it; both uses ask for
-SWITCH_S. Everything that reads or changes the engine runs on the engine's loop (serve's
+every `sys.getswitchinterval()` seconds to a thread that asks for it; serve asks for SWITCH_S
+(the screen keeps Python's 5 ms: see local.py). Everything that reads or changes the engine runs on the engine's loop (serve's
 `on_home`, the screen's `run`), so the engine stays single-threaded.
 """
 
@@ -32,16 +32,19 @@ class LoopThread:
     """`start()` on the home loop; then `await thread.run(coro)` runs a coroutine on the
     thread's loop, and, from there, `await thread.on_home(fn, ...)` calls fn on the home loop."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, switch_s: float | None = SWITCH_S):
+        """`switch_s`: the GIL hand-over interval the process needs at most while this thread
+        runs (None: leave Python's)."""
         self.name = name
+        self.switch_s = switch_s
         self.loop = asyncio.new_event_loop()
         self.home: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self.home = asyncio.get_running_loop()
-        if sys.getswitchinterval() > SWITCH_S:
-            sys.setswitchinterval(SWITCH_S)
+        if self.switch_s is not None and sys.getswitchinterval() > self.switch_s:
+            sys.setswitchinterval(self.switch_s)
         self._thread.start()
 
     def _run(self) -> None:
