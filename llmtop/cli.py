@@ -242,7 +242,7 @@ def _agents(args, config: Config) -> list:
     from llmtop.remote.sources import remote_sources
 
     try:
-        return remote_sources(args, config)
+        return remote_sources(args, config, sparklines=False)  # a check prints no history: none is fetched
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -4,14 +4,16 @@ every hostile answer there is; and no JSON at all makes its parser raise anythin
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import os
 import json
 import math
+import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,9 +26,11 @@ from hypothesis import strategies as st
 from real import needs
 from test_properties import JSON, PROPERTY, finite_everywhere
 
-from llmtop import wire
+from llmtop import cli, wire
+from llmtop.config import Config
 from llmtop.remote import ActionRefused
 from llmtop.remote.prometheus import GAUGES, HISTORY_POINTS, LISTS, STATESETS, NAME_MAX, PrometheusError, PrometheusSource, assemble, parse_answer, snapshot_of
+from llmtop.remote.sources import remote_sources
 from llmtop.simulator import SimBackend, Simulator
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -275,7 +279,9 @@ class FakeApi:
         self.series: dict[str, list[dict]] = defaultdict(list)
         self.override: tuple[int, bytes] | None = None
         self.stream: int | None = None  # answer this many bytes of endless JSON, in 64 KiB chunks
+        self.hold_ranges: asyncio.Event | None = None  # when set, query_range answers wait for it
         self.headers: list[dict] = []
+        self.paths: list[str] = []
         self.now = 1_800_000_000.0
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -288,6 +294,7 @@ class FakeApi:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.headers.append(dict(request.headers))
+        self.paths.append(request.path)
         if self.stream is not None:
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(request)
@@ -301,6 +308,8 @@ class FakeApi:
             return web.Response(status=status, body=body, content_type="application/json")
         query = request.query.get("query", "")
         if request.path.endswith("query_range"):
+            if self.hold_ranges is not None:
+                await self.hold_ranges.wait()
             result_type, result = "matrix", self.series[f"history:{self.which(query)}"]
         else:
             result_type, result = "vector", self.series[self.which(query)]
@@ -611,6 +620,58 @@ async def test_sparklines_fill_from_query_range_bounded_and_in_the_faces_units()
             assert source.backends()[0].ttft_history == row.ttft_history
         finally:
             await source.stop()
+
+
+async def test_the_table_is_shown_before_the_sparklines_backfill_and_they_merge_in_by_time():
+    # At 3,000 backends the backfill took as long again as the table: a first look shows the
+    # rows as soon as the instant answers are in, and their earlier points join them after.
+    async with FakeApi() as api:
+        api.backend("a")
+        older = [[api.now - 5 * i, "0.1"] for i in range(10, 0, -1)]
+        api.series["history:llmtop_probe_last_ttft_seconds"] = [{"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": older}]
+        api.hold_ranges = asyncio.Event()
+        source = clocked(api)
+        try:
+            refreshing = asyncio.ensure_future(source.refresh())
+            deadline = time.monotonic() + 30  # outer bound only
+            while not source.backends() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            (shown,) = source.backends()
+            assert source.state().standing == "connected" and not refreshing.done()
+            assert shown.ttft_history == ((api.now - 1, pytest.approx(150.0)),)  # the value the table read, alone so far
+            api.hold_ranges.set()
+            await refreshing
+            (row,) = source.backends()
+            assert row.seq > shown.seq
+            assert row.ttft_history == tuple((t, pytest.approx(100.0)) for t, _ in older) + ((api.now - 1, pytest.approx(150.0)),)
+            assert source.last_table_s <= source.last_refresh_s
+            await source.refresh()  # nothing new: the row is not made again
+            assert source.backends()[0] is row
+        finally:
+            await source.stop()
+
+
+async def test_without_sparklines_no_history_is_fetched_nor_kept():
+    # What `check --prometheus` reads (cli._agents): the table alone.
+    async with FakeApi() as api:
+        api.backend("a")
+        api.series["history:llmtop_probe_last_ttft_seconds"] = [{"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": [[api.now - 5, "0.1"]]}]
+        source = clocked(api, sparklines=False)
+        try:
+            await source.refresh()
+            (row,) = source.backends()
+            assert row.probe is not None and row.ttft_history == () and row.latency_history == ()
+            assert api.paths and all(path.endswith("/query") for path in api.paths)
+        finally:
+            await source.stop()
+
+
+def test_check_reads_prometheus_without_sparklines():
+    args = argparse.Namespace(connect=None, prometheus="http://127.0.0.1:9", selector=None)
+    (source,) = cli._agents(args, Config())
+    assert source.sparklines is False
+    (screen,) = remote_sources(args, Config())
+    assert screen.sparklines is True
 
 
 async def test_started_it_refreshes_by_itself_and_stop_ends_it():

@@ -10,9 +10,9 @@ instant queries, sent together, whatever the size of the fleet (Queries):
   (two jobs scraping one agent) are one row and the answer carries no label it does not need;
 - the sparklines (TTFT, tokens/s, latency, queue, HISTORY_POINTS points over `history_window_s`)
   gain the values each refresh reads, at their scrape's time. After a gap (the first refresh,
-  refreshes that failed) they are fetched with one `query_range` each, as far back as
-  `backfill_points` allows across the fleet (at 3,000 backends, 20 points of the 120), so no
-  refresh costs more than about two; `history()` gives one backend's whole window for a detail
+  refreshes that failed) their earlier points are fetched with one `query_range` each, once the
+  rows are shown, as far back as `backfill_points` allows across the fleet (at 3,000 backends,
+  20 points of the 120), so no refresh costs more than about two; `history()` gives one backend's whole window for a detail
   chart, in milliseconds.
 
 Rows are keyed (agent, backend): the agent is the series' `agent` label, else its `instance`
@@ -469,6 +469,7 @@ class PrometheusSource:
         timeout_s: float = 10.0,
         max_body: int = MAX_BODY,
         clock: Callable[[], float] = time.time,
+        sparklines: bool = True,
     ):
         parsed = httpx.URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -491,6 +492,7 @@ class PrometheusSource:
         self.history_window_s = history_window_s
         self.history_step_s = history_window_s / HISTORY_POINTS
         self.backfill_points = backfill_points
+        self.sparklines = sparklines  # False: no history kept nor fetched (`check`); history() still answers
         self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
         self._deadline_s = 2 * timeout_s  # a whole refresh, however the answers trickle in
         self._max_body = max_body
@@ -511,6 +513,7 @@ class PrometheusSource:
         self._detail: str | None = None
         self._events: deque[Event] = deque(maxlen=EVENTS_KEPT)
         self.last_refresh_s: float | None = None  # how long the last refresh took (for check and benchmarks)
+        self.last_table_s: float | None = None  # how long until its rows were shown (a backfill comes after)
 
     def __repr__(self) -> str:
         return f"PrometheusSource({self.url!r}, selector={self.selector!r})"
@@ -576,6 +579,7 @@ class PrometheusSource:
             return self.state()
 
     async def _refresh(self) -> None:
+        started = time.perf_counter()
         q = self._queries
         now = self._clock()
         answers = await asyncio.gather(*(self._query(expr) for expr in q.instant.values()), return_exceptions=True)
@@ -584,18 +588,21 @@ class PrometheusSource:
                 raise answer
         instant = dict(zip(q.instant, answers))
         rows = assemble(instant.pop("seen"), instant)
-        # The sparklines: after a gap (the first refresh, or refreshes that failed) their points
-        # come from query_range, as far back as `backfill_points` allows across the fleet; in
-        # between, each refresh adds the values it just read, at their scrape's time, for nothing.
-        history_at = self._history_range(now, len(rows))
-        if history_at is not None:
-            fetched = await asyncio.gather(*(self._query_range(expr, *history_at) for expr in q.history.values()))
-            self._add_history(_histories(dict(zip(q.history, fetched))))
-        self._add_latest(rows)
-        self._history_end = now
+        # The sparklines: each refresh adds the values it just read, at their scrape's time, for
+        # nothing. After a gap (the first refresh, or refreshes that failed) their earlier points
+        # come from query_range, as far back as `backfill_points` allows across the fleet, once
+        # the table is shown: at 3,000 backends they took as long again as the table.
+        history_at = self._history_range(now, len(rows)) if self.sparklines else None
+        if self.sparklines:
+            self._add_latest(rows)
         self._merge(rows)
         note = f"more than {ROWS_MAX} backends: the first {ROWS_MAX} are shown; narrow the selector" if len(rows) >= ROWS_MAX else None
         self._set_standing("connected", note)
+        self.last_table_s = time.perf_counter() - started
+        if history_at is not None:
+            fetched = await asyncio.gather(*(self._query_range(expr, *history_at) for expr in q.history.values()))
+            self._backfill(_histories(dict(zip(q.history, fetched))))
+        self._history_end = now
 
     def _merge(self, rows: dict[Key, Seen]) -> None:
         live_agents = {key[0] for key, row in rows.items() if row.age_s <= self.stale_after_s}
@@ -608,7 +615,7 @@ class PrometheusSource:
             g = row.gauges
             probe_at = None if g.get("llmtop_probe_last_success_timestamp_seconds") is not None else row.sample_at
             inputs = (row.provider, row.labels, tuple(g.items()), tuple(row.states.items()), tuple(sorted(row.conflicting)),
-                      tuple(row.missing.items()), tuple(row.tripped.items()), stale, self._history_version.get(key, 0), probe_at)
+                      tuple(row.missing.items()), tuple(row.tripped.items()), stale, probe_at, self._history_version.get(key, 0))
             old = self._rows.get(key)
             if old is not None and row.torn() and key not in self._torn:
                 merged[key] = old  # half of a scrape that came or went: the row as it was, for this refresh
@@ -667,15 +674,32 @@ class PrometheusSource:
             start = max(start, math.floor(self._history_end / step) * step + step)
         return None if start > end else (start, end, step)
 
-    def _add_history(self, fetched: dict[Key, dict[str, tuple]]) -> None:
+    def _backfill(self, fetched: dict[Key, dict[str, tuple]]) -> None:
+        """The sparklines' earlier points, fetched after the rows were shown: merged in by time
+        with what the rows hold (the latest values the table read), and the rows that gained
+        points made again with them."""
         for key, kinds in fetched.items():
+            if key not in self._rows:
+                continue  # gone meanwhile, or beyond ROWS_MAX
             held = self._history.setdefault(key, {kind: deque(maxlen=HISTORY_POINTS) for kind in HISTORIES})
+            gained = False
             for kind, points in kinds.items():
-                last = held[kind][-1][0] if held[kind] else -math.inf
-                new = [p for p in points if p[0] > last]
+                have = held[kind]
+                times = {t for t, _ in have}
+                new = [p for p in points if p[0] not in times]
                 if new:
-                    held[kind].extend(new)
-                    self._history_version[key] = self._history_version.get(key, 0) + 1
+                    held[kind] = deque(sorted([*have, *new])[-HISTORY_POINTS:], maxlen=HISTORY_POINTS)
+                    gained = True
+            if gained:
+                version = self._history_version[key] = self._history_version.get(key, 0) + 1
+                old = self._rows[key]
+                h = self._history_of(key)
+                self._rows[key] = replace(
+                    old, ttft_history=h["ttft"], tps_history=h["tps"], latency_history=h["latency"], queue_history=h["queue"], seq=old.seq + 1,
+                )
+                inputs = self._inputs.get(key)
+                if inputs is not None:  # as made now: the next refresh need not make it again
+                    self._inputs[key] = inputs[:-1] + (version,)
 
     def _add_latest(self, rows: dict[Key, Seen]) -> None:
         """Each row's sparklines gain the values just read, at the time of their scrape (once a scrape)."""

@@ -12,8 +12,10 @@ PROMETHEUS_USER_ENV = "LLMTOP_PROMETHEUS_USER"  # or basic auth: user and passwo
 PROMETHEUS_PASSWORD_ENV = "LLMTOP_PROMETHEUS_PASSWORD"
 
 
-def remote_sources(args, config: Config) -> list:
-    """Every source to read besides the local engine. ValueError (one line, naming the option) for a bad one."""
+def remote_sources(args, config: Config, *, sparklines: bool = True) -> list:
+    """Every source to read besides the local engine. ValueError (one line, naming the option) for
+    a bad one. `sparklines`: whether a Prometheus source keeps the rows' history (a screen does;
+    `check` shows none, and a 3,000-backend backfill took as long as its table)."""
     sources: list = []
     for url in getattr(args, "connect", None) or ():
         try:
@@ -41,6 +43,7 @@ def remote_sources(args, config: Config) -> list:
                 bearer_token_env=PROMETHEUS_TOKEN_ENV if os.environ.get(PROMETHEUS_TOKEN_ENV) else None,
                 basic_user_env=PROMETHEUS_USER_ENV if basic else None,
                 basic_password_env=PROMETHEUS_PASSWORD_ENV if basic else None,
+                sparklines=sparklines,
             ))
         except ValueError as exc:
             raise ValueError(f"--prometheus: {exc}") from None
