@@ -12,7 +12,9 @@ only together with the next is not timed at all and the probe retried (probe.Str
 The engine stays single-threaded: everything that reads or changes it runs on its loop (`run`,
 `call`, `call_soon`). The UI reads only what that loop published: one immutable FleetSnapshot,
 swapped in whole every PUBLISH_S, and at once after every action asked through `run` or `call`,
-so that what the UI reads after an action returns already shows it.
+so that what the UI reads after an action returns already shows it (`call_soon`'s effect shows
+with the next publication). A loop that publishes nothing for STALL_S is said to be stalled
+(`stalled`): its figures are not current, and the screen says so.
 
 Until `start()` (a screen that is not live: snapshot tests), it is a plain view of the engine on
 the caller's own loop.
@@ -21,6 +23,7 @@ the caller's own loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
 
 from llmtop.config import Settings
@@ -34,6 +37,7 @@ T = TypeVar("T")
 # about 0.1 ms when nothing changed: their snapshots are cached (tracker.py).
 PUBLISH_S = 0.1
 CLOSE_S = 2.0  # closing the engine (its clients, NVML) past this is abandoned: quitting must not wait on it
+STALL_S = 5.0  # no publication for this long: the engine's loop is stuck (as serve's board.STALL_S)
 
 
 class Published(NamedTuple):
@@ -46,7 +50,10 @@ class LocalEngine:
         self.engine = engine
         self._thread: LoopThread | None = None
         self._published: Published | None = None  # replaced whole on the engine's loop, read anywhere
+        self._published_at = 0.0  # time.monotonic() of that
         self._publisher: asyncio.Task | None = None
+        self._stopped = False
+        self.error: str | None = None  # why the last publication failed (a bug: the loop goes on)
 
     # -- what the UI reads (any thread) -----------------------------------------------------
 
@@ -57,6 +64,13 @@ class LocalEngine:
     def first_round_pending(self) -> int:
         published = self._published
         return self.engine.first_round_pending() if published is None else published.pending
+
+    def stalled(self) -> float | None:
+        """Seconds since the engine last published, once that is over STALL_S; else None."""
+        if self._thread is None:
+            return None
+        quiet = time.monotonic() - self._published_at
+        return quiet if quiet > STALL_S else None
 
     @property
     def settings(self) -> Settings:
@@ -81,23 +95,27 @@ class LocalEngine:
         self._publish()
         self._publisher = asyncio.create_task(self._publish_every(), name="llmtop:publish")
 
-    async def stop(self) -> None:
-        """Close the engine on its loop, then end the thread, each bounded (CLOSE_S,
-        loopthread.STOP_S): a loop stuck in a long call must not keep the operator from quitting.
-        The last snapshot stays readable."""
+    async def stop(self, *first: Callable[[], Awaitable[Any]]) -> None:
+        """Run `first` (what else lives on the engine's loop: serve's servers) and close the
+        engine, on its loop, then end the thread, each bounded (CLOSE_S, loopthread.STOP_S): a
+        loop stuck in a long call must not keep the operator from quitting. The last snapshot
+        stays readable; what is asked after this is dropped (`call_soon`) or refused (`run`)."""
         thread, self._thread = self._thread, None
+        self._stopped = True
         if thread is None:
             return
         try:
-            await asyncio.wait_for(thread.run(self._close()), CLOSE_S)
+            await asyncio.wait_for(thread.run(self._close(first)), CLOSE_S)
         except asyncio.TimeoutError:
             pass
         finally:
             await thread.stop()
 
-    async def _close(self) -> None:
+    async def _close(self, first: tuple[Callable[[], Awaitable[Any]], ...]) -> None:
         if self._publisher is not None:
             self._publisher.cancel()
+        for stop in first:
+            await stop()
         await self.engine.close()
 
     # -- acting (from the UI's loop) --------------------------------------------------------
@@ -107,6 +125,8 @@ class LocalEngine:
         published before this returns."""
         thread = self._thread
         if thread is None:
+            if self._stopped:
+                raise RuntimeError("the engine has stopped")
             return await action(*args)
         return await thread.run(self._then_publish(action, args))
 
@@ -122,10 +142,10 @@ class LocalEngine:
         """fn(*args) on the engine's loop soon, without waiting (its effect shows with the next
         publication); dropped once the engine stopped."""
         thread = self._thread
-        if thread is None:
-            fn(*args)
-        else:
+        if thread is not None:
             thread.call_soon(fn, *args)
+        elif not self._stopped:
+            fn(*args)
 
     # -- on the engine's loop ---------------------------------------------------------------
 
@@ -137,8 +157,12 @@ class LocalEngine:
 
     def _publish(self) -> None:
         self._published = Published(self.engine.snapshot(), self.engine.first_round_pending())
+        self._published_at = time.monotonic()
 
     async def _publish_every(self) -> None:
         while True:
             await asyncio.sleep(PUBLISH_S)
-            self._publish()
+            try:
+                self._publish()
+            except Exception as exc:  # noqa: BLE001 - a bug; said on screen (stalled), and tried again
+                self.error = f"{type(exc).__name__}: {exc}"

@@ -280,6 +280,7 @@ class FakeApi:
         self.override: tuple[int, bytes] | None = None
         self.stream: int | None = None  # answer this many bytes of endless JSON, in 64 KiB chunks
         self.hold_ranges: asyncio.Event | None = None  # when set, query_range answers wait for it
+        self.range_status: int | None = None  # when set, query_range answers this status
         self.headers: list[dict] = []
         self.paths: list[str] = []
         self.now = 1_800_000_000.0
@@ -310,6 +311,8 @@ class FakeApi:
         if request.path.endswith("query_range"):
             if self.hold_ranges is not None:
                 await self.hold_ranges.wait()
+            if self.range_status is not None:
+                return web.Response(status=self.range_status, text="overloaded")
             result_type, result = "matrix", self.series[f"history:{self.which(query)}"]
         else:
             result_type, result = "vector", self.series[self.which(query)]
@@ -593,20 +596,22 @@ def test_a_selector_that_is_not_label_matchers_is_refused_at_once(selector):
 async def test_sparklines_fill_from_query_range_bounded_and_in_the_faces_units():
     async with FakeApi() as api:
         api.backend("a")
-        points = [[api.now - 5 * i, str(0.1 + i / 1000)] for i in range(200, -1, -1)]
+        # Points up to just before the scrape the table reads (at api.now - 1), as Prometheus has them.
+        points = [[api.now - 5 * i, str(0.1 + i / 1000)] for i in range(200, 0, -1)]
         api.series["history:llmtop_probe_last_ttft_seconds"] = [{"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": points}]
         api.series["history:llmtop_backend_requests_waiting"] = [
-            {"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": [[api.now, "3"], [api.now + 1, "NaN"], ["never", "1"], [api.now + 2, "-1"]]},
+            {"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": [[api.now - 5, "3"], [api.now - 4, "NaN"], ["never", "1"], [api.now - 3, "-1"]]},
         ]
         source = clocked(api)
         try:
             await source.refresh()
             (row,) = source.backends()
-            assert len(row.ttft_history) == HISTORY_POINTS and row.ttft_history[-1] == (api.now, pytest.approx(100.0))
+            # The range's points, then the value the table read, at its scrape's time.
+            assert len(row.ttft_history) == HISTORY_POINTS and row.ttft_history[-2:] == ((api.now - 5, pytest.approx(101.0)), (api.now - 1, pytest.approx(150.0)))
             # The range had no decode rate; the instant answer's, at its scrape's time, is the first point.
-            assert row.queue_history == ((api.now, 3.0),) and row.tps_history == ((api.now - 1, 90.0),)
+            assert row.queue_history == ((api.now - 5, 3.0),) and row.tps_history == ((api.now - 1, 90.0),)
             shown = await source.history("agent-1:9850", "a", 600)
-            assert len(shown["ttft"]) == HISTORY_POINTS and shown["queue"] == ((api.now, 3.0),) and shown["latency"] == ()
+            assert len(shown["ttft"]) == HISTORY_POINTS and shown["queue"] == ((api.now - 5, 3.0),) and shown["latency"] == ()
             # Later refreshes add the values they read, at their scrape's time, and ask for no range.
             api.series.clear()
             api.now += 5
@@ -615,7 +620,7 @@ async def test_sparklines_fill_from_query_range_bounded_and_in_the_faces_units()
             await source.refresh()
             (row,) = source.backends()
             assert len(row.ttft_history) == HISTORY_POINTS and row.ttft_history[-1] == (api.now - 1, pytest.approx(200.0))
-            assert row.queue_history == ((api.now - 5, 3.0),) and len(api.headers) - asked == len(source._queries.instant)
+            assert row.queue_history == ((api.now - 10, 3.0),) and len(api.headers) - asked == len(source._queries.instant)
             await source.refresh()  # the same scrape again: no second point
             assert source.backends()[0].ttft_history == row.ttft_history
         finally:
@@ -647,6 +652,25 @@ async def test_the_table_is_shown_before_the_sparklines_backfill_and_they_merge_
             assert source.last_table_s <= source.last_refresh_s
             await source.refresh()  # nothing new: the row is not made again
             assert source.backends()[0] is row
+        finally:
+            await source.stop()
+
+
+async def test_a_failed_backfill_leaves_the_rows_connected_says_why_and_is_not_retried_each_refresh():
+    async with FakeApi() as api:
+        api.backend("a")
+        api.range_status = 503
+        source = clocked(api)
+        try:
+            state = await source.refresh()
+            assert state.standing == "connected" and source.backends()[0].stale_since is None
+            assert any("sparklines' earlier points were not read" in e.message and "503" in e.message for e in source.events())
+            (row,) = source.backends()
+            assert row.ttft_history == ((api.now - 1, pytest.approx(150.0)),)  # from now on, as the table reads them
+            ranges = api.paths.count("/api/v1/query_range")
+            api.now += 5
+            assert (await source.refresh()).standing == "connected"
+            assert api.paths.count("/api/v1/query_range") == ranges  # not again until the next gap
         finally:
             await source.stop()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from textual.worker import WorkerCancelled
 
+from llmtop import local
 from llmtop.config import Config, load_config
 from llmtop.engine import Engine
 from llmtop.simulator import SimBackend, Simulator
@@ -731,7 +732,7 @@ async def test_gpu_panel_shows_live_nvml_readings_and_their_history(sim, files, 
         text = screen_text(app)
         assert "H100" in text and "87%" in text and "61°C" in text and "312" in text
         gpu.util_gpu = 12
-        await wait_for(pilot, lambda: engine.gpu_status.gpus[0].utilization_pct == 12, what="the new GPU reading")
+        await wait_for(pilot, lambda: app.local.snapshot().gpu.gpus[0].utilization_pct == 12, what="the new GPU reading")
         app.refresh_fleet()
         await pilot.pause()
         assert "12%" in screen_text(app)
@@ -878,13 +879,18 @@ async def test_a_held_screen_does_not_hold_the_engine(tmp_path):
         sim.stop_thread()
 
 
-async def test_quitting_does_not_wait_on_a_stuck_engine(sim, files):
+@pytest.mark.parametrize("listen", [None, "127.0.0.1:0"], ids=["plain", "serving"])
+async def test_quitting_does_not_wait_on_a_stuck_engine(sim, files, listen):
     # The engine's loop stuck in a long call (a parse, a driver call gone wrong): q still ends the
-    # screen, closing what it can within local.CLOSE_S; the stuck thread is a daemon and goes with the process.
+    # screen, closing what it can (serve's site too: it lives on that loop) within local.CLOSE_S;
+    # the stuck thread is a daemon and goes with the process.
     stuck = threading.Event()
+    config_path, state_path = files
+    config_path.write_text(config_text(sim, list(sim.backends.values())))
+    app = LlmtopApp(Engine(load_config(config_path), StateStore(state_path)), config_path=config_path, listen=listen)
 
     async def quit_while_stuck() -> None:
-        async with running(sim, files) as (app, pilot):
+        async with app.run_test(size=SIZE) as pilot:
             await settled(app, pilot)
             app.local.call_soon(stuck.wait)
             await pilot.press("q")
@@ -897,3 +903,29 @@ async def test_quitting_does_not_wait_on_a_stuck_engine(sim, files):
         stuck.set()  # lets a failed run end, rather than hang the suite
     assert ending in done
     await ending
+
+
+async def test_a_stuck_engine_is_said_and_keys_and_reloads_go_on(sim, files, monkeypatch):
+    # Its figures are not current: the screen says so, and says when it is back. Meanwhile a
+    # reload (r, SIGHUP, an edited file) must not hold the keys behind the stuck loop.
+    monkeypatch.setattr(local, "STALL_S", 0.3)
+    stuck = threading.Event()
+    try:
+        async with running(sim, files) as (app, pilot):
+            await settled(app, pilot)
+
+            def told(words: str) -> bool:
+                return any(words in n.message for n in app._notifications)
+
+            app.local.call_soon(stuck.wait)
+            await wait_for(pilot, lambda: told("engine has not answered"), what="the stall said")
+            app.reload_config("r")
+            await wait_for(pilot, lambda: any(w.group == "config-apply" for w in app.workers), what="the reload under way")
+            before = table(app).sort_name
+            await pilot.press("s")
+            await wait_for(pilot, lambda: table(app).sort_name != before, what="a key taken while the engine is stuck")
+            stuck.set()
+            await wait_for(pilot, lambda: told("config reloaded (r)"), what="the reload, once the engine is back")
+            await wait_for(pilot, lambda: told("engine is answering again"), what="the recovery said")
+    finally:
+        stuck.set()

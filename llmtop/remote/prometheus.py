@@ -565,8 +565,9 @@ class PrometheusSource:
         """One full refresh; the standing after it (a failure is in the standing, never raised)."""
         async with self._lock:
             started = time.perf_counter()
+            history_at = None
             try:
-                await asyncio.wait_for(self._refresh(), self._deadline_s)
+                history_at = await asyncio.wait_for(self._refresh(started), self._deadline_s)
             except asyncio.TimeoutError:
                 self._lost("error", f"the query API at {self.url} took longer than {self._deadline_s:g} s to answer")
             except PrometheusError as exc:
@@ -575,11 +576,13 @@ class PrometheusSource:
                 self._lost("error", f"the query API at {self.url} did not answer: {_short(str(exc) or type(exc).__name__, 160)}")
             except Exception as exc:  # noqa: BLE001 - a monitor keeps watching, and says so, whatever went wrong
                 self._lost("error", f"unexpected {type(exc).__name__} reading the query API (a bug in llmtop: please report it)")
+            if history_at is not None:
+                await self._backfill_from(history_at)
             self.last_refresh_s = time.perf_counter() - started
             return self.state()
 
-    async def _refresh(self) -> None:
-        started = time.perf_counter()
+    async def _refresh(self, started: float) -> tuple[float, float, float] | None:
+        """The rows, from the instant queries; the range of sparkline points to backfill after them, if any."""
         q = self._queries
         now = self._clock()
         answers = await asyncio.gather(*(self._query(expr) for expr in q.instant.values()), return_exceptions=True)
@@ -599,10 +602,35 @@ class PrometheusSource:
         note = f"more than {ROWS_MAX} backends: the first {ROWS_MAX} are shown; narrow the selector" if len(rows) >= ROWS_MAX else None
         self._set_standing("connected", note)
         self.last_table_s = time.perf_counter() - started
-        if history_at is not None:
-            fetched = await asyncio.gather(*(self._query_range(expr, *history_at) for expr in q.history.values()))
-            self._backfill(_histories(dict(zip(q.history, fetched))))
         self._history_end = now
+        return history_at
+
+    async def _backfill_from(self, history_at: tuple[float, float, float]) -> None:
+        """The sparklines' earlier points, after the rows are shown, within a deadline of their
+        own. Failing, the rows stand as they are (the table was read), the sparklines start from
+        now, and the events log says why; it is not tried again until the next gap."""
+        q = self._queries
+        try:
+            fetched = await asyncio.wait_for(
+                asyncio.gather(*(self._query_range(expr, *history_at) for expr in q.history.values()), return_exceptions=True),
+                self._deadline_s,
+            )
+            for answer in fetched:  # all have ended; the first failure says why
+                if isinstance(answer, BaseException):
+                    raise answer
+        except asyncio.TimeoutError:
+            why = f"took longer than {self._deadline_s:g} s"
+        except PrometheusError as exc:
+            why = str(exc)
+        except (httpx.HTTPError, OSError) as exc:
+            why = f"did not answer: {_short(str(exc) or type(exc).__name__, 160)}"
+        except Exception as exc:  # noqa: BLE001 - as refresh(): keep watching, and say so
+            why = f"unexpected {type(exc).__name__} (a bug in llmtop: please report it)"
+        else:
+            self._backfill(_histories(dict(zip(q.history, fetched))))
+            return
+        message = _short(self._redactor()(f"prometheus {self.url}: the sparklines' earlier points were not read: {why}"), DETAIL_MAX)
+        self._events.append(Event(at=self._clock(), backend=None, kind="source", message=message, level="warning"))
 
     def _merge(self, rows: dict[Key, Seen]) -> None:
         live_agents = {key[0] for key, row in rows.items() if row.age_s <= self.stale_after_s}
@@ -682,11 +710,14 @@ class PrometheusSource:
             if key not in self._rows:
                 continue  # gone meanwhile, or beyond ROWS_MAX
             held = self._history.setdefault(key, {kind: deque(maxlen=HISTORY_POINTS) for kind in HISTORIES})
+            # A range's last step re-reads the scrape the table just read, under the step's time:
+            # what is as new as that scrape is already held, at its own time.
+            latest = self._sample_at.get(key, math.inf)
             gained = False
             for kind, points in kinds.items():
                 have = held[kind]
                 times = {t for t, _ in have}
-                new = [p for p in points if p[0] not in times]
+                new = [p for p in points if p[0] not in times and p[0] < latest]
                 if new:
                     held[kind] = deque(sorted([*have, *new])[-HISTORY_POINTS:], maxlen=HISTORY_POINTS)
                     gained = True

@@ -159,6 +159,7 @@ class LlmtopApp(App):
         # test's, whose process outlives many apps) the long-lived objects leave the collector's view.
         self._settle_heap = settle_heap
         self._first_round_by: float | None = None
+        self._engine_stalled = False
 
     def get_driver_class(self):
         if sys.platform == "win32" or constants.DRIVER is not None:
@@ -236,10 +237,9 @@ class LlmtopApp(App):
     async def on_unmount(self) -> None:
         if self.live:
             self._remove_signals()
-            for server in self._served:
-                await self.local.run(server.stop)
             await self.fleet_source.stop()
-            await self.local.stop()
+            # serve's servers live on the engine's loop: stopped there, first, within the same bound.
+            await self.local.stop(*(server.stop for server in self._served))
 
     # -- the tick ---------------------------------------------------------------------------
 
@@ -249,6 +249,7 @@ class LlmtopApp(App):
             return  # shutting down: a last tick would query widgets already removed from their screens
         if self.live:
             self._refresh_state()
+            self._check_engine()
         if self._first_round_by is not None and (self._first_round_in() or time.monotonic() >= self._first_round_by):
             self._first_round_by = None
             self._details_screen(build=True)
@@ -261,6 +262,17 @@ class LlmtopApp(App):
             show = getattr(screen, "show_fleet", None)
             if show is not None:
                 show(self.view)
+
+    def _check_engine(self) -> None:
+        """Say when the engine's loop has stopped publishing (its figures are not current any
+        more), and when it is back."""
+        stalled = self.local.stalled()
+        if stalled is not None and not self._engine_stalled:
+            why = f" ({for_terminal(self.local.error, 200)})" if self.local.error else ""
+            self.notify(f"llmtop's engine has not answered for {stalled:.0f} s{why}: the figures shown are not current", severity="error", timeout=30)
+        elif stalled is None and self._engine_stalled:
+            self.notify("llmtop's engine is answering again")
+        self._engine_stalled = stalled is not None
 
     def _first_round_in(self) -> bool:
         """Every local backend polled once, and every remote source past connecting (its rows in,
@@ -325,13 +337,30 @@ class LlmtopApp(App):
         self._round_deadline = time.monotonic() + 2 * settings.timeout_s + settings.health_interval_s
         local = [n for n in names if self.fleet_source.route(n)[0] is None]
         if local:
-            self.local.call_soon(self.engine.force_probe, local)
+            # The baselines above come from a published snapshot (up to 0.1 s old): a poll that
+            # lands in between would read as the answer. The engine's own, taken as it forces the
+            # round, replace them.
+            self.run_worker(partial(self._force_local, local), group="probe", exit_on_error=False)
         remote = [n for n in names if self.fleet_source.route(n)[0] is not None]
         if remote:
             self._act_remote(remote, "probe", quiet=message.names is None)
         if self._round_timer is None:
             self._round_timer = self.set_interval(ROUND_TICK_S, self.refresh_fleet)
         self.refresh_fleet()
+
+    async def _force_local(self, names: list[str]) -> None:
+        baselines = await self.local.call(self._force_round, names)
+        for name, baseline in baselines.items():
+            if name in self._round:
+                self._round[name] = baseline
+
+    def _force_round(self, names: list[str]) -> dict[str, tuple[float | None, float | None]]:
+        """On the engine's loop: force a round for these backends; what each was as it started."""
+        self.engine.force_probe(names)
+        trackers = self.engine.trackers
+        return {
+            n: (t.last_health_at, t.probe.at if t.probe else None) for n in names if (t := trackers.get(n)) is not None
+        }
 
     def action_probe_all(self) -> None:
         self.post_message(ProbeRequested(None))
@@ -456,10 +485,14 @@ class LlmtopApp(App):
             self.refresh_fleet()
             return
         try:
-            command, before, after = await self.local.run(self._change_admin, name, command)
+            changed = await self.local.run(self._change_admin, name, command)
         except StateError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
+        if changed is None:
+            self.notify(f"{name} is no longer in the config: nothing changed", severity="warning")
+            return
+        command, before, after = changed
         if after == before:
             if command in LIFTS and before != "active":
                 self.notify(f"{name} is {before}, not {LIFTS[command]}: left {before} ({LIFT_KEYS[command]})")
@@ -469,9 +502,11 @@ class LlmtopApp(App):
             self.notify(f"{name}: {b.admin}")
         self.refresh_fleet()
 
-    async def _change_admin(self, name: str, command: str) -> tuple[str, str, str]:
+    async def _change_admin(self, name: str, command: str) -> tuple[str, str, str] | None:
         """On the engine's loop: (the command, with a toggle turned into enable or disable; the
-        admin state before; after)."""
+        admin state before; after); None when a reload removed the backend meanwhile."""
+        if name not in self.engine.trackers:
+            return None
         # Decide against the file as it is now, not the snapshot the key saw: the write of a key
         # pressed just before may have landed since, or another llmtop may have written.
         await self.engine.refresh_state()
@@ -568,8 +603,12 @@ class LlmtopApp(App):
         else:
             self.post_message(ConfigLoaded(config, stamp, why))
 
-    async def on_config_loaded(self, message: ConfigLoaded) -> None:
+    def on_config_loaded(self, message: ConfigLoaded) -> None:
         self._config_stamp = message.stamp
+        # In a worker: waited for here, the app's messages (keys, q) would queue behind a busy engine loop.
+        self.run_worker(partial(self._apply_config, message), group="config-apply", exit_on_error=False)
+
+    async def _apply_config(self, message: ConfigLoaded) -> None:
         await self.local.call(self.engine.reload, message.config)
         # An empty fleet says how to add a backend, and stops saying it once there is one.
         empty = no_backends_hint(self.config_path)
@@ -580,9 +619,9 @@ class LlmtopApp(App):
         self.notify(f"config reloaded ({message.why}): {len(message.config.backends)} backends")
         self.refresh_fleet()
 
-    async def on_config_failed(self, message: ConfigFailed) -> None:
+    def on_config_failed(self, message: ConfigFailed) -> None:
         self._config_stamp = message.stamp  # retry only when the file changes again
-        await self.local.call(self.engine.note_config_error, message.error)
+        self.local.call_soon(self.engine.note_config_error, message.error)  # in the events log with the next publication
         self.notify(f"config not reloaded ({message.why}): {message.error}", severity="error", timeout=15)
         self.refresh_fleet()
 
