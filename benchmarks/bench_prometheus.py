@@ -3,7 +3,9 @@ backends each (llmtop's own exporter over made-up fleet snapshots), and Promethe
 is timed: the first one (with its backfill of the sparklines), then steady ones, then history().
 
 Target (issue #10): a full refresh of 3,000 backends within 2 s.
-Run: .venv/bin/python benchmarks/bench_prometheus.py [--agents 10] [--per-agent 300] [--warmup 110] [--runs 10]
+With --screen, also the live screen over the same source (200x50): key-to-screen latency as in
+bench_tui.py, while the source refreshes every 5 s beside it.
+Run: .venv/bin/python benchmarks/bench_prometheus.py [--agents 10] [--per-agent 300] [--warmup 110] [--runs 10] [--screen]
 """
 
 from __future__ import annotations
@@ -175,6 +177,37 @@ async def measure(url: str, total: int, runs: int) -> None:
         await source.stop()
 
 
+async def screen(url: str, total: int, presses: int) -> None:
+    """Key-to-screen of the live screen reading this Prometheus (what `llmtop --prometheus URL` runs)."""
+    from bench_tui import SIZE, FrameWatch, measure_keys
+
+    from llmtop.config import Config
+    from llmtop.engine import Engine
+    from llmtop.remote.prometheus import PrometheusSource
+    from llmtop.state import StateStore
+    from llmtop.tui.app import LlmtopApp
+    from llmtop.tui.widgets.fleet_table import FleetTable
+
+    source = PrometheusSource(url, '{job="llmtop"}', refresh_s=5.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        app = LlmtopApp(Engine(Config(), StateStore(Path(tmp) / "s.json")), config_path=None, sources=[source], settle_heap=True)
+        async with app.run_test(size=SIZE) as pilot:
+            watch = FrameWatch(app)
+            table = app.screen.query_one(FleetTable)
+            started = time.perf_counter()
+            while table.row_count < total:
+                if time.perf_counter() - started > 60:
+                    raise SystemExit(f"only {table.row_count} of {total} rows after 60 s")
+                await asyncio.sleep(0.1)
+            print(f"  the screen over it, {SIZE[0]}x{SIZE[1]}: all {total} rows shown {time.perf_counter() - started:.1f} s after start")
+            await asyncio.sleep(6)  # past the backfill, into steady refreshes
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            await asyncio.sleep(20)
+            print(f"  nobody typing, over 20 s: CPU {100 * (time.process_time() - cpu0) / (time.perf_counter() - wall0):.1f}% of one core")
+            await measure_keys(watch, pilot, table, presses, "a03-b01")
+            await pilot.press("q")
+
+
 async def run(args) -> None:
     import httpx
 
@@ -215,6 +248,8 @@ async def run(args) -> None:
                   f" letting {args.warmup:.0f} s of history build up")
             await asyncio.sleep(args.warmup)
         await measure(url, total, args.runs)
+        if args.screen:
+            await screen(url, total, args.presses)
     finally:
         if prometheus is not None:
             prometheus.terminate()
@@ -230,6 +265,8 @@ def main() -> None:
     parser.add_argument("--scrape-interval", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=110.0, help="seconds of history to let Prometheus gather first")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--screen", action="store_true", help="also measure the live screen's key-to-screen over this source")
+    parser.add_argument("--presses", type=int, default=30, help="presses per measured key (--screen)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
