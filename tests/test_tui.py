@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from textual.worker import WorkerCancelled
 
-from llmtop import local
+from llmtop import local, loopthread
 from llmtop.config import Config, load_config
 from llmtop.engine import Engine
 from llmtop.simulator import SimBackend, Simulator
@@ -880,10 +880,12 @@ async def test_a_held_screen_does_not_hold_the_engine(tmp_path):
 
 
 @pytest.mark.parametrize("listen", [None, "127.0.0.1:0"], ids=["plain", "serving"])
-async def test_quitting_does_not_wait_on_a_stuck_engine(sim, files, listen):
+async def test_quitting_does_not_wait_on_a_stuck_engine(sim, files, listen, monkeypatch):
     # The engine's loop stuck in a long call (a parse, a driver call gone wrong): q still ends the
     # screen, closing what it can (serve's site too: it lives on that loop) within local.CLOSE_S;
-    # the stuck thread is a daemon and goes with the process.
+    # the stuck thread is a daemon and goes with the process. (Shorter bounds: the same code, sooner.)
+    monkeypatch.setattr(local, "CLOSE_S", 0.5)
+    monkeypatch.setattr(loopthread, "STOP_S", 0.3)
     stuck = threading.Event()
     config_path, state_path = files
     config_path.write_text(config_text(sim, list(sim.backends.values())))
