@@ -179,7 +179,7 @@ async def measure(url: str, total: int, runs: int) -> None:
 
 async def screen(url: str, total: int, presses: int) -> None:
     """Key-to-screen of the live screen reading this Prometheus (what `llmtop --prometheus URL` runs)."""
-    from bench_tui import SIZE, FrameWatch, measure_keys
+    from bench_tui import SIZE, FrameWatch, measure_keys, rows_shown
 
     from llmtop.config import Config
     from llmtop.engine import Engine
@@ -194,12 +194,8 @@ async def screen(url: str, total: int, presses: int) -> None:
         async with app.run_test(size=SIZE) as pilot:
             watch = FrameWatch(app)
             table = app.screen.query_one(FleetTable)
-            started = time.perf_counter()
-            while table.row_count < total:
-                if time.perf_counter() - started > 60:
-                    raise SystemExit(f"only {table.row_count} of {total} rows after 60 s")
-                await asyncio.sleep(0.1)
-            print(f"  the screen over it, {SIZE[0]}x{SIZE[1]}: all {total} rows shown {time.perf_counter() - started:.1f} s after start")
+            took = await rows_shown(table, total)
+            print(f"  the screen over it, {SIZE[0]}x{SIZE[1]}: all {total} rows shown {took:.1f} s after start")
             await asyncio.sleep(6)  # past the backfill, into steady refreshes
             cpu0, wall0 = time.process_time(), time.perf_counter()
             await asyncio.sleep(20)

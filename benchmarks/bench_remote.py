@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx  # noqa: E402
 from _simproc import SimProcess, cpu_reference, wait_ready, write_config  # noqa: E402
-from bench_tui import SIZE, FrameWatch, measure_keys  # noqa: E402
+from bench_tui import SIZE, FrameWatch, measure_keys, rows_shown  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -106,13 +106,9 @@ async def screen(args) -> None:
                 watch = FrameWatch(app)
                 table = app.screen.query_one(FleetTable)
                 total = args.agents * args.backends
-                started = time.perf_counter()
-                while table.row_count < total:
-                    if time.perf_counter() - started > 60:
-                        raise SystemExit(f"only {table.row_count} of {total} rows after 60 s")
-                    await asyncio.sleep(0.1)
+                took = await rows_shown(table, total)
                 print(f"screen over {args.agents} agents x {args.backends} backends = {total} rows, {SIZE[0]}x{SIZE[1]}:")
-                print(f"  all rows shown {time.perf_counter() - started:.1f} s after start")
+                print(f"  all rows shown {took:.1f} s after start")
                 await asyncio.sleep(3)
                 frames, cpu0, wall0 = watch.frames, time.process_time(), time.perf_counter()
                 await asyncio.sleep(args.steady)

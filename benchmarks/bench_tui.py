@@ -106,6 +106,16 @@ async def measure_keys(watch: FrameWatch, pilot, table: FleetTable, presses: int
     report("all keys", sort_ms + down_ms + filter_ms + detail_ms + back_ms)
 
 
+async def rows_shown(table: FleetTable, total: int, limit_s: float = 60) -> float:
+    """Seconds until the table holds `total` rows (a screen over remote sources filling up)."""
+    started = time.perf_counter()
+    while table.row_count < total:
+        if time.perf_counter() - started > limit_s:
+            raise SystemExit(f"only {table.row_count} of {total} rows after {limit_s:g} s")
+        await asyncio.sleep(0.1)
+    return time.perf_counter() - started
+
+
 async def engine_alone(config: Path, state: Path, args) -> float:
     """CPU % of the same engine with no UI, so the UI's own share can be read off the difference."""
     engine = Engine(load_config(config), StateStore(state))
