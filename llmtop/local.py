@@ -114,9 +114,11 @@ class LocalEngine:
     async def _close(self, first: tuple[Callable[[], Awaitable[Any]], ...]) -> None:
         if self._publisher is not None:
             self._publisher.cancel()
-        for stop in first:
-            await stop()
-        await self.engine.close()
+        try:
+            for stop in first:
+                await stop()
+        finally:  # a server that failed to stop must not leave the engine's clients open
+            await self.engine.close()
 
     # -- acting (from the UI's loop) --------------------------------------------------------
 
