@@ -92,7 +92,7 @@ class LocalEngine:
     async def _open(self) -> None:
         await self.engine.open()
         self.engine.start()
-        self._publish()
+        self._publish()  # a failure here is a failure to start
         self._publisher = asyncio.create_task(self._publish_every(), name="llmtop:publish")
 
     async def stop(self, *first: Callable[[], Awaitable[Any]]) -> None:
@@ -114,11 +114,12 @@ class LocalEngine:
     async def _close(self, first: tuple[Callable[[], Awaitable[Any]], ...]) -> None:
         if self._publisher is not None:
             self._publisher.cancel()
-        try:
-            for stop in first:
-                await stop()
-        finally:  # a server that failed to stop must not leave the engine's clients open
-            await self.engine.close()
+        try:  # at once, and within half the bound: a server slow or failing to stop must not leave
+            # the engine's clients open, nor the engine's own close without its share of the time
+            await asyncio.wait_for(asyncio.gather(*(stop() for stop in first), return_exceptions=True), CLOSE_S / 2)
+        except asyncio.TimeoutError:
+            pass
+        await self.engine.close()
 
     # -- acting (from the UI's loop) --------------------------------------------------------
 
@@ -155,16 +156,21 @@ class LocalEngine:
         try:
             return await action(*args)
         finally:
-            self._publish()
+            self._try_publish()  # a failure here must not mask what the action did
 
     def _publish(self) -> None:
         self._published = Published(self.engine.snapshot(), self.engine.first_round_pending())
         self._published_at = time.monotonic()
 
+    def _try_publish(self) -> None:
+        try:
+            self._publish()
+        except Exception as exc:  # noqa: BLE001 - a bug; said on screen (stalled), and tried again
+            self.error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.error = None
+
     async def _publish_every(self) -> None:
         while True:
             await asyncio.sleep(PUBLISH_S)
-            try:
-                self._publish()
-            except Exception as exc:  # noqa: BLE001 - a bug; said on screen (stalled), and tried again
-                self.error = f"{type(exc).__name__}: {exc}"
+            self._try_publish()

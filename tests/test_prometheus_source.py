@@ -281,6 +281,7 @@ class FakeApi:
         self.stream: int | None = None  # answer this many bytes of endless JSON, in 64 KiB chunks
         self.hold_ranges: asyncio.Event | None = None  # when set, query_range answers wait for it
         self.range_status: int | None = None  # when set, query_range answers this status
+        self.range_takes_s = 0.0  # the clock (`now`) moves on by this when a query_range comes in
         self.headers: list[dict] = []
         self.paths: list[str] = []
         self.now = 1_800_000_000.0
@@ -309,6 +310,8 @@ class FakeApi:
             return web.Response(status=status, body=body, content_type="application/json")
         query = request.query.get("query", "")
         if request.path.endswith("query_range"):
+            self.now += self.range_takes_s
+            self.range_takes_s = 0.0
             if self.hold_ranges is not None:
                 await self.hold_ranges.wait()
             if self.range_status is not None:
@@ -597,7 +600,8 @@ async def test_sparklines_fill_from_query_range_bounded_and_in_the_faces_units()
     async with FakeApi() as api:
         api.backend("a")
         # Points up to just before the scrape the table reads (at api.now - 1), as Prometheus has them.
-        points = [[api.now - 5 * i, str(0.1 + i / 1000)] for i in range(200, 0, -1)]
+        # The range's last step (api.now) re-reads that scrape under its own time: not a point of its own.
+        points = [[api.now - 5 * i, str(0.1 + i / 1000)] for i in range(200, 0, -1)] + [[api.now, "0.15"]]
         api.series["history:llmtop_probe_last_ttft_seconds"] = [{"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": points}]
         api.series["history:llmtop_backend_requests_waiting"] = [
             {"metric": {"instance": "agent-1:9850", "backend": "a"}, "values": [[api.now - 5, "3"], [api.now - 4, "NaN"], ["never", "1"], [api.now - 3, "-1"]]},
@@ -672,6 +676,26 @@ async def test_a_failed_backfill_leaves_the_rows_connected_says_why_and_is_not_r
             assert (await source.refresh()).standing == "connected"
             assert api.paths.count("/api/v1/query_range") == ranges  # not again until the next gap
         finally:
+            await source.stop()
+
+
+async def test_a_slow_backfill_gives_up_within_two_refreshes_and_is_not_a_gap_of_its_own():
+    # The table's next refresh waits for the backfill: it is bounded (here the 1 s floor), and
+    # the time it took is not read as refreshes missed, which asked for the range every refresh.
+    async with FakeApi() as api:
+        api.backend("a")
+        api.hold_ranges = asyncio.Event()  # never answered
+        api.range_takes_s = 12.0  # as if the held answers took 12 s of the source's clock
+        source = clocked(api, refresh_s=0.2)
+        try:
+            assert (await source.refresh()).standing == "connected"
+            assert any("took longer than 1 s" in e.message for e in source.events())
+            asked = api.paths.count("/api/v1/query_range")
+            api.now += 5  # the next refresh, 5 s after the backfill ended (17 s after the last refresh began)
+            assert (await source.refresh()).standing == "connected"
+            assert api.paths.count("/api/v1/query_range") == asked
+        finally:
+            api.hold_ranges.set()
             await source.stop()
 
 

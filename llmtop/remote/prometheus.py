@@ -578,6 +578,8 @@ class PrometheusSource:
                 self._lost("error", f"unexpected {type(exc).__name__} reading the query API (a bug in llmtop: please report it)")
             if history_at is not None:
                 await self._backfill_from(history_at)
+                # Gaps are measured from here: a backfill that took long is not a gap of its own.
+                self._history_end = max(self._history_end or 0.0, self._clock())
             self.last_refresh_s = time.perf_counter() - started
             return self.state()
 
@@ -607,19 +609,21 @@ class PrometheusSource:
 
     async def _backfill_from(self, history_at: tuple[float, float, float]) -> None:
         """The sparklines' earlier points, after the rows are shown, within a deadline of their
-        own. Failing, the rows stand as they are (the table was read), the sparklines start from
-        now, and the events log says why; it is not tried again until the next gap."""
+        own (two refresh intervals, at least a second: the table's next refresh waits for it).
+        Failing, the rows stand as they are (the table was read), the sparklines start from now,
+        and the events log says why; it is not tried again until the next gap."""
         q = self._queries
+        deadline = min(self._deadline_s, max(1.0, 2 * self.refresh_s))
         try:
             fetched = await asyncio.wait_for(
                 asyncio.gather(*(self._query_range(expr, *history_at) for expr in q.history.values()), return_exceptions=True),
-                self._deadline_s,
+                deadline,
             )
             for answer in fetched:  # all have ended; the first failure says why
                 if isinstance(answer, BaseException):
                     raise answer
         except asyncio.TimeoutError:
-            why = f"took longer than {self._deadline_s:g} s"
+            why = f"took longer than {deadline:g} s"
         except PrometheusError as exc:
             why = str(exc)
         except (httpx.HTTPError, OSError) as exc:

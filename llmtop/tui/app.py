@@ -41,6 +41,7 @@ TICK_S = 1.0
 ROUND_TICK_S = 0.25  # while a requested probe round runs, so its progress moves visibly
 CONFIG_CHECK_S = 2.0
 READ_ONLY = "read-only mode: drain, enable/disable and reload are turned off"
+STALL_SAID_S = 30.0  # a stalled engine is said this often, for as long as it lasts
 WRITES_BEFORE_EXIT_S = 5.0  # how long quitting waits for a state or prefs write still under way
 LIFT_KEYS = {"undrain": "d undrains it", "enable": "t enables it"}
 
@@ -135,7 +136,7 @@ class LlmtopApp(App):
         self.view: FleetView | None = None
         # A probe round the operator asked for: name -> when it was last polled and probed when
         # asked (times, not objects: screens get copies), to see it answer.
-        self._round: dict[str, tuple[float | None, float | None]] = {}
+        self._round: dict[str, tuple[float | None, float | None] | None] = {}  # None: waiting for the engine to say
         self._round_total = 0
         self._round_deadline = 0.0
         self._round_timer = None
@@ -159,7 +160,7 @@ class LlmtopApp(App):
         # test's, whose process outlives many apps) the long-lived objects leave the collector's view.
         self._settle_heap = settle_heap
         self._first_round_by: float | None = None
-        self._engine_stalled = False
+        self._engine_stalled: float | None = None  # when a stalled engine was last said
 
     def get_driver_class(self):
         if sys.platform == "win32" or constants.DRIVER is not None:
@@ -267,12 +268,15 @@ class LlmtopApp(App):
         """Say when the engine's loop has stopped publishing (its figures are not current any
         more), and when it is back."""
         stalled = self.local.stalled()
-        if stalled is not None and not self._engine_stalled:
+        now = time.monotonic()
+        if stalled is not None and (self._engine_stalled is None or now - self._engine_stalled >= STALL_SAID_S):
+            # Said again while it lasts: a notice times out, and the figures stay old.
             why = f" ({for_terminal(self.local.error, 200)})" if self.local.error else ""
-            self.notify(f"llmtop's engine has not answered for {stalled:.0f} s{why}: the figures shown are not current", severity="error", timeout=30)
-        elif stalled is None and self._engine_stalled:
+            self.notify(f"llmtop's engine has not answered for {stalled:.0f} s{why}: the figures shown are not current", severity="error", timeout=STALL_SAID_S)
+            self._engine_stalled = now
+        elif stalled is None and self._engine_stalled is not None:
             self.notify("llmtop's engine is answering again")
-        self._engine_stalled = stalled is not None
+            self._engine_stalled = None
 
     def _first_round_in(self) -> bool:
         """Every local backend polled once, and every remote source past connecting (its rows in,
@@ -338,8 +342,11 @@ class LlmtopApp(App):
         local = [n for n in names if self.fleet_source.route(n)[0] is None]
         if local:
             # The baselines above come from a published snapshot (up to 0.1 s old): a poll that
-            # lands in between would read as the answer. The engine's own, taken as it forces the
-            # round, replace them.
+            # lands in between would read as the answer. So a local row waits (None) for the
+            # engine's own baseline, taken as it forces the round.
+            for name in local:
+                if name in self._round:
+                    self._round[name] = None
             self.run_worker(partial(self._force_local, local), group="probe", exit_on_error=False)
         remote = [n for n in names if self.fleet_source.route(n)[0] is not None]
         if remote:
@@ -372,8 +379,13 @@ class LlmtopApp(App):
                 self._round_timer.stop()
                 self._round_timer = None
             return frozenset()
-        for name, (health_at, probe_at) in list(self._round.items()):
+        for name, baseline in list(self._round.items()):
             b = fleet.backend(name)
+            if baseline is None:  # the engine has not said yet where this row's round starts
+                if b is None:
+                    del self._round[name]
+                continue
+            health_at, probe_at = baseline
             answered = b is None or (b.probe.at if b.probe else None) != probe_at  # a completion came back
             if not answered and b.last_health_at != health_at:
                 # A poll came back. When it says no completion can follow (down, loading, open
@@ -609,7 +621,11 @@ class LlmtopApp(App):
         self.run_worker(partial(self._apply_config, message), group="config-apply", exit_on_error=False)
 
     async def _apply_config(self, message: ConfigLoaded) -> None:
-        await self.local.call(self.engine.reload, message.config)
+        try:
+            await self.local.call(self.engine.reload, message.config)
+        except Exception as exc:  # noqa: BLE001 - a bug in the engine's reload: said, not swallowed by the worker
+            self.notify(f"config not applied ({message.why}): {type(exc).__name__}: {for_terminal(str(exc), 200)}", severity="error", timeout=15)
+            return
         # An empty fleet says how to add a backend, and stops saying it once there is one.
         empty = no_backends_hint(self.config_path)
         if not message.config.backends:
