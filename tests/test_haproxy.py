@@ -119,6 +119,9 @@ async def balanced(tmp_path: Path, check_kind: str):
         await site.start()
         await agent.start()
         follower = asyncio.create_task(Follower(engine, None).run())  # picks up `llmtop drain` from the state file
+        # Both ready before HAProxy starts: it starts its servers up, and two checks answered "not
+        # yet probed" (a first round slow on a loaded core) took both out before any traffic.
+        await until(lambda: all(b.status == "healthy" for b in engine.snapshot().backends), "both backends polled and probed")
         check = f"agent:{agent.port}" if check_kind == "agent" else f"http:{site.port}"
         front = free_port()
         cfg = haproxy_cfg(tmp_path, front, {"A": sim_a.port, "B": sim_b.port}, check)
