@@ -276,6 +276,9 @@ class BackendSnapshot:
                 for k, v in self.extra.items()
             },
             "recent_errors": tuple((at, for_terminal(m, 300)) for at, m in self.recent_errors),
+            # A remote row's agent is named by the agent itself, or by a Prometheus label its exporter chose.
+            "agent": _safe(self.agent, 64),
+            "labels": tuple((for_terminal(k, 64), for_terminal(v, 120)) for k, v in self.labels),
         }
         changed = {k: v for k, v in safe.items() if v is not getattr(self, k) and v != getattr(self, k)}
         return dataclasses.replace(self, **changed) if changed else self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -481,3 +482,28 @@ async def test_a_reload_that_expects_another_model_judges_it_at_once(state):
             engine.reload(Config(settings=c.settings, breaker=c.breaker, backends=(wider,)))
             b = engine.snapshot().backends[0]
     assert b.missing_models == ("not-served-model",) and b.models_summary() == "1/2"
+
+
+async def test_an_agents_name_from_outside_never_reaches_the_screen_raw(state, tmp_path):
+    # A Prometheus row's agent is a label the exporter chose, and an agent names its own rows:
+    # the agent column and the details print it like any other text from outside.
+    from fixed_source import FixedSource
+
+    from llmtop.tui.app import LlmtopApp
+    from llmtop.tui.messages import DetailsRequested
+
+    engine = Engine(Config(), state)
+    (row,) = Engine(Config(backends=(BackendConfig("b1", "vllm", "http://127.0.0.1:9", ("m",)),)), state).snapshot().backends
+    source = FixedSource(f"agent {HOSTILE_TEXT}", [row], "connected")
+    app = LlmtopApp(engine, config_path=None, live=False, sources=[source])
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause()
+        shown = ["\n".join(strip.text for strip in app.screen._compositor.render_strips())]
+        app.post_message(DetailsRequested(app.view.fleet.backends[0].name))
+        await pilot.pause()
+        shown.append("\n".join(strip.text for strip in app.screen._compositor.render_strips()))
+    text = "\n".join(shown)
+    assert "pwned" in text  # the agent's name is shown...
+    assert unsafe(text) == []  # ...without a single control, escape or bidi character
+    table = render_table(dataclasses.replace(engine.snapshot(), backends=source.backends()))  # `check --connect`'s AGENT column
+    assert "pwned" in table and unsafe(table) == []
