@@ -456,6 +456,7 @@ def _safe_gpu(status: GpuStatus) -> GpuStatus:
         dataclasses.replace(
             g,
             name=for_terminal(g.name, 40),
+            agent=_safe(g.agent, 64),
             processes=_safe_processes(g.processes),
             problem=_safe(g.problem, 80),
             unavailable={for_terminal(k, 40): for_terminal(v, 80) for k, v in g.unavailable.items()},
