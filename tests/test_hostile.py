@@ -496,12 +496,23 @@ async def test_an_agents_name_from_outside_never_reaches_the_screen_raw(state, t
     (row,) = Engine(Config(backends=(BackendConfig("b1", "vllm", "http://127.0.0.1:9", ("m",)),)), state).snapshot().backends
     source = FixedSource(f"agent {HOSTILE_TEXT}", [row], "connected")
     app = LlmtopApp(engine, config_path=None, live=False, sources=[source])
+    from llmtop.tui.screens.detail import DetailScreen
+
+    def screen_text() -> str:
+        return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+    async def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 30  # outer bound only
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await pilot.pause(0.05)
+
     async with app.run_test(size=(200, 50)) as pilot:
-        await pilot.pause()
-        shown = ["\n".join(strip.text for strip in app.screen._compositor.render_strips())]
+        await until(lambda: "pwned" in screen_text(), "the row drawn with its agent")
+        shown = [screen_text()]
         app.post_message(DetailsRequested(app.view.fleet.backends[0].name))
-        await pilot.pause()
-        shown.append("\n".join(strip.text for strip in app.screen._compositor.render_strips()))
+        await until(lambda: isinstance(app.screen, DetailScreen) and "via agent" in screen_text(), "the details drawn")
+        shown.append(screen_text())
     text = "\n".join(shown)
     assert "pwned" in text  # the agent's name is shown...
     assert unsafe(text) == []  # ...without a single control, escape or bidi character

@@ -568,14 +568,8 @@ class PrometheusSource:
             history_at = None
             try:
                 history_at = await asyncio.wait_for(self._refresh(started), self._deadline_s)
-            except asyncio.TimeoutError:
-                self._lost("error", f"the query API at {self.url} took longer than {self._deadline_s:g} s to answer")
-            except PrometheusError as exc:
-                self._lost(exc.standing, str(exc))
-            except (httpx.HTTPError, OSError) as exc:
-                self._lost("error", f"the query API at {self.url} did not answer: {_short(str(exc) or type(exc).__name__, 160)}")
             except Exception as exc:  # noqa: BLE001 - a monitor keeps watching, and says so, whatever went wrong
-                self._lost("error", f"unexpected {type(exc).__name__} reading the query API (a bug in llmtop: please report it)")
+                self._lost(*self._failure(exc, self._deadline_s))
             if history_at is not None:
                 await self._backfill_from(history_at)
                 # Gaps are measured from here: a backfill that took long is not a gap of its own.
@@ -607,6 +601,16 @@ class PrometheusSource:
         self._history_end = now
         return history_at
 
+    def _failure(self, exc: BaseException, deadline: float) -> tuple[str, str]:
+        """(standing, one line) for what ended a refresh or a backfill, alike for both."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return "error", f"the query API at {self.url} took longer than {deadline:g} s to answer"
+        if isinstance(exc, PrometheusError):
+            return exc.standing, str(exc)
+        if isinstance(exc, (httpx.HTTPError, OSError)):
+            return "error", f"the query API at {self.url} did not answer: {_short(str(exc) or type(exc).__name__, 160)}"
+        return "error", f"unexpected {type(exc).__name__} reading the query API (a bug in llmtop: please report it)"
+
     async def _backfill_from(self, history_at: tuple[float, float, float]) -> None:
         """The sparklines' earlier points, after the rows are shown, within a deadline of their
         own (two refresh intervals, at least a second: the table's next refresh waits for it).
@@ -622,14 +626,8 @@ class PrometheusSource:
             for answer in fetched:  # all have ended; the first failure says why
                 if isinstance(answer, BaseException):
                     raise answer
-        except asyncio.TimeoutError:
-            why = f"took longer than {deadline:g} s"
-        except PrometheusError as exc:
-            why = str(exc)
-        except (httpx.HTTPError, OSError) as exc:
-            why = f"did not answer: {_short(str(exc) or type(exc).__name__, 160)}"
         except Exception as exc:  # noqa: BLE001 - as refresh(): keep watching, and say so
-            why = f"unexpected {type(exc).__name__} (a bug in llmtop: please report it)"
+            why = self._failure(exc, deadline)[1]
         else:
             self._backfill(_histories(dict(zip(q.history, fetched))))
             return
