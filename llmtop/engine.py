@@ -261,7 +261,9 @@ class Engine:
             policy = tracker.policy
             interval = tracker.plan.interval_s * (budget.ASK_EARLY if tracker.plan.why else 1.0)
             interval = min(policy.health_interval_s, interval) if again else interval
-            tracker.next_probe_at = self.clock() + self._jittered(interval)
+            # A probe asked for while this one was on its way (force_probe) still goes: this one
+            # started before the asking, so it does not answer it.
+            tracker.next_probe_at = 0.0 if tracker.forced else self.clock() + self._jittered(interval)
             tracker.update()
 
     def _refund(self, tracker: BackendTracker, spent: float) -> None:

@@ -356,6 +356,23 @@ async def test_live_loop_polls_probes_and_force_probe(state):
             await engine.stop()
 
 
+async def test_a_probe_asked_for_while_one_is_in_flight_still_goes_out(state):
+    # `p` pressed while a probe is on its way (the first one, or an untimed one's retry) asks for a
+    # probe from now: the one in flight started before. Its end used to plan the next probe an
+    # interval out over the request, and the press was lost (seen in test_tui on a loaded machine).
+    sb = SimBackend("live", ttft_ms=1, gap_ms=1)
+    sb.hold = asyncio.Event()
+    async with Simulator([sb]) as sim:
+        config = make_config(sim, [sb], health_interval_s=0.2, probe_interval_s=3600)
+        async with Engine(config, state) as engine:
+            engine.start()
+            await eventually(lambda: sb.requests["/v1/chat/completions"] == 1, "the first probe on its way")
+            engine.force_probe(["live"])
+            sb.hold.set()
+            await eventually(lambda: sb.requests["/v1/chat/completions"] == 2, "the probe asked for")
+            await engine.stop()
+
+
 # -- regressions found in review ------------------------------------------------------------------
 
 
