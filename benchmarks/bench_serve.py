@@ -2,7 +2,9 @@
 1,000 requests/s, the probes' TTFT error with and without that load, and serve's memory.
 
 Targets (issue #9): scrape under 50 ms; readiness p99 under 5 ms at 1,000 requests/s; no change
-of TTFT error beyond noise; memory under 100 MB.
+of TTFT error beyond noise; memory under 100 MB. To measure an older commit, run this file from
+that commit's checkout as the working directory (`python -m llmtop` puts it first on sys.path;
+PYTHONPATH alone does not).
 Run: .venv/bin/python benchmarks/bench_serve.py [--backends 500] [--seconds 15]
 """
 
@@ -50,40 +52,48 @@ async def wait_ready(client, url: str, timeout: float = 120) -> None:
     raise SystemExit("serve did not become ready")
 
 
-async def readiness_load(host: str, port: int, path: str, rate: float, seconds: float, connections: int = 8) -> list[float]:
-    """`rate` GETs per second spread over keep-alive connections, each timed from its write to the
-    end of its answer (a plain asyncio client: cheap enough to keep the rate on one core)."""
+async def readiness_load(host: str, port: int, path: str, rate: float, seconds: float, fresh: bool = False, connections: int = 8) -> list[float]:
+    """`rate` GETs per second from `connections` clients, each timed from its write (`fresh`: from
+    its connect) to the end of its answer. Kept-alive connections by default; `fresh`: each
+    question on a connection of its own, as kubelet and HAProxy's http-check ask. A plain asyncio
+    client: cheap enough to keep the rate on one core."""
     latencies: list[float] = []
-    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n{'Connection: close' + chr(13) + chr(10) if fresh else ''}\r\n".encode()
     interval = connections / rate
     end = time.perf_counter() + seconds
 
-    async def one_connection(offset: float) -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def one_client(offset: float) -> None:
+        reader = writer = None
         next_at = time.perf_counter() + offset
         while next_at < end:
             delay = next_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             start = time.perf_counter()
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
             await reader.readexactly(length)
             latencies.append(time.perf_counter() - start)
+            if fresh:
+                writer.close()
+                writer = None
             next_at += interval
-        writer.close()
+        if writer is not None:
+            writer.close()
 
-    await asyncio.gather(*(one_connection(i * interval / connections) for i in range(connections)))
+    await asyncio.gather(*(one_client(i * interval / connections) for i in range(connections)))
     return latencies
 
 
-async def readiness_load_apart(host: str, port: int, path: str, rate: float, seconds: float) -> list[float]:
+async def readiness_load_apart(host: str, port: int, path: str, rate: float, seconds: float, fresh: bool = False) -> list[float]:
     """readiness_load in a process of its own: in this one, reading a 2 MB fleet document every
     2 s (the TTFT sampling beside it) held the client's loop for ~15 ms each time, and those
     waits were counted as the server's latency (they made most of the p99)."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--load", json.dumps([host, port, path, rate, seconds]), stdout=subprocess.PIPE
+        sys.executable, __file__, "--load", json.dumps([host, port, path, rate, seconds, fresh]), stdout=subprocess.PIPE
     )
     out, _ = await child.communicate()
     return json.loads(out)
@@ -136,24 +146,27 @@ async def run(base_url: str, config: Path, seconds: float, n: int, spec: list[di
                     loaded_errors.extend(ttft_errors((await client.get(url + "/api/v1/fleet")).json(), by_name))
 
             load, _ = await asyncio.gather(readiness_load_apart("127.0.0.1", PORT, "/backends/sim-0001/ready", 1000, seconds), sample_ttft())
-            latencies = load
-            achieved = len(latencies) / seconds
-            print(f"  readiness at {achieved:.0f} requests/s (asked 1,000; the client in a process of its own): median {median(latencies) * 1000:.2f} ms,"
-                  f" p99 {percentile(latencies, 99) * 1000:.2f} ms (target p99 < 5 ms)")
+            fresh = await readiness_load_apart("127.0.0.1", PORT, "/backends/sim-0001/ready", 1000, seconds, True)
             trivial = subprocess.Popen([sys.executable, "-c", TRIVIAL, str(FLOOR_PORT)], stdout=subprocess.PIPE, text=True)
             try:
                 trivial.stdout.readline()
                 floor = await readiness_load_apart("127.0.0.1", FLOOR_PORT, "/backends/sim-0001/ready", 1000, seconds)
+                floor_fresh = await readiness_load_apart("127.0.0.1", FLOOR_PORT, "/backends/sim-0001/ready", 1000, seconds, True)
             finally:
                 trivial.terminate()
                 trivial.wait(10)
-            print(f"  the floor on this machine now: a trivial aiohttp server in its own process beside serve, the same load:"
-                  f" median {median(floor) * 1000:.2f} ms, p99 {percentile(floor, 99) * 1000:.2f} ms")
+            print("  readiness at 1,000 requests/s (the client in a process of its own; target p99 < 5 ms), and the floor: a trivial"
+                  " aiohttp server in its own process beside serve, the same load:")
+            for what, serve_l, floor_l in (("kept-alive connections", load, floor), ("a connection per question", fresh, floor_fresh)):
+                print(f"    {what}: serve {len(serve_l) / seconds:.0f}/s, median {median(serve_l) * 1000:.2f} ms, p99 {percentile(serve_l, 99) * 1000:.2f} ms;"
+                      f" floor median {median(floor_l) * 1000:.2f} ms, p99 {percentile(floor_l, 99) * 1000:.2f} ms")
             print(f"  probe TTFT error, serve quiet: median {median(quiet_errors):+.1f} ms, p95 {percentile(quiet_errors, 95):+.1f} ms"
                   f" ({len(quiet_errors)} readings)")
             print(f"  probe TTFT error, under the readiness load: median {median(loaded_errors):+.1f} ms,"
                   f" p95 {percentile(loaded_errors, 95):+.1f} ms ({len(loaded_errors)} readings)")
-            print(f"  serve's memory: {_pss_mb(_tree(proc.pid)):.1f} MB PSS (target < 100 MB)")
+            tree = _tree(proc.pid)
+            print(f"  serve's memory: {_pss_mb(tree):.1f} MB PSS (target < 100 MB), of which its readiness front"
+                  f" {_pss_mb([p for p in tree if p != proc.pid]):.1f} MB")
     finally:
         proc.terminate()
         proc.wait(10)

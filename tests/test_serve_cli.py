@@ -192,3 +192,69 @@ def test_a_stalled_nvml_call_does_not_hold_serve_past_2s_after_sigterm(config, t
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=40)
     assert time.monotonic() - sent < 2.0 and proc.returncode == 0
+
+
+def _front_pid(proc: subprocess.Popen) -> int:
+    """The readiness front's pid, from serve's first log line."""
+    line = proc.stderr.readline()
+    assert "readiness answered by process" in line, line
+    return int(line.rsplit("process ", 1)[1].rstrip(")\n"))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped by its new parent
+    except FileNotFoundError:
+        return True
+
+
+def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(config, tmp_path):
+    # The front answers balancers from the table serve sent it, whatever serve's own process is
+    # doing (here: stopped outright); everything else is serve's, and waits for it.
+    port = free_port()
+    proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}")
+    try:
+        front = _front_pid(proc)
+        wait_ready(port, proc)
+        url = f"http://127.0.0.1:{port}"
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            r = httpx.get(url + "/backends/a/ready", timeout=5, trust_env=False)
+            assert (r.status_code, r.text) == (200, "ready\n")
+            assert httpx.get(url + "/backends/b/ready", timeout=5, trust_env=False).status_code == 503
+            with pytest.raises(httpx.ReadTimeout):  # serve's: it is stopped
+                httpx.get(url + "/api/v1/fleet", timeout=0.5, trust_env=False)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert httpx.get(url + "/api/v1/fleet", timeout=10, trust_env=False).status_code == 200
+        # A front that ends (killed, crashed) leaves serve answering on its port by itself.
+        os.kill(front, signal.SIGKILL)
+        while "the readiness front ended" not in (line := proc.stderr.readline()):
+            assert line, "serve never said that its front ended"
+        r = httpx.get(url + "/backends/a/ready", timeout=5, trust_env=False)
+        assert (r.status_code, r.text) == (200, "ready\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_a_killed_serve_takes_its_front_and_port_with_it(config, tmp_path):
+    port = free_port()
+    proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}")
+    try:
+        front = _front_pid(proc)
+        wait_ready(port, proc)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10  # outer bound: it goes as soon as it reads the end of serve's socket
+    while not _gone(front):
+        assert time.monotonic() < deadline, "the front outlived serve"
+        time.sleep(0.02)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not past a listener
+        s.bind(("127.0.0.1", port))  # nothing listens on serve's port any more
+        s.listen(1)

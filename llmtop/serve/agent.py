@@ -26,7 +26,7 @@ class AgentServer(BoardServer):
     `maint` or `ready down`, with `# why` (readiness.agent_reply). For a name llmtop does not
     know, or a backend not polled yet, it answers nothing: HAProxy keeps the state it had (a
     restart of llmtop must not take a fleet out of service); the unknown name is logged. Nor
-    while the engine's loop is stuck (board.STALL_S): what it last said is not current.
+    while the engine's loop is stuck (answers.STALL_S): what it last said is not current.
 
     Answered on a thread of its own from the published table (board.py), so HAProxy never waits
     on the engine's loop (loopthread.py)."""

@@ -21,12 +21,13 @@ from typing import Callable, NamedTuple
 
 from llmtop.config import ServeSettings
 from llmtop.engine import Engine
-from llmtop.serve.readiness import agent_reply, readiness
 from llmtop.loopthread import LoopThread
+from llmtop.serve.answers import stalled_for
+from llmtop.serve.front import Entry, Front
+from llmtop.serve.readiness import agent_reply, readiness
 from llmtop.snapshot import BackendSnapshot
 
 BEAT_S = 0.5  # how often the engine's loop says it is ticking
-STALL_S = 5.0  # no tick for this long: the loop is stuck, and the table is not current
 
 
 class Answer(NamedTuple):
@@ -51,9 +52,10 @@ class Board:
     """The published readiness of every backend of one engine. Made, changed and closed on the
     engine's loop; `table`, `beat` and `stalled()` may be read from any thread."""
 
-    def __init__(self, engine: Engine, settings: Callable[[], ServeSettings] | None = None):
+    def __init__(self, engine: Engine, settings: Callable[[], ServeSettings] | None = None, front: Front | None = None):
         self.engine = engine
         self._settings = settings or (lambda: engine.config.serve)
+        self._front = front  # a readiness front (front.py) is sent every change as it is published
         self.table = Table({}, {}, 0)
         self._pending: set[str] = set()  # what Engine.first_round_pending counts, by name
         self.beat = time.monotonic()
@@ -75,12 +77,13 @@ class Board:
     async def _heartbeat(self) -> None:
         while True:
             self.beat = time.monotonic()
+            if self._front is not None:
+                self._front.beat()
             await asyncio.sleep(BEAT_S)
 
     def stalled(self) -> float | None:
         """Seconds since the engine's loop last ticked, when that is past STALL_S; else None."""
-        late = time.monotonic() - self.beat
-        return late if late > STALL_S else None
+        return stalled_for(self.beat)
 
     def _changed(self, b: BackendSnapshot | None) -> None:
         ready_when = self._settings().ready_when
@@ -99,6 +102,14 @@ class Board:
             else:
                 self._pending.discard(b.name)
         self.table = Table(backends, snapshots, len(self._pending))
+        if self._front is not None:
+            # The front's clock is time.monotonic(); `until` is the engine's clock (the same in
+            # serve; a test's own clock would not be, and serve runs no front there).
+            if b is None:
+                self._front.table({n: Entry(a.ready, a.reason, a.until) for n, a in backends.items()}, len(self._pending))
+            else:
+                a = backends[b.name]
+                self._front.put(b.name, Entry(a.ready, a.reason, a.until), len(self._pending))
 
     def _answer(self, b: BackendSnapshot, ready_when: tuple[str, ...]) -> Answer:
         r = readiness(b, ready_when)
@@ -134,15 +145,16 @@ class BoardServer:
     engine's loop; a subclass gives `_start` (listen; returns the port) and `_stop`, which run on
     the thread, and `_after_stop` for what it must release once the thread is gone."""
 
-    def __init__(self, engine: Engine, settings: Callable[[], ServeSettings] | None, thread_name: str):
+    def __init__(self, engine: Engine, settings: Callable[[], ServeSettings] | None, thread_name: str, front: Front | None = None):
         self.engine = engine
         self._settings = settings or (lambda: engine.config.serve)
+        self._front = front
         self._thread = LoopThread(thread_name)
         self._board: Board | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
-        self._board = Board(self.engine, self._settings)
+        self._board = Board(self.engine, self._settings, self._front)
         self._board.start()
         self._thread.start()
         try:

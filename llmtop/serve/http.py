@@ -7,6 +7,7 @@ import concurrent.futures
 import hmac
 import json
 import os
+import socket
 import time
 from typing import Callable
 
@@ -14,7 +15,10 @@ from aiohttp import web
 
 from llmtop.config import ServeSettings, split_address
 from llmtop.engine import Engine
-from llmtop.serve.board import STALL_S, Answer, BoardServer
+from llmtop.serve import answers
+from llmtop.serve.answers import STALL_S
+from llmtop.serve.board import BoardServer
+from llmtop.serve.front import FORWARDED_FOR, Front
 from llmtop.serve.exporter import Exposition, content_type, wants_openmetrics
 from llmtop.snapshot import Event, FleetSnapshot
 from llmtop.sanitize import for_terminal
@@ -43,10 +47,6 @@ def _text(status: int, line: str) -> web.Response:
     return web.Response(status=status, text=line.rstrip("\n") + "\n", content_type="text/plain")
 
 
-def _ready_response(a: Answer) -> web.Response:
-    return _text(200 if a.ready else 503, a.reason)
-
-
 def fleet_json(fleet: FleetSnapshot) -> str:
     """json.dumps(fleet_document(fleet)), byte for byte, written one backend at a time: one call
     over 500 backends holds the GIL for 12 ms, and every readiness answer with it (loopthread.py)."""
@@ -67,7 +67,11 @@ class ServeSite(BoardServer):
     published table (board.py); what needs the engine (a snapshot, an admin action) is asked of
     the engine's loop; rendering /metrics and the fleet's JSON runs on a third thread, so that
     neither the readiness answers nor the probes' timing waits for it longer than the GIL's
-    switch interval."""
+    switch interval.
+
+    `llmtop serve` binds its port before it starts (`sock`) and answers readiness in a process of
+    its own (`front`, front.py): this site then reads only the connections the front hands it,
+    and takes the port back if the front ends. The screen's `--listen` has neither."""
 
     def __init__(
         self,
@@ -75,9 +79,14 @@ class ServeSite(BoardServer):
         listen: str,
         *,
         settings: Callable[[], ServeSettings] | None = None,
+        sock: socket.socket | None = None,
+        front: Front | None = None,
+        relay_path: str | None = None,
     ):
-        super().__init__(engine, settings, "llmtop-http")
+        super().__init__(engine, settings, "llmtop-http", front=front)
         self.listen = listen
+        self._sock = sock
+        self._relay_path = relay_path  # where the front relays what it cannot answer (front.py)
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None  # the thread's
         self._exposition = Exposition(engine.snapshot, lambda: self._settings().ready_when)
@@ -105,6 +114,13 @@ class ServeSite(BoardServer):
         # No access log: a balancer asking every second would drown the event log.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)  # event streams end on their own (on_shutdown)
         await self._runner.setup()
+        if self._sock is not None:
+            if self._front is not None and not self._front.lost:
+                await web.UnixSite(self._runner, self._relay_path).start()
+                asyncio.get_running_loop().add_reader(self._front.ctl.fileno(), self._take)
+            else:
+                await web.SockSite(self._runner, self._sock).start()
+            return self._sock.getsockname()[1]
         site = web.TCPSite(self._runner, host, port)
         try:
             await site.start()
@@ -114,11 +130,35 @@ class ServeSite(BoardServer):
             raise OSError(exc.errno, f"cannot listen on {self.listen}: {exc.strerror}") from None
         return self._runner.addresses[0][1]
 
+    def _take(self) -> None:
+        """On this thread: the connections the front handed over, read from their first byte by
+        this site; once the front is gone, the port itself."""
+        loop = asyncio.get_running_loop()
+        conns = self._front.receive()
+        for conn in conns or ():
+            conn.setblocking(False)
+            loop.create_task(loop.connect_accepted_socket(self._runner.server, conn))
+        if conns is None:
+            loop.remove_reader(self._front.ctl.fileno())
+            self._front.give_up()
+            loop.create_task(self._take_the_port())
+
+    async def _take_the_port(self) -> None:
+        if self._runner is None or self._closing.is_set():
+            return
+        await web.SockSite(self._runner, self._sock).start()
+        self._thread.to_home(
+            self.engine.emit,
+            Event(time.time(), None, "serve", "the readiness front ended: serve answers readiness itself now (slower under load)", "warning"),
+        )
+
     def _after_stop(self) -> None:
         self._render.shutdown(wait=False)
 
     async def _stop(self) -> None:
         self._closing.set()
+        if self._front is not None and not self._front.lost:
+            asyncio.get_running_loop().remove_reader(self._front.ctl.fileno())
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -139,13 +179,7 @@ class ServeSite(BoardServer):
         return _text(503, problem) if problem else _text(200, "ok")
 
     async def readyz(self, request: web.Request) -> web.Response:
-        stalled = self._board.stalled()
-        if stalled is not None:
-            return _text(503, f"the event loop missed its heartbeat for {stalled:.1f}s")
-        waiting = self._board.table.pending
-        if waiting:
-            return _text(503, f"first round not done: {waiting} backends not polled yet")
-        return _text(200, "ready")
+        return _text(*answers.readyz(self._board.stalled(), self._board.table.pending))
 
     # -- readiness per backend ---------------------------------------------------------------
 
@@ -153,15 +187,13 @@ class ServeSite(BoardServer):
         """From the published table (board.py), without waiting on the engine's loop; what the
         engine would answer at this instant (readiness.readiness of its latest snapshot)."""
         stalled = self._board.stalled()
-        if stalled is not None:  # what the table says is that old: not an answer
-            return _text(503, f"llmtop's engine has not ticked for {stalled:.1f}s: its answers are not current")
+        if stalled is not None:
+            return _text(*answers.backend_ready(stalled, None))
         name = request.match_info["name"]
         current, a = self._board.current(name)
         if not current:
             a = await self._thread.on_home(self._board.ask, name)
-        if a is None:
-            return _text(404, "no such backend in llmtop's config")
-        return _ready_response(a)
+        return _text(*answers.backend_ready(None, None if a is None else (a.ready, a.reason)))
 
     # -- metrics and the fleet -----------------------------------------------------------------
 
@@ -267,15 +299,14 @@ class ServeSite(BoardServer):
         name, action = request.match_info["name"], request.match_info["action"]
         if action not in ACTIONS:
             return _text(404, f"no such action; use one of {', '.join(ACTIONS)}")
-        peer = request.remote or "?"
-        return _text(*await self._thread.on_home_await(self._act(name, action, peer)))
+        return _text(*await self._thread.on_home_await(self._act(name, action, _peer(request))))
 
     async def probe_all(self, request: web.Request) -> web.Response:
         """Every backend probed now (the TUI's `P` on an agent's rows): one request, not one per backend."""
         refusal = await self._refusal(request)
         if refusal is not None:
             return refusal
-        peer = request.remote or "?"
+        peer = _peer(request)
 
         def probe() -> tuple[int, str]:
             count = len(self.engine.trackers)
@@ -304,6 +335,15 @@ class ServeSite(BoardServer):
             lift = next(c for c, lifted in LIFTS.items() if lifted == before)
             return 409, f"{before}, not {LIFTS[action]}; left {before} ({lift} lifts it)"
         return 200, f"{before} -> {after}"
+
+
+def _peer(request: web.Request) -> str:
+    """The client's address, for the event log; through serve's Unix socket only the readiness
+    front asks (front.py), and it says for whom."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return request.headers.get(FORWARDED_FOR, "") or "?"
+    return request.remote or "?"
 
 
 async def _send(response: web.StreamResponse, kind: str, data: dict | str) -> None:

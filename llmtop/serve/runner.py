@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from llmtop.config import Config
+from llmtop.config import Config, split_address
 from llmtop.engine import Engine
 from llmtop.follow import Follower
 from llmtop.gpu import GpuReader
 from llmtop.serve.agent import AgentServer
+from llmtop.serve.front import Front
 from llmtop.serve.http import ServeSite
 from llmtop.serve.log import EventLog
 from llmtop.snapshot import Event
@@ -38,11 +43,15 @@ async def serve(
     agent_listen: str | None,
     log_format: str,
     ready: asyncio.Event | None = None,
+    sock: socket.socket | None = None,
+    front: Front | None = None,
+    relay_path: str | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT. `ready` is set once every port listens (for tests)."""
+    """Run until SIGTERM or SIGINT. `ready` is set once every port listens (for tests); `sock`
+    and `front`: the port already bound, and the readiness front over it (run())."""
     engine = Engine(config, state, gpu=GpuReader())
     log = EventLog(engine, log_format)
-    site = ServeSite(engine, listen)
+    site = ServeSite(engine, listen, sock=sock, front=front, relay_path=relay_path)
     agent = AgentServer(engine, agent_listen) if agent_listen else None
     follower = Follower(engine, config_path)
     stop = asyncio.Event()
@@ -64,7 +73,8 @@ async def serve(
         following = asyncio.create_task(follower.run(), name="llmtop:follow")
         host = listen.rpartition(":")[0]
         where = f"http://{host}:{site.port}" + (f", HAProxy agent-check on {host_of(agent_listen)}:{agent.port}" if agent else "")
-        engine.emit(Event(time.time(), None, "serve", f"serving {len(config.backends)} backends on {where}"))
+        how = f" (readiness answered by process {front.pid})" if front is not None else ""
+        engine.emit(Event(time.time(), None, "serve", f"serving {len(config.backends)} backends on {where}{how}"))
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -84,14 +94,55 @@ async def serve(
         log.close()
 
 
+def bind(listen: str) -> socket.socket:
+    """serve's port, bound and listening before anything else starts (the front shares it)."""
+    host, port = split_address(listen)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    return sock
+
+
+def start_front(sock: socket.socket, relay_path: str) -> Front | None:
+    """The readiness front (front.py), forked while this process runs no other thread."""
+    gc.disable()
+    gc.freeze()  # what both processes share stays shared: no collection writes to it
+    try:
+        return Front.start(sock, relay_path)
+    finally:
+        gc.enable()
+
+
 def run(config: Config, config_path: Path | None, state: StateStore, *, listen: str, agent_listen: str | None, log_format: str) -> int:
     """serve() on a loop of its own that, unlike asyncio.run, does not wait at the end for threads
     still stuck in a file read or an NVML call: the exit stays within its bound. The caller ends
     the process right after (cli.entry), so such a thread cannot hold it either."""
+    try:
+        sock = bind(listen)
+    except ServeError as exc:
+        print(f"llmtop: {exc}", file=sys.stderr)
+        return 2
+    private = tempfile.mkdtemp(prefix="llmtop-serve-")  # 0700: only this user reaches the relay's socket
+    relay_path = f"{private}/serve.sock"
+    front = start_front(sock, relay_path)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve(config, config_path, state, listen=listen, agent_listen=agent_listen, log_format=log_format))
+        loop.run_until_complete(
+            serve(config, config_path, state, listen=listen, agent_listen=agent_listen, log_format=log_format, sock=sock, front=front,
+                  relay_path=relay_path)
+        )
     except ServeError as exc:
         print(f"llmtop: {exc}", file=sys.stderr)
         return 2
@@ -101,6 +152,10 @@ def run(config: Config, config_path: Path | None, state: StateStore, *, listen: 
         finally:
             asyncio.set_event_loop(None)
             loop.close()  # shuts the thread pool down without waiting for it
+            if front is not None:
+                front.close()
+            sock.close()
+            shutil.rmtree(private, ignore_errors=True)
     return 0
 
 
