@@ -46,13 +46,15 @@ async def front(tmp_path):
     await runner.cleanup()
 
 
-async def handed(front: Front) -> socket.socket:
-    """The next connection the front passes to serve."""
+async def handed(front: Front, many: bool = False):
+    """The next connection the front passes to serve (`many`: all that are waiting, at least one)."""
     loop = asyncio.get_running_loop()
     while True:
         got = front.receive()
         assert got is not None, "the front ended"
         if got:
+            if many:
+                return got
             (conn,) = got
             return conn
         ready = loop.create_future()
@@ -180,3 +182,28 @@ async def test_a_front_that_reads_late_gets_every_message_in_order(monkeypatch):
     finally:
         f.close()
         theirs.close()
+
+
+async def test_connections_wait_for_a_slow_serve_rather_than_being_dropped(front):
+    # More connections for serve than the socket to it holds at once (serve stopped, or busy):
+    # each waits its turn, as it would have in the listen backlog, and none is closed unanswered.
+    opened = [await asyncio.open_connection("127.0.0.1", front.port) for _ in range(400)]
+    for _, writer in opened:
+        writer.write(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    taken = []
+    while len(taken) < len(opened):
+        taken += await handed(front, many=True)
+    for conn in taken:
+        conn.close()
+    for _, writer in opened:
+        writer.close()
+    assert len(taken) == 400
+
+
+async def test_empty_lines_before_the_request_line_are_read_past(front):
+    front.table({"a": Entry(True, "ready", FAR)}, 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    writer.write(b"\r\nGET /backends/a/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ready\n")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import os
 import pickle
@@ -37,7 +38,9 @@ from typing import NamedTuple
 
 PEEK_BYTES = 4096
 PEEK_S = 1.0  # a request line that has not come by then: serve's own server deals with the client
+PASS_S = 30.0  # how long a connection waits for serve to take it (serve stopped, or very busy)
 CHUNK = 200  # answers per message (a message must fit the socket's buffer)
+CLOSE_S = 0.3  # serve's stop waits this long for the front to end by itself (the target is 2 s)
 BACKLOG_BYTES = 32 << 20  # what the front may fall behind by before serve gives it up
 SAFE_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 # Not passed on by the relay: they describe one hop (RFC 9110, 7.6.1), and aiohttp frames each side.
@@ -141,7 +144,7 @@ class Front:
             pass
         if self.pid is not None:
             try:
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, signal.SIGKILL)  # it ignores SIGTERM (_child)
             except ProcessLookupError:
                 pass
 
@@ -163,35 +166,44 @@ class Front:
             taken += [socket.socket(fileno=fd) for fd in fds]
 
     def close(self) -> None:
-        """End the front and reap it (bounded: it exits at the socket's end or at SIGTERM)."""
-        self.give_up()
+        """End the front and reap it: it exits once it reads the end of this socket (answers it
+        is writing go out), and is killed if it has not within CLOSE_S."""
+        self.lost = True
+        self._backlog.clear()
+        with contextlib.suppress(OSError):
+            self.ctl.shutdown(socket.SHUT_RDWR)
         self.ctl.close()
         if self.pid is None:
             return
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + CLOSE_S
         while time.monotonic() < deadline:
             try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
             except ChildProcessError:
                 return
-            if pid:
-                return
-            time.sleep(0.01)
-        try:
+            time.sleep(0.005)
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+
+    def reap(self) -> None:
+        """Collect an ended front now rather than at serve's exit (no zombie meanwhile)."""
+        if self.pid is not None:
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 # -- the front's own process ---------------------------------------------------------------------
 
 
 def _child(listening: socket.socket, ctl: socket.socket, relay_path: str) -> None:
-    # Ctrl-C in serve's terminal reaches the whole process group: serve decides when this ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C in serve's terminal, and systemd's stop, reach the whole process group: serve decides
+    # when this ends (by closing its socket), so the answers go on while serve stops.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -218,6 +230,7 @@ class _Answerer:
         self.staged: dict[str, Entry] = {}
         self.pending = 0
         self.synced = False  # a whole table has come
+        self.waiting: list[asyncio.Future] = []  # connections waiting for room on the socket to serve
         self.beat = time.monotonic()
         self.gone = asyncio.Event()
 
@@ -289,11 +302,39 @@ class _Answerer:
             await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
             return
         try:
-            socket.send_fds(self.ctl, [b"c"], [conn.fileno()])
-        except OSError:
-            pass  # serve is gone: so is this front, in a moment
+            await self.pass_on(conn)
         finally:
             conn.close()
+
+    async def pass_on(self, conn: socket.socket) -> None:
+        """Hand a connection to serve; while serve is slow to take them (its socket full), wait
+        for room, as the listen backlog would have kept it waiting, up to PASS_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PASS_S
+        while True:
+            try:
+                socket.send_fds(self.ctl, [b"c"], [conn.fileno()])
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return  # serve is gone: so is this front, in a moment
+            room = loop.create_future()
+            self.waiting.append(room)
+            if len(self.waiting) == 1:  # one watch for all: add_writer keeps only the last callback
+                loop.add_writer(self.ctl.fileno(), self.room)
+            try:
+                await asyncio.wait_for(room, max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return  # serve has not taken a connection for PASS_S: it is stuck, and this one goes
+
+    def room(self) -> None:
+        """serve took some: every waiting connection tries again."""
+        asyncio.get_running_loop().remove_writer(self.ctl.fileno())
+        waiting, self.waiting = self.waiting, []
+        for room in waiting:
+            if not room.done():
+                room.set_result(None)
 
     def mine(self, line: bytes) -> bool:
         """Whether this request line is a readiness question the front answers as serve would."""
@@ -334,9 +375,10 @@ class _Answerer:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP and k.lower() != FORWARDED_FOR.lower()]
         headers.append((FORWARDED_FOR, request.remote or ""))
         body = await request.read() if request.body_exists else None
+        response = None
         try:
             async with self.session.request(
-                request.method, f"http://serve{request.raw_path}", headers=headers, data=body, allow_redirects=False
+                request.method, f"http://serve{request.rel_url}", headers=headers, data=body, allow_redirects=False
             ) as upstream:
                 response = self.web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for k, v in upstream.headers.items():
@@ -350,6 +392,10 @@ class _Answerer:
                 await response.write_eof()
                 return response
         except (self.aiohttp.ClientError, OSError):
+            if response is not None and response.prepared:  # part of serve's answer went out: end it there
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             response = self.web.Response(status=502, text="llmtop serve did not answer\n", content_type="text/plain")
             response.force_close()
             return response
@@ -370,7 +416,8 @@ async def _peek_line(conn: socket.socket) -> bytes | None:
         if data == b"":
             return b""  # closed before asking anything
         if data is not None:
-            line, found, _ = data.partition(b"\r\n")
+            # Empty lines before the request line are allowed (RFC 9112, 2.2); serve reads past them.
+            line, found, _ = data.lstrip(b"\r\n").partition(b"\r\n")
             # Peeking again would find the same bytes at once: a line not whole in what came
             # is left to serve, which reads as a server should.
             return line if found else None

@@ -144,6 +144,7 @@ class ServeSite(BoardServer):
             loop.create_task(self._take_the_port())
 
     async def _take_the_port(self) -> None:
+        self._front.reap()
         if self._runner is None or self._closing.is_set():
             return
         await web.SockSite(self._runner, self._sock).start()

@@ -94,11 +94,16 @@ async def serve(
         log.close()
 
 
-def bind(listen: str) -> socket.socket:
-    """serve's port, bound and listening before anything else starts (the front shares it)."""
+def bind(listen: str) -> socket.socket | None:
+    """serve's port, bound and listening before anything else starts (the front shares it); None
+    for a name with several addresses ("localhost": ::1 and 127.0.0.1), which serve's own site
+    binds all of, answering readiness in-process."""
     host, port = split_address(listen)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        if len({info[4] for info in infos}) > 1:
+            return None
+        family, kind, proto, _, address = infos[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
         raise ServeError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
@@ -135,7 +140,8 @@ def run(config: Config, config_path: Path | None, state: StateStore, *, listen: 
         return 2
     private = tempfile.mkdtemp(prefix="llmtop-serve-")  # 0700: only this user reaches the relay's socket
     relay_path = f"{private}/serve.sock"
-    front = start_front(sock, relay_path)
+    # A Unix socket's path has a limit (108 bytes on Linux): a long TMPDIR means no front.
+    front = start_front(sock, relay_path) if sock is not None and len(relay_path.encode()) < 100 else None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -154,7 +160,8 @@ def run(config: Config, config_path: Path | None, state: StateStore, *, listen: 
             loop.close()  # shuts the thread pool down without waiting for it
             if front is not None:
                 front.close()
-            sock.close()
+            if sock is not None:
+                sock.close()
             shutil.rmtree(private, ignore_errors=True)
     return 0
 
