@@ -209,14 +209,25 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(config, tmp_path):
-    # The front answers balancers from the table serve sent it, whatever serve's own process is
-    # doing (here: stopped outright); everything else is serve's, and waits for it.
+def _serve_with_front(config, tmp_path) -> tuple[subprocess.Popen, int, int]:
+    """serve started and ready: its process, its port and its readiness front's pid."""
     port = free_port()
     proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}")
     try:
         front = _front_pid(proc)
         wait_ready(port, proc)
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=10)
+        raise
+    return proc, port, front
+
+
+def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(config, tmp_path):
+    # The front answers balancers from the table serve sent it, whatever serve's own process is
+    # doing (here: stopped outright); everything else is serve's, and waits for it.
+    proc, port, front = _serve_with_front(config, tmp_path)
+    try:
         url = f"http://127.0.0.1:{port}"
         os.kill(proc.pid, signal.SIGSTOP)
         try:
@@ -242,14 +253,9 @@ def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(confi
 
 
 def test_a_killed_serve_takes_its_front_and_port_with_it(config, tmp_path):
-    port = free_port()
-    proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}")
-    try:
-        front = _front_pid(proc)
-        wait_ready(port, proc)
-    finally:
-        proc.kill()
-        proc.communicate(timeout=10)
+    proc, port, front = _serve_with_front(config, tmp_path)
+    proc.kill()
+    proc.communicate(timeout=10)
     deadline = time.monotonic() + 10  # outer bound: it goes as soon as it reads the end of serve's socket
     while not _gone(front):
         assert time.monotonic() < deadline, "the front outlived serve"

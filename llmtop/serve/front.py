@@ -214,16 +214,14 @@ def _child(listening: socket.socket, ctl: socket.socket, relay_path: str) -> Non
 
 class _Answerer:
     def __init__(self, listening: socket.socket, ctl: socket.socket, relay_path: str):
+        # Imported here: only the front's own process needs them (and they were loaded before the fork).
         import aiohttp
         from aiohttp import web
 
-        self.aiohttp = aiohttp
-        self.relay_path = relay_path
-
         from llmtop.serve import answers
 
-        self.web = web
-        self.answers = answers
+        self.aiohttp, self.web, self.answers = aiohttp, web, answers
+        self.relay_path = relay_path
         self.listening = listening
         self.ctl = ctl
         self.entries: dict[str, Entry] = {}
