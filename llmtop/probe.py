@@ -46,6 +46,11 @@ class StreamMeter:
     kernel merges what arrived meanwhile, so a first token read together with later tokens is
     stamped with the last one's arrival: its true time is lost. Such a probe is not timed at
     all (`untimed`) rather than timed wrong; the engine retries it when it reads on time again.
+
+    The same holds at the other end: a last token read together with bytes that came after it
+    (the end marker, a usage chunk) carries their arrival, later than its own by however long the
+    server took to send them. The decode rate then runs to the last token whose read ended with
+    it, whose stamp is its own (`event()` tells the meter of every chunk that carries no text).
     """
 
     clock: Callable[[], float] = time.perf_counter
@@ -65,27 +70,43 @@ class StreamMeter:
     reasoning_chunks: int = 0  # text chunks that were reasoning (thinking), not the answer
     input_tokens: int | None = None  # prompt tokens, from the server's usage
     hit_limit: bool = False  # the server said it stopped at max_tokens
+    last_read: int | None = None  # the read that brought the last text chunk
+    last_alone: bool = True  # nothing came after the last text chunk in its read: its stamp is its own
+    # The latest text chunk (after the first) whose read ended with it: (its arrival, text chunks up to it)
+    own_stamp: tuple[float, int] | None = None
 
     def begin(self) -> None:
         self.start = self.clock()
+
+    def _read(self) -> tuple[int, float, float]:
+        if self.reads is None:
+            self.reads = _each_call_a_read(self.clock)
+        return self.reads()
+
+    def event(self) -> None:
+        """Call on every chunk that carries no text (role, usage, end marker, ping) as it arrives:
+        one read in the same read as the last text chunk means that chunk's stamp is a later one's."""
+        if self.last_read is not None and self.last_alone and self._read()[0] == self.last_read:
+            self.last_alone = False
 
     def text(self, text: str | None, reasoning: bool = False) -> None:
         """Call on every chunk as it arrives, with the generated text it carries (may be empty);
         reasoning text counts as a token like the answer's (DESIGN.md), and is counted apart."""
         if not text:
+            self.event()
             return
         if reasoning:
             self.reasoning_chunks += 1
-        if self.reads is None:
-            self.reads = _each_call_a_read(self.clock)
-        seq, arrived, read_at = self.reads()
+        seq, arrived, read_at = self._read()
         if self.first_at is None:
             self.first_at, self.first_read = arrived, seq
         elif seq == self.first_read:
             self.with_first += 1
         else:
             self.spread = True
-        self.last_at = arrived
+        if self.last_read is not None and seq != self.last_read and self.last_alone and self.text_chunks > 1:
+            self.own_stamp = (self.last_at, self.text_chunks)  # the previous text chunk ended its read
+        self.last_at, self.last_read, self.last_alone = arrived, seq, True
         self.text_chunks += 1
 
     def usage(self, output_tokens: int | None) -> None:
@@ -134,12 +155,20 @@ class StreamMeter:
     def tokens_per_s(self) -> float | None:
         if self.untimed:
             return None
-        return decode_rate(self.output_tokens, self.first_at, self.last_at)
+        if self.last_alone:
+            return decode_rate(self.output_tokens, self.first_at, self.last_at)
+        if self.own_stamp is None:
+            return None  # no token after the first has a stamp of its own: no true rate
+        # Up to the last token whose stamp is its own; the server's count (usage) in proportion
+        # to the chunks, exact when each chunk is a token.
+        at, chunks = self.own_stamp
+        tokens = 1 + (self.output_tokens - 1) * (chunks - 1) / (self.text_chunks - 1)
+        return decode_rate(tokens, self.first_at, at)
 
 
-def decode_rate(tokens: int, t_first: float | None, t_last: float | None) -> float | None:
+def decode_rate(tokens: float, t_first: float | None, t_last: float | None) -> float | None:
     """(tokens - 1) / (t_last - t_first); None when fewer than two tokens or no elapsed time."""
-    if tokens is None or tokens < 2 or t_first is None or t_last is None or t_last <= t_first:
+    if tokens is None or tokens <= 1 or t_first is None or t_last is None or t_last <= t_first:
         return None
     return (tokens - 1) / (t_last - t_first)
 

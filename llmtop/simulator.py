@@ -46,6 +46,10 @@ FAULTS = (
     "5xx", "hang", "reset", "bad_json", "truncated", "flapping", "429", "slow_headers", "huge_body", "loading",
     # Hostile servers: non-finite numbers, a Retry-After for ever, a gzip bomb, a model list of any length.
     "nan", "retry_forever", "gzip_bomb", "many_models",
+    # A stream whose end marker trails its last token by fault_arg ms (default 40) while the whole
+    # process stalls (a blocking sleep): a reader in the same process, late by as much, reads the
+    # last token together with the end marker, as a loaded llmtop does.
+    "stalled_end",
 )  # fmt: skip
 
 # What a hostile server writes where text goes: an OSC that sets the terminal title, a screen
@@ -536,6 +540,8 @@ def _streamed(
         timing = _Timing(req.received)
         async for word in _tokens(backend, timing, sent):
             yield bad_chunk if fault == "bad_json" else token(word)
+        if fault == "stalled_end":
+            time.sleep(_arg(backend, 40) / 1000)  # blocking on purpose: see FAULTS
         if not truncated:
             for piece in epilogue(timing):
                 yield piece

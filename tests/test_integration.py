@@ -95,6 +95,24 @@ async def test_every_protocol_healthy_with_true_numbers(provider, state):
         assert p.server_tokens_per_s is not None  # the server's own figure beside ours
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_last_token_read_late_with_the_end_marker_leaves_the_decode_rate_true(provider, state):
+    # The server stalls 60 ms after its last token before the end marker, and so does llmtop
+    # (one process): the last token is read with the end marker and carries its later stamp.
+    # Ran to that stamp, the rate would be 7 / (7 x 30 + 60) ms = 26 tok/s, 22% under the truth.
+    model = "llama3.2" if provider == "ollama" else "test-model"
+    sb = SimBackend(f"e-{provider}", provider=provider, models=[model], ttft_ms=20, gap_ms=30, fault="stalled_end", fault_arg=60)
+    async with Simulator([sb]) as sim:
+        async with Engine(make_config(sim, [sb]), state) as engine:
+            for _ in range(4):
+                await engine.run_round()
+                p = engine.snapshot().backends[0].probe
+                if not p.untimed:
+                    break
+    assert p.error is None and p.output_tokens == 8 and p.tokens_per_s is not None, p
+    assert p.tokens_per_s == pytest.approx(served_tokens_per_s(sb, last=True), rel=0.1)
+
+
 async def test_estimated_tokens_when_server_sends_no_usage(state):
     sb = SimBackend("nousage", usage=False, ttft_ms=20, gap_ms=10)
     async with Simulator([sb]) as sim:

@@ -147,6 +147,55 @@ def test_meter_ttft_and_decode_rate_definitions():
     assert not meter.tokens_estimated and meter.tokens_per_s == pytest.approx(14 / 0.070)
 
 
+class Reads:
+    """Read stamps as the transport gives them: (sequence number, kernel arrival, read time)."""
+
+    def __init__(self) -> None:
+        self.seq, self.arrived = 0, 0.0
+
+    def read(self, arrived: float) -> None:
+        self.seq, self.arrived = self.seq + 1, arrived
+
+    def __call__(self) -> tuple[int, float, float]:
+        return self.seq, self.arrived, self.arrived
+
+
+def test_a_last_token_read_with_the_end_marker_is_not_the_rate_s_end():
+    reads = Reads()
+    meter = StreamMeter(reads=reads)
+    for i in range(7):  # tokens at 0.100, 0.110, ... 0.160, each read alone
+        reads.read(0.100 + i * 0.010)
+        meter.text("x")
+    reads.read(0.250)  # the 8th token (sent at 0.170) read late, with the end marker sent at 0.250
+    meter.text("x")
+    meter.event()
+    assert meter.tokens_per_s == pytest.approx(6 / 0.060)  # to the 7th, whose stamp is its own
+    meter.usage(15)  # two tokens a chunk, by the server's count: the same share of it
+    assert meter.tokens_per_s == pytest.approx(14 * 6 / 7 / 0.060)  # 12 of the 14 tokens after the first
+
+
+def test_a_last_token_alone_in_its_read_ends_the_rate():
+    reads = Reads()
+    meter = StreamMeter(reads=reads)
+    for i in range(8):
+        reads.read(0.100 + i * 0.010)
+        meter.text("x")
+    reads.read(0.250)
+    meter.event()  # the end marker, in a read of its own
+    assert meter.tokens_per_s == pytest.approx(7 / 0.070)
+
+
+def test_no_rate_when_no_token_after_the_first_has_its_own_stamp():
+    reads = Reads()
+    meter = StreamMeter(reads=reads)
+    reads.read(0.100)
+    meter.text("x")
+    reads.read(0.300)  # the second token and the end marker together
+    meter.text("x")
+    meter.text(None)  # a chunk without text counts as a later chunk too
+    assert meter.ttft_ms is not None and meter.tokens_per_s is None
+
+
 def test_decode_rate_edges():
     assert decode_rate(1, 0.1, 0.1) is None
     assert decode_rate(5, 0.1, 0.1) is None

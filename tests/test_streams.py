@@ -101,9 +101,10 @@ async def test_split_crlf_comments_and_coalesced_chunks():
     assert result.ok, result.error
     assert 98 <= result.ttft_ms < 300  # not 50: half a line is not a token
     assert result.output_tokens == 4 and not result.tokens_estimated
-    # From the piece that completed the first token to the one with the last, as the server sent
-    # them: 0.2 s on a quiet machine, longer when a loaded core wakes its sleeps late.
-    assert result.tokens_per_s == pytest.approx(3 / (server.sent_at[5] - server.sent_at[3]), rel=0.1)
+    # The last token came in one read with the end marker, so its stamp may be theirs: the rate
+    # runs from the piece that completed the first token to "ld", the last token whose read ended
+    # with it (two tokens, as the server sent them: 0.1 s apart on a quiet machine).
+    assert result.tokens_per_s == pytest.approx(2 / (server.sent_at[4] - server.sent_at[3]), rel=0.1)
 
 
 async def test_stream_without_usage_counts_chunks_and_says_so():
@@ -155,18 +156,22 @@ async def test_anthropic_events_thinking_ping_and_cumulative_usage():
         (0.06, ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me"}})),
         (0.2, ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "abc"}})),
         (0, ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "1 2"}})),
-        (0.02, ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": " 3"}})),
-        (0, ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 3}})),
-        (0, ev("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 5}})),
-        (0, ev("message_stop", {"type": "message_stop"})),
+        (
+            0.2,  # the last text and the end in one write: the last text's stamp is not known to be its own
+            ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": " 3"}})
+            + ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 3}})
+            + ev("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 5}})
+            + ev("message_stop", {"type": "message_stop"}),
+        ),
     ]
     async with RawServer(pieces) as server:
         result = await probe("anthropic", server)
     assert result.ok, result.error
     assert 55 <= result.ttft_ms < 200  # the thinking text at 60 ms is the first token, not the text at 260
     assert result.output_tokens == 5 and not result.tokens_estimated
-    # From the thinking text to the last text, as the server sent them (0.22 s when quiet).
-    assert result.tokens_per_s == pytest.approx(4 / (server.sent_at[6] - server.sent_at[3]), rel=0.1)
+    # From the thinking text to "1 2", the last text whose read ended with it (0.2 s when quiet):
+    # 2 of the 3 text chunks, so 1 + 4 x 1/2 of the server's 5 tokens.
+    assert result.tokens_per_s == pytest.approx(2 / (server.sent_at[5] - server.sent_at[3]), rel=0.1)
 
 
 async def test_anthropic_overloaded_error_event():

@@ -55,6 +55,8 @@ class Anthropic(Adapter):
                     continue
                 data = self.json_event(event.data, "POST /v1/messages")
                 kind = event.event if event.event != "message" else data.get("type")
+                if kind != "content_block_delta":
+                    meter.event()
                 if kind == "content_block_delta":
                     delta = data.get("delta")
                     if isinstance(delta, dict):

@@ -128,6 +128,7 @@ class Ollama(Adapter):
                 text = content or message.get("thinking")
                 meter.text(text if isinstance(text, str) else None, reasoning=not content)
             if obj.get("done"):
+                meter.event()
                 meter.finished = True
                 meter.hit_limit = obj.get("done_reason") == "length"
                 server = self._server_timings(obj, meter)

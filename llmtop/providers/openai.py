@@ -58,6 +58,7 @@ class OpenAICompatible(Adapter):
                 if not data or meter.finished:
                     continue
                 if data == "[DONE]":
+                    meter.event()
                     meter.finished = True
                     continue
                 chunk = self.json_event(data, "POST /v1/chat/completions")
