@@ -128,6 +128,7 @@ class SimBackend:
     bodies: list[dict] = field(default_factory=list)  # the last completion requests' JSON bodies
     last_ttft_s: float | None = None  # what the last generation served (tests/served.py)
     last_tpot_s: float | None = None
+    last_token_times: list[float] = field(default_factory=list)  # when each token of the last generation left (perf_counter)
     echo_headers: bool = False  # its error bodies quote the request's headers back, key and all
     headers_seen: list[dict] = field(default_factory=list)  # the last requests' headers (names lower-cased)
     # A reasoning model: "all" streams every token as reasoning text (reasoning_content, thinking);
@@ -484,6 +485,8 @@ async def _tokens(backend: SimBackend, timing: _Timing, n: int) -> AsyncIterator
             timing.first = now
             backend.ttft_histogram.observe(now - timing.received)
             backend.last_ttft_s = now - timing.received
+            backend.last_token_times = []
+        backend.last_token_times.append(now)
         timing.last = now
         if i == n - 1 and n > 1:
             backend.tpot_histogram.observe((timing.last - timing.first) / (n - 1))

@@ -32,6 +32,20 @@ def served_tokens_per_s(backend: SimBackend, last: bool = False) -> float:
     return 1 / backend.tpot_histogram.sum
 
 
+def served_rates(backend: SimBackend) -> list[float]:
+    """The decode rates of the last generation over each window from its first token to a later
+    one that covers at least half of it, as the server sent them. A last token read together
+    with the end marker takes the marker's stamp, so llmtop's rate ends at the last token whose
+    read ended with it (probe.py): a true rate is one of these, whichever token that was."""
+    times = backend.last_token_times
+    return [k / (times[k] - times[0]) for k in range(max(1, (len(times) - 1) // 2), len(times)) if times[k] > times[0]]
+
+
+def true_rate(measured: float | None, backend: SimBackend, rel: float = 0.1) -> bool:
+    """Whether a measured decode rate is, within rel, what the server did over one of those windows."""
+    return measured is not None and any(abs(measured - r) <= rel * r for r in served_rates(backend))
+
+
 # A measured TTFT is never shorter than the served one (the client sends before the server reads,
 # and the kernel stamps the token after the server wrote it) and longer only by the request's way
 # in and the token's way out: on loopback, well under a millisecond when quiet, tens under load.
