@@ -454,6 +454,15 @@ async def test_the_exposition_cache_never_answers_with_lines_of_an_old_snapshot(
         fleet = dataclasses.replace(fleet, backends=tuple(b for b in fleet.backends if b.name != "dead"))
         assert 'backend="dead"' not in same_as_prometheus_client(fleet)
 
+        def changed(**fields):  # a new snapshot of "ok", the rest as they were
+            return dataclasses.replace(fleet, backends=tuple(dataclasses.replace(b, **fields) if b.name == "ok" else b for b in fleet.backends))
+
+        fleet = changed(latency_ms=1234.5)  # a health poll: one family's line written again, the rest kept
+        assert 'llmtop_backend_health_latency_seconds{backend="ok",provider="vllm",team="ml"} 1.2345' in same_as_prometheus_client(fleet)
+        fleet = changed(labels=(("team", "infra"),))  # a reload relabels it: the same label names, a new value
+        relabeled = same_as_prometheus_client(fleet)
+        assert 'backend="ok",provider="vllm",team="infra"' in relabeled and 'backend="ok",provider="vllm",team="ml"' not in relabeled
+
 
 async def test_a_bad_byte_in_the_state_file_is_said_and_following_goes_on(tmp_path):
     from llmtop.follow import Follower
