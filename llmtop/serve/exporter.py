@@ -205,19 +205,17 @@ def _head(family: Family, openmetrics: bool) -> str:
 class Exposition:
     """/metrics: the text format or OpenMetrics from the latest snapshot.
 
-    Each backend's lines are kept, family by family, with the snapshot and the series they were
-    written from. A backend the engine made no new snapshot of (a snapshot is immutable, and a
-    new one means something about it changed) is joined as it was; of one it did, only the
-    families whose values changed are written again. All of a backend's lines are written again
-    when its labels or ready_when changed, or when time alone made its last probe's figures old.
-    So a scrape every 15 s, by which time a health poll has touched every backend, writes a few
-    lines of each, not the forty lines of its histograms."""
+    Each backend's lines are kept, family by family, with the snapshot they were written from,
+    and written again only when the engine made that backend a new snapshot (a snapshot is
+    immutable and the engine makes a new one only when something about the backend changed),
+    when the labels or ready_when changed, or when time alone made its last probe's figures
+    old. A scrape of 500 backends of which a few changed writes those few and joins the rest."""
 
     def __init__(self, snapshot: Callable[[], FleetSnapshot], ready_when: Callable[[], tuple[str, ...]]):
         self._snapshot = snapshot
         self._ready_when = ready_when
-        # per format: backend name -> (its snapshot, what else its lines depend on, its series, its lines by family)
-        self._cache: dict[bool, dict[str, tuple[BackendSnapshot, tuple, dict, tuple[str, ...]]]] = {False: {}, True: {}}
+        # per format: backend name -> (its snapshot, what else its lines depend on, its lines by family)
+        self._cache: dict[bool, dict[str, tuple[BackendSnapshot, tuple, tuple[str, ...]]]] = {False: {}, True: {}}
 
     def render(self, openmetrics: bool) -> bytes:
         return self.render_fleet(self._snapshot(), self._ready_when(), openmetrics)
@@ -229,14 +227,12 @@ class Exposition:
         kept = {}
         rows = []
         for b in fleet.backends:
-            depends = (names, backend_labels(b, names), ready_when, b.figures_current(fleet.at))
+            depends = (names, ready_when, b.figures_current(fleet.at))
             hit = cache.get(b.name)
-            if hit is None or hit[1] != depends:
-                hit = self._backend_lines(b, fleet.at, names, ready_when, openmetrics)
-            elif hit[0] is not b:  # a new snapshot of it: write again only the families whose values changed
-                hit = self._backend_lines(b, fleet.at, names, ready_when, openmetrics, hit)
+            if hit is None or hit[0] is not b or hit[1] != depends:
+                hit = (b, depends, self._backend_lines(b, fleet.at, names, ready_when, openmetrics))
             kept[b.name] = hit
-            rows.append(hit[3])
+            rows.append(hit[2])
         self._cache[openmetrics] = kept  # backends a reload removed are forgotten here
         parts = [_head(BUILD, openmetrics), f'llmtop_build_info{{version="{_escape(__version__)}"}} 1.0\n']
         columns = zip(*rows) if rows else [()] * len(FAMILIES)
@@ -253,29 +249,11 @@ class Exposition:
         return "".join(parts).encode()
 
     @staticmethod
-    def _backend_lines(
-        b: BackendSnapshot, now: float, names: tuple[str, ...], ready_when: tuple[str, ...], openmetrics: bool, old: tuple | None = None
-    ) -> tuple[BackendSnapshot, tuple, dict[str, Series], tuple[str, ...]]:
-        """(b, what else its lines depend on, its series, its lines of each family in FAMILIES' order,
-        "" where it has none). Lines whose series equal those of `old` (the same backend's last
-        entry, written with the same labels) are taken from it: a health poll changes two or three
-        families of a backend, never its histograms' forty lines."""
-        values = backend_labels(b, names)
-        depends = (names, values, ready_when, b.figures_current(now))
+    def _backend_lines(b: BackendSnapshot, now: float, names: tuple[str, ...], ready_when: tuple[str, ...], openmetrics: bool) -> tuple[str, ...]:
+        """One backend's lines of each family, in FAMILIES' order ("" where it has none)."""
+        label_str = _labels(names, backend_labels(b, names))
         series = backend_series(b, now, ready_when)
-        label_str = None
-        lines = []
-        for i, family in enumerate(FAMILIES):
-            value = series.get(family.name)
-            if old is not None and old[2].get(family.name) == value:
-                lines.append(old[3][i])
-            elif value is None:
-                lines.append("")
-            else:
-                if label_str is None:
-                    label_str = _labels(names, values)
-                lines.append(_lines(family, label_str, value, openmetrics))
-        return b, depends, series, tuple(lines)
+        return tuple(_lines(family, label_str, series[family.name], openmetrics) if family.name in series else "" for family in FAMILIES)
 
     def answer(self, accept: str) -> tuple[bytes, str]:
         """The body and its content type for a request's Accept header (OpenMetrics when asked for)."""
