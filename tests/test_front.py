@@ -181,6 +181,43 @@ async def test_a_front_that_reads_late_gets_every_message_in_order(monkeypatch):
         theirs.close()
 
 
+async def test_an_admin_answer_waits_until_its_change_is_in_the_fronts_socket():
+    # A drain through the API answers only once the front can read it: the front reads its socket
+    # before it answers (_Answerer.handle), so no question asked after the answer hears "ready".
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    f = Front(None, ours)
+    loop = asyncio.get_running_loop()
+    try:
+        f.table({f"x{i}": Entry(True, "ready " + "x" * 100, FAR) for i in range(6000)}, 0)  # more than the socket holds
+        f.put("x1", Entry(False, "draining", FAR), 0)
+        answered = asyncio.ensure_future(f.sent())
+        await asyncio.sleep(0)
+        assert not answered.done()  # the drain waits on serve's side
+        got = []
+        while not answered.done():  # the front reads; serve's loop sends the rest as room comes
+            receiving = asyncio.ensure_future(loop.sock_recv(theirs, 1 << 20))
+            await asyncio.wait({receiving, answered}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving.done():
+                got.append(pickle.loads(receiving.result()))
+            else:
+                receiving.cancel()
+        while True:  # now every message, the drain last, is in the socket
+            try:
+                got.append(pickle.loads(theirs.recv(1 << 20)))
+            except BlockingIOError:
+                break
+        assert got[-1] == ("put", [("x1", Entry(False, "draining", FAR))], 0) and not f.lost
+        await asyncio.wait_for(f.sent(), 1)  # nothing behind: at once
+        f.table({f"x{i}": Entry(True, "ready " + "x" * 100, FAR) for i in range(6000)}, 0)
+        await f.sent(within=0.05)  # a front that reads nothing in time is given up on: serve answers itself
+        assert f.lost
+    finally:
+        f.close()
+        theirs.close()
+
+
 async def test_connections_wait_for_a_slow_serve_rather_than_being_dropped(front):
     # More connections for serve than the socket to it holds at once (serve stopped, or busy):
     # each waits its turn, as it would have in the listen backlog, and none is closed unanswered.

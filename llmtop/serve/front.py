@@ -42,6 +42,7 @@ PASS_S = 30.0  # how long a connection waits for serve to take it (serve stopped
 CHUNK = 200  # answers per message (a message must fit the socket's buffer)
 CLOSE_S = 0.3  # serve's stop waits this long for the front to end by itself (the target is 2 s)
 BACKLOG_BYTES = 32 << 20  # what the front may fall behind by before serve gives it up
+SENT_S = 2.0  # how long an admin answer waits for its change to reach the front before serve gives the front up
 SAFE_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 # Not passed on by the relay: they describe one hop (RFC 9110, 7.6.1), and aiohttp frames each side.
 HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "content-length", "host"})
@@ -64,6 +65,7 @@ class Front:
         self.lost = False
         self._backlog: collections.deque[bytes] = collections.deque()  # sent once the front reads again
         self._backlog_bytes = 0
+        self._waiting: list[asyncio.Future[None]] = []  # sent()'s callers, woken when the backlog is empty
 
     @classmethod
     def start(cls, listening: socket.socket, relay_path: str) -> Front | None:
@@ -120,6 +122,29 @@ class Front:
                 break
             self._backlog_bytes -= len(self._backlog.popleft())
         asyncio.get_running_loop().remove_writer(self.ctl.fileno())
+        self._wake()
+
+    async def sent(self, within: float | None = None) -> None:
+        """Return once everything sent so far is in the front's socket, so that the front reads it
+        before it answers any question asked after this returns (it reads its socket first, see
+        _Answerer). What an admin action changed is then what the next readiness answer says. A
+        front that has not taken it within `within` (SENT_S) is given up on: serve answers itself."""
+        if not self._backlog or self.lost:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), SENT_S if within is None else within)
+        except asyncio.TimeoutError:
+            self.give_up()
+
+    def _wake(self) -> None:
+        if self._backlog and not self.lost:
+            return
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiting.clear()
 
     def table(self, entries: dict[str, Entry], pending: int) -> None:
         items = list(entries.items())
@@ -138,6 +163,7 @@ class Front:
             return
         self.lost = True
         self._backlog.clear()
+        self._wake()
         try:
             self.ctl.shutdown(socket.SHUT_RDWR)  # the HTTP thread's reader sees the end
         except OSError:

@@ -319,7 +319,8 @@ class ServeSite(BoardServer):
 
     async def _act(self, name: str, action: str, peer: str) -> tuple[int, str]:
         """On the engine's loop: the action, and the status and line to answer with. A drain is
-        published (board.py) before this returns: the next readiness answer already says it."""
+        published (board.py), and is in the readiness front's socket, before this returns: the
+        next readiness answer already says it."""
         if self.engine.backend_snapshot(name) is None:
             return 404, "no such backend in llmtop's config"
         if action == "probe":
@@ -331,6 +332,8 @@ class ServeSite(BoardServer):
         except StateError as exc:  # the file cannot be written (a directory, a full disk, a lock)
             self.engine.note_state_error(str(exc))
             return 503, f"not changed: {for_terminal(str(exc), 300)}"
+        if self._front is not None:
+            await self._front.sent()  # a front behind on its messages must not answer "ready" after this
         if action in LIFTS and before not in (LIFTS[action], "active"):
             # undrain of a disabled backend, enable of a draining one: left as it is, and why.
             lift = next(c for c, lifted in LIFTS.items() if lifted == before)
