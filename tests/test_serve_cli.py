@@ -203,9 +203,12 @@ def _front_pid(proc: subprocess.Popen) -> int:
 
 
 def _serve_with_front(config, tmp_path) -> tuple[subprocess.Popen, int, int]:
-    """serve started and ready: its process, its port and its readiness front's pid."""
+    """serve started and ready: its process, its port and its readiness front's pid. Its
+    temporary files go under tmp_path/tmp."""
     port = free_port()
-    proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}")
+    (tmp_path / "tmp").mkdir()
+    proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}",
+                 env={"TMPDIR": str(tmp_path / "tmp")})
     try:
         front = _front_pid(proc)
         wait_ready(port, proc)
@@ -255,6 +258,7 @@ def test_a_killed_serve_takes_its_front_and_port_with_it(config, tmp_path):
         assert select.select([ended], [], [], 10)[0], "the front outlived serve"
     finally:
         os.close(ended)
+    assert list((tmp_path / "tmp").iterdir()) == []  # the front removed the private folder of serve's relay socket
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not past a listener
         s.bind(("127.0.0.1", port))  # nothing listens on serve's port any more

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
@@ -236,6 +237,9 @@ def _child(listening: socket.socket, ctl: socket.socket, relay_path: str) -> Non
         loop.run_until_complete(_Answerer(listening, ctl, relay_path).run())
     finally:
         loop.close()
+        # serve's end is this one's; a serve killed outright (SIGKILL, the OOM killer) cannot
+        # remove the private folder of its relay socket, so whichever of the two ends last does.
+        shutil.rmtree(os.path.dirname(relay_path), ignore_errors=True)
 
 
 class _Answerer:
