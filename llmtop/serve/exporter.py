@@ -172,23 +172,10 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def _lines(family: Family, label_str: str, series: Series, openmetrics: bool) -> str:
-    """One backend's sample lines of one family (label_str: its own labels, already written)."""
-    name, kind, extra = family.name, family.kind, family.extra
-    out = []
-    for own, value in series:
-        labels = label_str + (f',{extra}="{_escape(own[0])}"' if extra and own else "")
-        if kind == "stateset":
-            out += [f'{name}{{{labels},{name}="{state}"}} {1.0 if on else 0.0}' for state, on in value.items()]
-        elif kind == "histogram":
-            bounds, counts, total = value
-            out += [f'{name}_bucket{{{labels},le="{_number(b)}"}} {float(n)!r}' for b, n in zip(bounds, counts)]
-            out += [f"{name}_count{{{labels}}} {float(counts[-1])!r}", f"{name}_sum{{{labels}}} {_number(total)}"]
-        elif kind == "counter":
-            out.append(f"{name}_total{{{labels}}} {_number(value)}")
-        else:
-            out.append(f"{name}{{{labels}}} {_number(value)}")
-    return "".join(line + "\n" for line in out)
+# What _backend_lines needs of each family, in FAMILIES' order: its name, kind, own label, and
+# for a histogram the start of its bucket lines; the bounds' text, written once.
+_WRITING = tuple((f.name, f.kind, f.extra, f"{f.name}_bucket{{") for f in FAMILIES)
+_BOUND_TEXT = {bounds: tuple(map(_number, bounds)) for bounds in (TTFT_BOUNDS, TPS_BOUNDS)}
 
 
 def _head(family: Family, openmetrics: bool) -> str:
@@ -250,10 +237,35 @@ class Exposition:
 
     @staticmethod
     def _backend_lines(b: BackendSnapshot, now: float, names: tuple[str, ...], ready_when: tuple[str, ...], openmetrics: bool) -> tuple[str, ...]:
-        """One backend's lines of each family, in FAMILIES' order ("" where it has none)."""
+        """One backend's lines of each family, in FAMILIES' order ("" where it has none).
+
+        Every family of one backend written in one loop: a scrape after a round of
+        polls writes every backend again (each has a new snapshot), and the calls, lists and joins
+        per family were most of what it cost."""
         label_str = _labels(names, backend_labels(b, names))
         series = backend_series(b, now, ready_when)
-        return tuple(_lines(family, label_str, series[family.name], openmetrics) if family.name in series else "" for family in FAMILIES)
+        out = []
+        for name, kind, extra, bucket_prefix in _WRITING:
+            values = series.get(name)
+            if values is None:
+                out.append("")
+                continue
+            text = ""
+            for own, value in values:
+                labels = label_str + (f',{extra}="{_escape(own[0])}"' if extra and own else "")
+                if kind == "gauge":
+                    text += f"{name}{{{labels}}} {_number(value)}\n"
+                elif kind == "counter":
+                    text += f"{name}_total{{{labels}}} {_number(value)}\n"
+                elif kind == "stateset":
+                    text += "".join([f'{name}{{{labels},{name}="{state}"}} {1.0 if on else 0.0}\n' for state, on in value.items()])
+                else:  # histogram
+                    bounds, counts, total = value
+                    les = _BOUND_TEXT.get(bounds) or tuple(map(_number, bounds))
+                    text += "".join([f'{bucket_prefix}{labels},le="{le}"}} {float(n)!r}\n' for le, n in zip(les, counts)])
+                    text += f"{name}_count{{{labels}}} {float(counts[-1])!r}\n{name}_sum{{{labels}}} {_number(total)}\n"
+            out.append(text)
+        return tuple(out)
 
     def answer(self, accept: str) -> tuple[bytes, str]:
         """The body and its content type for a request's Accept header (OpenMetrics when asked for)."""
