@@ -451,6 +451,13 @@ class BackendTracker:
 
     # -- snapshot out -----------------------------------------------------------------------
 
+    def _counters(self) -> Counters:
+        """The counters with the breaker's transitions in, the same object until one of them
+        changes: the exporter keeps a backend's counter lines while it is (serve/exporter.py)."""
+        if self.counters.breaker_transitions != self.breaker.transition_count:
+            self.counters = dataclasses.replace(self.counters, breaker_transitions=self.breaker.transition_count)
+        return self.counters
+
     def snapshot(self) -> BackendSnapshot:
         if self._snapshot is not None and self._snapshot_seq == self.seq:
             return self._snapshot
@@ -512,7 +519,7 @@ class BackendTracker:
             probe_interval_s=interval if probing else None,
             # Figures older than this are shown as old: two missed probe rounds and a timeout.
             stale_after_s=2 * interval + policy.timeout_s,
-            counters=dataclasses.replace(self.counters, breaker_transitions=self.breaker.transition_count),
+            counters=self._counters(),
             labels=self.config.labels,
             alert_rules=tuple((rule.describe(), rule.metric) for rule in self.config.alerts),
             up=up,

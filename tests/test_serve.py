@@ -457,8 +457,13 @@ async def test_the_exposition_cache_never_answers_with_lines_of_an_old_snapshot(
         def changed(**fields):  # a new snapshot of "ok", the rest as they were
             return dataclasses.replace(fleet, backends=tuple(dataclasses.replace(b, **fields) if b.name == "ok" else b for b in fleet.backends))
 
-        fleet = changed(latency_ms=1234.5)  # a health poll: one family's line written again, the rest kept
+        fleet = changed(latency_ms=1234.5)  # a health poll: the counters' lines kept, the rest written again
         assert 'llmtop_backend_health_latency_seconds{backend="ok",provider="vllm",team="ml"} 1.2345' in same_as_prometheus_client(fleet)
+        ok = next(b for b in fleet.backends if b.name == "ok")
+        fleet = changed(counters=dataclasses.replace(ok.counters, probes=ok.counters.probes + 5))  # a probe went out
+        assert f'llmtop_probes_total{{backend="ok",provider="vllm",team="ml"}} {float(ok.counters.probes + 5)}' in same_as_prometheus_client(fleet)
+        fleet = changed(probe_interval_s=123.0)  # a budget stretched its interval: the same counters, a new line
+        assert 'llmtop_probe_interval_seconds{backend="ok",provider="vllm",team="ml"} 123.0' in same_as_prometheus_client(fleet)
         fleet = changed(labels=(("team", "infra"),))  # a reload relabels it: the same label names, a new value
         relabeled = same_as_prometheus_client(fleet)
         assert 'backend="ok",provider="vllm",team="infra"' in relabeled and 'backend="ok",provider="vllm",team="ml"' not in relabeled

@@ -64,6 +64,7 @@ FAMILIES = (
     Family("llmtop_breaker_transitions", "counter", "Circuit breaker transitions."),
     Family("llmtop_probe_last_success_timestamp_seconds", "gauge", "When a probe last measured a time to first token (Unix time)."),
 )
+FIRST_COUNT = [f.name for f in FAMILIES].index("llmtop_probe_ttft_seconds")  # where probe_count_series' families begin
 GPU_FAMILIES = (
     Family("llmtop_gpu_utilization_ratio", "gauge", "GPU utilization, 0 to 1."),
     Family("llmtop_gpu_memory_used_bytes", "gauge", "GPU memory in use."),
@@ -82,6 +83,11 @@ Series = list[tuple[tuple[str, ...], object]]
 
 def backend_series(b: BackendSnapshot, now: float, ready_when: tuple[str, ...]) -> dict[str, Series]:
     """Every series of one backend, by family name: (values of the family's own label, value)."""
+    return {**health_series(b, now, ready_when), **probe_count_series(b)}
+
+
+def health_series(b: BackendSnapshot, now: float, ready_when: tuple[str, ...]) -> dict[str, Series]:
+    """The series of FAMILIES up to FIRST_COUNT: what a health poll or a probe's last figures change."""
     out: dict[str, Series] = {}
 
     def put(name: str, value, *extra: str) -> None:
@@ -114,6 +120,19 @@ def backend_series(b: BackendSnapshot, now: float, ready_when: tuple[str, ...]) 
     if b.probe is not None and b.figures_current(now):
         put("llmtop_probe_last_ttft_seconds", None if b.probe.ttft_ms is None else b.probe.ttft_ms / 1000.0)
         put("llmtop_probe_last_decode_tokens_per_second", b.probe.tokens_per_s)
+    return out
+
+
+def probe_count_series(b: BackendSnapshot) -> dict[str, Series]:
+    """The series of FAMILIES from FIRST_COUNT on: read off the backend's counters (a new object
+    only when a probe, a skip or a breaker transition changed them), its probe interval and
+    whether it has a price."""
+    out: dict[str, Series] = {}
+
+    def put(name: str, value) -> None:
+        if value is not None:
+            out[name] = [((), value)]
+
     c = b.counters
     put("llmtop_probe_ttft_seconds", (TTFT_BOUNDS, tuple(itertools.accumulate(c.ttft_buckets)), c.ttft_sum_s))
     put("llmtop_probe_decode_tokens_per_second", (TPS_BOUNDS, tuple(itertools.accumulate(c.tps_buckets)), c.tps_sum))
@@ -172,6 +191,16 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
+def _same_counts(old: BackendSnapshot, new: BackendSnapshot) -> bool:
+    """Whether probe_count_series would say the same of both (the tracker keeps its counters'
+    object until they change)."""
+    return (
+        old.counters is new.counters
+        and old.probe_interval_s == new.probe_interval_s
+        and (old.probe_cost_per_hour is None) == (new.probe_cost_per_hour is None)
+    )
+
+
 # What _backend_lines needs of each family, in FAMILIES' order: its name, kind, own label, and
 # for a histogram the start of its bucket lines; the bounds' text, written once.
 _WRITING = tuple((f.name, f.kind, f.extra, f"{f.name}_bucket{{") for f in FAMILIES)
@@ -196,7 +225,9 @@ class Exposition:
     and written again only when the engine made that backend a new snapshot (a snapshot is
     immutable and the engine makes a new one only when something about the backend changed),
     when the labels or ready_when changed, or when time alone made its last probe's figures
-    old. A scrape of 500 backends of which a few changed writes those few and joins the rest."""
+    old. A scrape of 500 backends of which a few changed writes those few and joins the rest;
+    of a backend whose counters did not change (no probe since), the counters' and histograms'
+    lines are kept too."""
 
     def __init__(self, snapshot: Callable[[], FleetSnapshot], ready_when: Callable[[], tuple[str, ...]]):
         self._snapshot = snapshot
@@ -214,10 +245,13 @@ class Exposition:
         kept = {}
         rows = []
         for b in fleet.backends:
-            depends = (names, ready_when, b.figures_current(fleet.at))
+            depends = (names, backend_labels(b, names), ready_when, b.figures_current(fleet.at))
             hit = cache.get(b.name)
             if hit is None or hit[0] is not b or hit[1] != depends:
-                hit = (b, depends, self._backend_lines(b, fleet.at, names, ready_when, openmetrics))
+                counted = None
+                if hit is not None and hit[1] == depends and _same_counts(hit[0], b):
+                    counted = hit[2][FIRST_COUNT:]
+                hit = (b, depends, self._backend_lines(b, fleet.at, names, ready_when, counted))
             kept[b.name] = hit
             rows.append(hit[2])
         self._cache[openmetrics] = kept  # backends a reload removed are forgotten here
@@ -236,16 +270,20 @@ class Exposition:
         return "".join(parts).encode()
 
     @staticmethod
-    def _backend_lines(b: BackendSnapshot, now: float, names: tuple[str, ...], ready_when: tuple[str, ...], openmetrics: bool) -> tuple[str, ...]:
-        """One backend's lines of each family, in FAMILIES' order ("" where it has none).
+    def _backend_lines(
+        b: BackendSnapshot, now: float, names: tuple[str, ...], ready_when: tuple[str, ...], counted: tuple[str, ...] | None
+    ) -> tuple[str, ...]:
+        """One backend's lines of each family, in FAMILIES' order ("" where it has none); with
+        `counted`, the lines of probe_count_series' families as they were written before.
 
-        Every family of one backend written in one loop: a scrape after a round of
-        polls writes every backend again (each has a new snapshot), and the calls, lists and joins
-        per family were most of what it cost."""
+        A scrape after a round of polls meets a new snapshot of every backend, with new health
+        figures and, unless a probe went out meanwhile, the same counters: their histograms'
+        and counters' lines, most of each backend's, are kept. Every family is written in one
+        loop: a call, a list and a join per family were most of what a backend cost."""
         label_str = _labels(names, backend_labels(b, names))
-        series = backend_series(b, now, ready_when)
+        series = health_series(b, now, ready_when) if counted is not None else backend_series(b, now, ready_when)
         out = []
-        for name, kind, extra, bucket_prefix in _WRITING:
+        for name, kind, extra, bucket_prefix in _WRITING if counted is None else _WRITING[:FIRST_COUNT]:
             values = series.get(name)
             if values is None:
                 out.append("")
@@ -265,7 +303,7 @@ class Exposition:
                     text += "".join([f'{bucket_prefix}{labels},le="{le}"}} {float(n)!r}\n' for le, n in zip(les, counts)])
                     text += f"{name}_count{{{labels}}} {float(counts[-1])!r}\n{name}_sum{{{labels}}} {_number(total)}\n"
             out.append(text)
-        return tuple(out)
+        return tuple(out) if counted is None else (*out, *counted)
 
     def answer(self, accept: str) -> tuple[bytes, str]:
         """The body and its content type for a request's Accept header (OpenMetrics when asked for)."""
