@@ -76,6 +76,7 @@ _LITELLM_TTFT_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 420.0, 600.0,
 )  # fmt: skip
 _ENGINE_TTFT_HELP = "Histogram of time to first token in seconds."
+_TPOT_BUT_LAST = "llmtop_simulator_time_per_output_token_but_last_seconds"
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -140,12 +141,16 @@ class SimBackend:
     hold: asyncio.Event | None = None
     requests: Counter[str] = field(default_factory=Counter)  # per path, relative to the backend base
     tpot_histogram: _Histogram = field(init=False, repr=False)  # mean seconds per output token after the first, per request
+    # The same up to the token before the last: the window llmtop times when it reads the last
+    # token with the end marker (probe.StreamMeter). Not a vLLM series; the benchmarks read it.
+    tpot_but_last_histogram: _Histogram = field(init=False, repr=False)
     ttft_histogram: _Histogram = field(init=False, repr=False)  # TTFTs served; buckets follow the first provider
 
     def __post_init__(self) -> None:
         bounds = _LITELLM_TTFT_BUCKETS if self.provider == "litellm" else _ENGINE_TTFT_BUCKETS
         self.ttft_histogram = _Histogram(bounds)
         self.tpot_histogram = _Histogram(_TPOT_BUCKETS)
+        self.tpot_but_last_histogram = _Histogram(_TPOT_BUCKETS)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Validated on every assignment, not just in __init__, because tests switch faults at runtime
@@ -478,6 +483,7 @@ async def _tokens(backend: SimBackend, timing: _Timing, n: int) -> AsyncIterator
     Each deadline is absolute, so a late wake-up delays one token without shifting the ones after it.
     """
     ttft, gap = backend.ttft_ms / 1000, backend.gap_ms / 1000
+    times: list[float] = []  # this generation's; the backend's last_token_times is the latest one's
     for i in range(n):
         await _sleep_until(timing.received + ttft + i * gap)
         now = time.perf_counter()
@@ -485,12 +491,14 @@ async def _tokens(backend: SimBackend, timing: _Timing, n: int) -> AsyncIterator
             timing.first = now
             backend.ttft_histogram.observe(now - timing.received)
             backend.last_ttft_s = now - timing.received
-            backend.last_token_times = []
-        backend.last_token_times.append(now)
+            backend.last_token_times = times
+        times.append(now)
         timing.last = now
         if i == n - 1 and n > 1:
             backend.tpot_histogram.observe((timing.last - timing.first) / (n - 1))
             backend.last_tpot_s = (timing.last - timing.first) / (n - 1)
+            if n > 2:
+                backend.tpot_but_last_histogram.observe((times[-2] - times[0]) / (n - 2))
         yield _WORDS[i % len(_WORDS)]
 
 
@@ -716,6 +724,7 @@ def _vllm_metrics(b: SimBackend) -> str:
         _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", b.kv_cache, labels),
         b.ttft_histogram.render("vllm:time_to_first_token_seconds", _ENGINE_TTFT_HELP, labels),
         b.tpot_histogram.render("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.", labels),
+        b.tpot_but_last_histogram.render(_TPOT_BUT_LAST, "The simulator's: time per output token up to the one before the last.", labels),
     ))  # fmt: skip
 
 
