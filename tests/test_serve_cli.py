@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -202,13 +204,11 @@ def _front_pid(proc: subprocess.Popen) -> int:
     return int(line.rsplit("process ", 1)[1].rstrip(")\n"))
 
 
-def _serve_with_front(config, tmp_path) -> tuple[subprocess.Popen, int, int]:
-    """serve started and ready: its process, its port and its readiness front's pid. Its
-    temporary files go under tmp_path/tmp."""
+def _serve_with_front(config, tmp_path, tmpdir: Path) -> tuple[subprocess.Popen, int, int]:
+    """serve started and ready, with TMPDIR=tmpdir: its process, its port and its readiness front's pid."""
     port = free_port()
-    (tmp_path / "tmp").mkdir()
     proc = start("serve", "--config", str(config), "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}",
-                 env={"TMPDIR": str(tmp_path / "tmp")})
+                 env={"TMPDIR": str(tmpdir)})
     try:
         front = _front_pid(proc)
         wait_ready(port, proc)
@@ -222,7 +222,10 @@ def _serve_with_front(config, tmp_path) -> tuple[subprocess.Popen, int, int]:
 def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(config, tmp_path):
     # The front answers balancers from the table serve sent it, whatever serve's own process is
     # doing (here: stopped outright); everything else is serve's, and waits for it.
-    proc, port, front = _serve_with_front(config, tmp_path)
+    # A TMPDIR too long for a Unix socket's path (a CI runner's) still gets a front (runner._private_socket).
+    long_tmp = tmp_path / ("long-" * 20)
+    long_tmp.mkdir()
+    proc, port, front = _serve_with_front(config, tmp_path, long_tmp)
     try:
         url = f"http://127.0.0.1:{port}"
         os.kill(proc.pid, signal.SIGSTOP)
@@ -249,7 +252,8 @@ def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(confi
 
 
 def test_a_killed_serve_takes_its_front_and_port_with_it(config, tmp_path):
-    proc, port, front = _serve_with_front(config, tmp_path)
+    short_tmp = Path(tempfile.mkdtemp(prefix="lt-"))  # tmp_path can be too long for the relay socket's path
+    proc, port, front = _serve_with_front(config, tmp_path, short_tmp)
     ended = os.pidfd_open(front)  # readable once the front has ended (Linux; it is not our child)
     try:
         proc.kill()
@@ -258,7 +262,10 @@ def test_a_killed_serve_takes_its_front_and_port_with_it(config, tmp_path):
         assert select.select([ended], [], [], 10)[0], "the front outlived serve"
     finally:
         os.close(ended)
-    assert list((tmp_path / "tmp").iterdir()) == []  # the front removed the private folder of serve's relay socket
+    try:
+        assert list(short_tmp.iterdir()) == []  # the front removed the private folder of serve's relay socket
+    finally:
+        shutil.rmtree(short_tmp, ignore_errors=True)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not past a listener
         s.bind(("127.0.0.1", port))  # nothing listens on serve's port any more

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import shutil
 import signal
 import socket
@@ -129,6 +130,21 @@ def start_front(sock: socket.socket, relay_path: str) -> Front | None:
         gc.enable()
 
 
+def _private_socket() -> tuple[str, str | None]:
+    """A private (0700) folder, and the path in it for serve's relay socket (front.py), None
+    where no such path fits. A Unix socket's path has a limit (108 bytes on Linux): under a long
+    TMPDIR (a CI runner's, a test's) the folder is made in /tmp instead."""
+    private = tempfile.mkdtemp(prefix="llmtop-serve-")  # 0700: only this user reaches the relay's socket
+    if len(f"{private}/serve.sock".encode()) < 100:
+        return private, f"{private}/serve.sock"
+    try:
+        shorter = tempfile.mkdtemp(prefix="llmtop-serve-", dir="/tmp")
+    except OSError:
+        return private, None
+    os.rmdir(private)
+    return shorter, f"{shorter}/serve.sock"
+
+
 def run(config: Config, config_path: Path | None, state: StateStore, *, listen: str, agent_listen: str | None, log_format: str) -> int:
     """serve() on a loop of its own that, unlike asyncio.run, does not wait at the end for threads
     still stuck in a file read or an NVML call: the exit stays within its bound. The caller ends
@@ -138,10 +154,8 @@ def run(config: Config, config_path: Path | None, state: StateStore, *, listen: 
     except ServeError as exc:
         print(f"llmtop: {exc}", file=sys.stderr)
         return 2
-    private = tempfile.mkdtemp(prefix="llmtop-serve-")  # 0700: only this user reaches the relay's socket
-    relay_path = f"{private}/serve.sock"
-    # A Unix socket's path has a limit (108 bytes on Linux): a long TMPDIR means no front.
-    front = start_front(sock, relay_path) if sock is not None and len(relay_path.encode()) < 100 else None
+    private, relay_path = _private_socket()
+    front = start_front(sock, relay_path) if sock is not None and relay_path is not None else None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
