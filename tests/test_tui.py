@@ -462,6 +462,18 @@ async def test_question_mark_lists_every_key(sim, files):
         assert isinstance(app.screen, FleetScreen)
 
 
+async def test_every_help_line_is_whole_at_80_columns_read_only(sim, files):
+    # The longest case: --read-only marks the keys it turns off with " [off]" after the words.
+    from llmtop.tui.screens.help import KEYS
+
+    async with running(sim, files, size=(80, 24), read_only=True) as (app, pilot):
+        await pilot.press("question_mark")
+        await pilot.pause()
+        text = screen_text(app)
+        for key, what, changes in KEYS:
+            assert what + (" [off]" if changes else "") in text, what
+
+
 async def test_T_cycles_the_theme(sim, files):
     async with running(sim, files) as (app, pilot):
         assert app.theme == "llmtop-dark"

@@ -11,16 +11,17 @@ from textual.widgets import Static
 
 from llmtop.tui.widgets.too_small import TooSmall
 
-# (key, what it does, changes state); kept within 76 columns so the help fits an 80x24 terminal.
+# (key, what it does, changes state); kept within 76 columns, " [off]" included where --read-only adds it,
+# so that the help fits an 80x24 terminal (tests/test_tui.py).
 KEYS = (
     ("↑ ↓ j k", "move between backends", False),
     ("Enter", "details: phases, p50/p95, models, errors, breaker, metrics", False),
     ("Esc", "back, close, or clear the filter", False),
     ("p", "probe the selected backend now: a full round incl. a completion", False),
     ("P", "probe every backend now; progress shows in the header", False),
-    ("d", "drain / undrain the selected backend (asks; survives restarts)", True),
+    ("d", "drain / undrain the selected one (asks; survives restarts)", True),
     ("t", "disable / enable the selected backend (survives restarts)", True),
-    ("r", "reload the config (SIGHUP and edits reload it too, also --read-only)", True),
+    ("r", "reload the config (SIGHUP and edits too, even read-only)", True),
     ("/", "filter by name, provider, status, agent or model name", False),
     ("s / S", "sort by the next column / reverse the sort (or click a header)", False),
     ("space", "pause the screen to read it (polls and probes go on)", False),
