@@ -469,6 +469,40 @@ async def test_the_exposition_cache_never_answers_with_lines_of_an_old_snapshot(
         assert 'backend="ok",provider="vllm",team="infra"' in relabeled and 'backend="ok",provider="vllm",team="ml"' not in relabeled
 
 
+async def test_between_scrapes_the_metrics_lines_are_brought_up_to_date(tmp_path, monkeypatch):
+    """A scrape every 15-60 s would meet every backend changed: once scrapes come, serve writes
+    each changed backend's lines as it goes, and the next scrape joins them."""
+    from llmtop.serve import http
+
+    monkeypatch.setattr(http, "WARM_EVERY_S", 0.05)
+    backends = fleet()
+    async with Simulator(backends) as sim:
+        engine = Engine(config(sim, backends), StateStore(tmp_path / "state.json"))
+        await engine.open()
+        engine.start()
+        site = ServeSite(engine, "127.0.0.1:0")
+        await site.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
+                await first_round(engine)
+
+                async def written(admin: str) -> bool:
+                    kept = site._exposition._cache[False].get("ok")
+                    return kept is not None and kept[0].admin == admin
+
+                await asyncio.sleep(0.2)  # several warming periods: with no scrape yet, nothing is written
+                assert site._exposition._cache[False] == {}
+                assert (await client.get("/metrics")).status_code == 200  # a first scrape
+                assert await written("active")
+                await engine.set_admin("ok", "draining")
+                await until(lambda: written("draining"), "the drained backend's lines written before the next scrape")
+                text = (await client.get("/metrics")).text
+                assert 'llmtop_backend_admin{backend="ok",provider="vllm",team="ml",llmtop_backend_admin="draining"} 1.0' in text
+        finally:
+            await site.stop()
+            await engine.close()
+
+
 async def test_a_bad_byte_in_the_state_file_is_said_and_following_goes_on(tmp_path):
     from llmtop.follow import Follower
 

@@ -240,6 +240,24 @@ class Exposition:
 
     def render_fleet(self, fleet: FleetSnapshot, ready_when: tuple[str, ...], openmetrics: bool) -> bytes:
         """The exposition of this snapshot. Not for two threads at once (the cache is shared)."""
+        rows = self.refresh(fleet, ready_when, openmetrics)
+        parts = [_head(BUILD, openmetrics), f'llmtop_build_info{{version="{_escape(__version__)}"}} 1.0\n']
+        columns = zip(*rows) if rows else [()] * len(FAMILIES)
+        for family, column in zip(FAMILIES, columns):
+            parts.append(_head(family, openmetrics))
+            parts.extend(column)
+        gpus = gpu_series(fleet)
+        for family in GPU_FAMILIES:
+            parts.append(_head(family, openmetrics))
+            for labels, value in gpus.get(family.name, ()):
+                parts.append(f"{family.name}{{{_labels(('gpu', 'name'), labels)}}} {_number(value)}\n")
+        if openmetrics:
+            parts.append("# EOF\n")
+        return "".join(parts).encode()
+
+    def refresh(self, fleet: FleetSnapshot, ready_when: tuple[str, ...], openmetrics: bool) -> list[tuple[str, ...]]:
+        """Bring the kept lines up to this snapshot, and return each backend's (serve calls this
+        between scrapes, so that a scrape finds little left to write)."""
         names = label_names(fleet)
         cache = self._cache[openmetrics]
         kept = {}
@@ -255,19 +273,7 @@ class Exposition:
             kept[b.name] = hit
             rows.append(hit[2])
         self._cache[openmetrics] = kept  # backends a reload removed are forgotten here
-        parts = [_head(BUILD, openmetrics), f'llmtop_build_info{{version="{_escape(__version__)}"}} 1.0\n']
-        columns = zip(*rows) if rows else [()] * len(FAMILIES)
-        for family, column in zip(FAMILIES, columns):
-            parts.append(_head(family, openmetrics))
-            parts.extend(column)
-        gpus = gpu_series(fleet)
-        for family in GPU_FAMILIES:
-            parts.append(_head(family, openmetrics))
-            for labels, value in gpus.get(family.name, ()):
-                parts.append(f"{family.name}{{{_labels(('gpu', 'name'), labels)}}} {_number(value)}\n")
-        if openmetrics:
-            parts.append("# EOF\n")
-        return "".join(parts).encode()
+        return rows
 
     @staticmethod
     def _backend_lines(

@@ -32,6 +32,11 @@ WRITE_S = 5.0  # an event-stream client that takes longer to accept a write is l
 TICK_S = 0.5  # how often an event stream looks for changed backends
 RECENT_EVENTS = 50  # sent after the fleet to each new event-stream client
 ACTIONS = ("drain", "undrain", "disable", "enable", "probe")
+# Between scrapes, /metrics' kept lines are brought up to date this often (the render thread, a
+# millisecond or two over 500 backends when little changed), so that a scrape writes only what
+# changed since: for as long as scrapes keep coming, up to WARM_FOR_S after the last.
+WARM_EVERY_S = 1.0
+WARM_FOR_S = 300.0
 
 
 def fleet_document(fleet: FleetSnapshot) -> dict:
@@ -91,11 +96,14 @@ class ServeSite(BoardServer):
         self._closing: asyncio.Event | None = None  # the thread's
         self._exposition = Exposition(engine.snapshot, lambda: self._settings().ready_when)
         self._render = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmtop-render")  # one: the cache is shared
+        self._scraped: tuple[float, bool] | None = None  # (time.monotonic(), OpenMetrics?) of the last /metrics
+        self._warming: asyncio.Task | None = None  # the thread's
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _start(self) -> int:
         self._closing = asyncio.Event()
+        self._warming = asyncio.ensure_future(self._keep_warm())
         host, port = split_address(self.listen)
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.add_routes(
@@ -158,6 +166,8 @@ class ServeSite(BoardServer):
 
     async def _stop(self) -> None:
         self._closing.set()
+        if self._warming is not None:
+            self._warming.cancel()
         if self._front is not None and not self._front.lost:
             asyncio.get_running_loop().remove_reader(self._front.ctl.fileno())
         if self._runner is not None:
@@ -202,14 +212,33 @@ class ServeSite(BoardServer):
         """From the snapshots the engine published (board.py), without waiting on its loop, and
         rendered on the render thread."""
         openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
-        backends = self._board.backends()
-        if backends is None:
-            fleet = await self._thread.on_home(self.engine.snapshot)
-        else:  # what the exposition reads of Engine.snapshot(): the time, the backends, the GPUs
-            fleet = FleetSnapshot(at=self.engine.wall(), backends=backends, gpu=self.engine.gpu_status, events=())
+        self._scraped = (time.monotonic(), openmetrics)
+        fleet = await self._published()
         ready_when = self._settings().ready_when
         body = await asyncio.get_running_loop().run_in_executor(self._render, self._exposition.render_fleet, fleet, ready_when, openmetrics)
         return web.Response(body=body, headers={"Content-Type": content_type(openmetrics)})
+
+    async def _published(self) -> FleetSnapshot:
+        backends = self._board.backends()
+        if backends is None:
+            return await self._thread.on_home(self.engine.snapshot)
+        # what the exposition reads of Engine.snapshot(): the time, the backends, the GPUs
+        return FleetSnapshot(at=self.engine.wall(), backends=backends, gpu=self.engine.gpu_status, events=())
+
+    async def _keep_warm(self) -> None:
+        """Bring /metrics' kept lines up to date every WARM_EVERY_S while scrapes come (see there):
+        a scrape every 15-60 s would otherwise meet every backend changed and write them all."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WARM_EVERY_S)
+            scraped = self._scraped
+            if scraped is None or time.monotonic() - scraped[0] > WARM_FOR_S:
+                continue
+            fleet = await self._published()
+            try:
+                await loop.run_in_executor(self._render, self._exposition.refresh, fleet, self._settings().ready_when, scraped[1])
+            except RuntimeError:  # the render thread is shut down: serve is stopping
+                return
 
     async def fleet(self, request: web.Request) -> web.Response:
         fleet = await self._thread.on_home(self.engine.snapshot)
