@@ -234,7 +234,7 @@ def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(confi
             assert (r.status_code, r.text) == (200, "ready\n")
             assert httpx.get(url + "/backends/b/ready", timeout=5, trust_env=False).status_code == 503
             with pytest.raises(httpx.ReadTimeout):  # serve's: it is stopped
-                httpx.get(url + "/api/v1/fleet", timeout=0.5, trust_env=False)
+                httpx.get(url + "/api/v1/fleet", timeout=httpx.Timeout(10.0, read=0.5), trust_env=False)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
         assert httpx.get(url + "/api/v1/fleet", timeout=10, trust_env=False).status_code == 200
