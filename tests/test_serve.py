@@ -412,6 +412,13 @@ async def test_the_fast_exposition_says_exactly_what_prometheus_client_says(tmp_
         assert parsed(ours.render(False).decode(), text_string_to_metric_families) == parsed(generate_latest(registry).decode(), text_string_to_metric_families)
         assert parsed(ours.render(True).decode(), parse_openmetrics) == parsed(openmetrics_latest(registry).decode(), parse_openmetrics)
         assert ours.render(True) == ours.render(True)  # from the cache, the same bytes
+        # The lines kept while a backend's counters stay the same are FAMILIES' tail: each
+        # function's families must lie on its side of FIRST_COUNT.
+        from llmtop.serve.exporter import FAMILIES, FIRST_COUNT, health_series, probe_count_series
+
+        for b in fleet.backends:
+            assert set(health_series(b, fleet.at, ready_when())) <= {f.name for f in FAMILIES[:FIRST_COUNT]}
+            assert set(probe_count_series(b)) <= {f.name for f in FAMILIES[FIRST_COUNT:]}
 
 
 async def test_the_exposition_cache_never_answers_with_lines_of_an_old_snapshot(tmp_path):
