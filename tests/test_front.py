@@ -139,8 +139,26 @@ async def test_a_table_that_stopped_coming_is_not_an_answer(front, monkeypatch):
         await asyncio.sleep(0.05)
     assert r.status_code == 503 and "has not ticked" in r.text
     assert (await ask(front, "/readyz")).status_code == 503
+    front.metrics(False, b"llmtop_up 1\n")  # written on serve's render thread: not a sign that the engine ticks
+    assert (await ask(front, "/backends/a/ready")).status_code == 503
     front.beat()
     assert (await ask(front, "/backends/a/ready")).status_code == 200
+
+
+async def test_metrics_are_answered_from_the_body_serve_sent_while_it_is_fresh(front, monkeypatch):
+    front.table({}, 0)
+    body = b"# HELP llmtop_x x\n" + b"llmtop_x 1.0\n" * 40_000  # 480 KiB: more than one message
+    front.metrics(False, body)
+    r = await ask(front, "/metrics")
+    assert r.status_code == 200 and r.content == body and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert front.receive() == [] and front.scraped is not None and front.scraped[1] is False  # serve hears of the scrape
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:  # the format it holds no body of: serve's
+        r = await client.get(f"http://127.0.0.1:{front.port}/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert r.text == "serve: GET /metrics  for 127.0.0.1"
+    monkeypatch.setattr(front_module, "METRICS_FRESH_S", 0.0)  # too old to be the fleet now: serve's
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        assert (await client.get(f"http://127.0.0.1:{front.port}/backends/a/ready")).status_code == 404  # a kept connection
+        assert (await client.get(f"http://127.0.0.1:{front.port}/metrics")).text == "serve: GET /metrics  for 127.0.0.1"
 
 
 async def test_a_kept_connection_asked_something_else_is_relayed_to_serve(front):

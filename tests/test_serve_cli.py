@@ -251,6 +251,34 @@ def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(confi
         proc.communicate(timeout=10)
 
 
+def test_once_prometheus_scrapes_the_front_answers_metrics_while_serve_is_held(config, tmp_path):
+    # After a first scrape (serve's), serve sends the front a fresh body every second, and the
+    # front answers scrapes itself: here, with serve's own process stopped outright.
+    short_tmp = Path(tempfile.mkdtemp(prefix="lt-"))
+    proc, port, _front = _serve_with_front(config, tmp_path, short_tmp)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        assert "llmtop_backend_up{" in httpx.get(url, timeout=10, trust_env=False).text  # serve's answer
+        deadline = time.monotonic() + 30  # outer bound: the first body reaches the front within a second or two
+        while True:
+            time.sleep(1.5)  # serve running: it sends a body every second (who answers cannot be seen otherwise)
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                r = httpx.get(url, timeout=httpx.Timeout(10.0, read=1.0), trust_env=False)
+                break
+            except httpx.ReadTimeout:  # no body at the front yet: the question went to the stopped serve
+                assert time.monotonic() < deadline, "the front never answered /metrics"
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+        assert r.status_code == 200 and 'llmtop_backend_up{backend="a",provider="vllm"} 1.0' in r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+        shutil.rmtree(short_tmp, ignore_errors=True)
+
+
 def test_a_killed_serve_takes_its_front_and_port_with_it(config, tmp_path):
     short_tmp = Path(tempfile.mkdtemp(prefix="lt-"))  # tmp_path can be too long for the relay socket's path
     proc, port, front = _serve_with_front(config, tmp_path, short_tmp)

@@ -43,6 +43,8 @@ PASS_S = 30.0  # how long a connection waits for serve to take it (serve stopped
 CHUNK = 200  # answers per message (a message must fit the socket's buffer)
 CLOSE_S = 0.3  # serve's stop waits this long for the front to end by itself (the target is 2 s)
 BACKLOG_BYTES = 32 << 20  # what the front may fall behind by before serve gives it up
+METRICS_CHUNK = 128 << 10  # bytes of a /metrics body per message (a message must fit the socket's buffer)
+METRICS_FRESH_S = 2.5  # a body older than this is not answered with (serve sends one a second while scrapes come)
 SENT_S = 2.0  # how long an admin answer waits for its change to reach the front before serve gives the front up
 SAFE_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 # Not passed on by the relay: they describe one hop (RFC 9110, 7.6.1), and aiohttp frames each side.
@@ -67,6 +69,7 @@ class Front:
         self._backlog: collections.deque[bytes] = collections.deque()  # sent once the front reads again
         self._backlog_bytes = 0
         self._waiting: list[asyncio.Future[None]] = []  # sent()'s callers, woken when the backlog is empty
+        self.scraped: tuple[float, bool] | None = None  # (time.monotonic(), OpenMetrics?) of the last scrape the front answered
 
     @classmethod
     def start(cls, listening: socket.socket, relay_path: str) -> Front | None:
@@ -158,6 +161,15 @@ class Front:
     def beat(self) -> None:
         self.send(("beat",))
 
+    def metrics(self, openmetrics: bool, body: bytes) -> None:
+        """A /metrics body for the front to answer scrapes with (serve/http.py sends one a second
+        while scrapes come). Skipped while anything is still on its way: a front that reads
+        slowly is not given up on for bodies it would not have used."""
+        if self.lost or self._backlog:
+            return
+        for i in range(0, max(1, len(body)), METRICS_CHUNK):
+            self.send(("metrics", openmetrics, body[i : i + METRICS_CHUNK], i + METRICS_CHUNK >= len(body)))
+
     def give_up(self) -> None:
         """Stop the front: serve answers on its port itself from now on (see ServeSite)."""
         if self.lost:
@@ -190,6 +202,8 @@ class Front:
             if not data and not fds:
                 self.lost = True
                 return taken or None
+            if data[:1] == b"s":  # the front answered a scrape: keep its body coming (serve/http.py)
+                self.scraped = (time.monotonic(), data[1:2] == b"1")
             taken += [socket.socket(fileno=fd) for fd in fds]
 
     def close(self) -> None:
@@ -248,9 +262,9 @@ class _Answerer:
         import aiohttp
         from aiohttp import web
 
-        from llmtop.serve import answers
+        from llmtop.serve import answers, exporter
 
-        self.aiohttp, self.web, self.answers = aiohttp, web, answers
+        self.aiohttp, self.web, self.answers, self.exporter = aiohttp, web, answers, exporter
         self.relay_path = relay_path
         self.listening = listening
         self.ctl = ctl
@@ -261,6 +275,8 @@ class _Answerer:
         self.waiting: list[asyncio.Future] = []  # connections waiting for room on the socket to serve
         self.beat = time.monotonic()
         self.gone = asyncio.Event()
+        self.bodies: dict[bool, tuple[float, bytes]] = {}  # OpenMetrics? -> (when it came, the /metrics body)
+        self.body_parts: dict[bool, list[bytes]] = {}
 
     async def run(self) -> None:
         self.server = self.web.Server(self.handle, access_log=None)
@@ -295,8 +311,16 @@ class _Answerer:
             self.apply(pickle.loads(data))
 
     def apply(self, message: tuple) -> None:
-        self.beat = time.monotonic()  # every message says that the engine's loop ticks
         kind = message[0]
+        if kind == "metrics":  # written on serve's render thread: no sign that the engine's loop ticks
+            _, openmetrics, part, last = message
+            parts = self.body_parts.setdefault(openmetrics, [])
+            parts.append(part)
+            if last:
+                self.bodies[openmetrics] = (time.monotonic(), b"".join(parts))
+                parts.clear()
+            return
+        self.beat = time.monotonic()  # every other message says that the engine's loop ticks
         if kind == "put":
             self.entries.update(message[1])
             self.pending = message[2]
@@ -371,7 +395,11 @@ class _Answerer:
 
     def answers_for(self, method: str, path: str) -> bool:
         """`path` as sent (not decoded): a name with escapes is left to serve's router."""
-        if method not in ("GET", "HEAD") or not self.synced:
+        if method not in ("GET", "HEAD"):
+            return False
+        if path == "/metrics":
+            return any(self.fresh(openmetrics) is not None for openmetrics in self.bodies)
+        if not self.synced:
             return False
         if path == "/readyz":
             return True
@@ -383,10 +411,24 @@ class _Answerer:
         entry = self.entries.get(name)
         return entry is None or time.monotonic() < entry.until
 
+    def fresh(self, openmetrics: bool) -> bytes | None:
+        held = self.bodies.get(openmetrics)
+        return held[1] if held is not None and time.monotonic() - held[0] <= METRICS_FRESH_S else None
+
     async def handle(self, request):
         self.read_ctl()
         if not self.answers_for(request.method, request.raw_path.split("?", 1)[0]):
             return await self.relay(request)
+        if request.path == "/metrics":
+            openmetrics = self.exporter.wants_openmetrics(request.headers.get("Accept", ""))
+            body = self.fresh(openmetrics)
+            if body is None:  # the other format's body is fresh, not this one's
+                return await self.relay(request)
+            try:
+                self.ctl.send(b"s1" if openmetrics else b"s0")  # serve keeps the bodies coming while scrapes do
+            except OSError:
+                pass  # a full socket: the next scrape says it
+            return self.web.Response(body=body, headers={"Content-Type": self.exporter.content_type(openmetrics)})
         stalled = self.answers.stalled_for(self.beat)
         if request.path == "/readyz":
             status, text = self.answers.readyz(stalled, self.pending)

@@ -227,16 +227,24 @@ class ServeSite(BoardServer):
 
     async def _keep_warm(self) -> None:
         """Bring /metrics' kept lines up to date every WARM_EVERY_S while scrapes come (see there):
-        a scrape every 15-60 s would otherwise meet every backend changed and write them all."""
+        a scrape every 15-60 s would otherwise meet every backend changed and write them all.
+        With a readiness front, the whole body goes to it each time, and it answers the scrapes
+        itself (front.py), in a process whose answers wait on no thread of serve's."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(WARM_EVERY_S)
-            scraped = self._scraped
+            scraped = max((s for s in (self._scraped, self._front.scraped if self._front else None) if s), default=None)
             if scraped is None or time.monotonic() - scraped[0] > WARM_FOR_S:
                 continue
             fleet = await self._published()
+            ready_when, openmetrics = self._settings().ready_when, scraped[1]
+            front = self._front if self._front is not None and not self._front.lost else None
             try:
-                await loop.run_in_executor(self._render, self._exposition.refresh, fleet, self._settings().ready_when, scraped[1])
+                if front is None:
+                    await loop.run_in_executor(self._render, self._exposition.refresh, fleet, ready_when, openmetrics)
+                else:
+                    body = await loop.run_in_executor(self._render, self._exposition.render_fleet, fleet, ready_when, openmetrics)
+                    self._thread.to_home(front.metrics, openmetrics, body)
             except RuntimeError:  # the render thread is shut down: serve is stopping
                 return
 
