@@ -45,6 +45,8 @@ CLOSE_S = 0.3  # serve's stop waits this long for the front to end by itself (th
 BACKLOG_BYTES = 32 << 20  # what the front may fall behind by before serve gives it up
 METRICS_CHUNK = 128 << 10  # bytes of a /metrics body per message (a message must fit the socket's buffer)
 METRICS_FRESH_S = 2.5  # a body older than this is not answered with (serve sends one a second while scrapes come)
+_METRICS = b"M"  # a message that starts so is a piece of a /metrics body (pickles start with 0x80), then its flags:
+_OPENMETRICS, _FIRST, _LAST = 1, 2, 4
 SENT_S = 2.0  # how long an admin answer waits for its change to reach the front before serve gives the front up
 SAFE_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 # Not passed on by the relay: they describe one hop (RFC 9110, 7.6.1), and aiohttp frames each side.
@@ -66,7 +68,7 @@ class Front:
         self.pid = pid  # None: not a child of this process (a test runs the answerer in its own loop)
         self.ctl = ctl
         self.lost = False
-        self._backlog: collections.deque[bytes] = collections.deque()  # sent once the front reads again
+        self._backlog: collections.deque[list] = collections.deque()  # messages (their pieces), sent once the front reads again
         self._backlog_bytes = 0
         self._waiting: list[asyncio.Future[None]] = []  # sent()'s callers, woken when the backlog is empty
         self.scraped: tuple[float, bool] | None = None  # (time.monotonic(), OpenMetrics?) of the last scrape the front answered
@@ -98,33 +100,35 @@ class Front:
     def send(self, message: tuple) -> None:
         """One message to the front, in order; what its socket cannot take now waits for it (on
         this loop), and a front that falls BACKLOG_BYTES behind is given up on."""
-        if self.lost:
-            return
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if not self.lost:
+            self._put([pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)])
+
+    def _put(self, pieces: list) -> None:
+        """One message (its pieces, sent as one), or into the backlog behind those before it."""
         if not self._backlog:
             try:
-                self.ctl.send(data)
+                self.ctl.sendmsg(pieces)
                 return
             except (BlockingIOError, InterruptedError):
                 asyncio.get_running_loop().add_writer(self.ctl.fileno(), self._flush)
             except OSError:  # gone
                 self.give_up()
                 return
-        self._backlog.append(data)
-        self._backlog_bytes += len(data)
+        self._backlog.append(pieces)
+        self._backlog_bytes += sum(len(piece) for piece in pieces)
         if self._backlog_bytes > BACKLOG_BYTES:
             self.give_up()
 
     def _flush(self) -> None:
         while self._backlog and not self.lost:
             try:
-                self.ctl.send(self._backlog[0])
+                self.ctl.sendmsg(self._backlog[0])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 self.give_up()
                 break
-            self._backlog_bytes -= len(self._backlog.popleft())
+            self._backlog_bytes -= sum(len(piece) for piece in self._backlog.popleft())
         asyncio.get_running_loop().remove_writer(self.ctl.fileno())
         self._wake()
 
@@ -163,12 +167,15 @@ class Front:
 
     def metrics(self, openmetrics: bool, body: bytes) -> None:
         """A /metrics body for the front to answer scrapes with (serve/http.py sends one a second
-        while scrapes come). Skipped while anything is still on its way: a front that reads
-        slowly is not given up on for bodies it would not have used."""
+        while scrapes come), in raw messages of METRICS_CHUNK bytes, not pickled and not copied.
+        Skipped while anything is still on its way: a front that reads slowly holds up one body
+        at most, and is not given up on for bodies it would not have used."""
         if self.lost or self._backlog:
             return
-        for i in range(0, max(1, len(body)), METRICS_CHUNK):
-            self.send(("metrics", openmetrics, body[i : i + METRICS_CHUNK], i + METRICS_CHUNK >= len(body)))
+        view, size = memoryview(body), len(body)
+        for i in range(0, max(1, size), METRICS_CHUNK):
+            flags = (_OPENMETRICS if openmetrics else 0) | (_FIRST if i == 0 else 0) | (_LAST if i + METRICS_CHUNK >= size else 0)
+            self._put([_METRICS + bytes((flags,)), view[i : i + METRICS_CHUNK]])
 
     def give_up(self) -> None:
         """Stop the front: serve answers on its port itself from now on (see ServeSite)."""
@@ -275,8 +282,8 @@ class _Answerer:
         self.waiting: list[asyncio.Future] = []  # connections waiting for room on the socket to serve
         self.beat = time.monotonic()
         self.gone = asyncio.Event()
-        self.bodies: dict[bool, tuple[float, bytes]] = {}  # OpenMetrics? -> (when it came, the /metrics body)
-        self.body_parts: dict[bool, list[bytes]] = {}
+        self.bodies: dict[bool, tuple[float, list[memoryview]]] = {}  # OpenMetrics? -> (when it came, the /metrics body's pieces)
+        self.body_parts: dict[bool, list[memoryview]] = {}  # a body still coming
 
     async def run(self) -> None:
         self.server = self.web.Server(self.handle, access_log=None)
@@ -308,19 +315,29 @@ class _Answerer:
                 asyncio.get_running_loop().remove_reader(self.ctl.fileno())
                 self.gone.set()
                 return
-            self.apply(pickle.loads(data))
+            if data[:1] == _METRICS:
+                self.metrics_part(data)
+            else:
+                self.apply(pickle.loads(data))
+
+    def metrics_part(self, data: bytes) -> None:
+        """A piece of a /metrics body, kept as it came (no join: the answer writes the pieces).
+        Written on serve's render thread: no sign that the engine's loop ticks."""
+        flags, piece = data[1], memoryview(data)[2:]
+        openmetrics = bool(flags & _OPENMETRICS)
+        if flags & _FIRST:
+            self.body_parts[openmetrics] = []
+        parts = self.body_parts.get(openmetrics)
+        if parts is None:
+            return  # the rest of a body whose start was dropped
+        parts.append(piece)
+        if flags & _LAST:
+            self.bodies[openmetrics] = (time.monotonic(), parts)
+            del self.body_parts[openmetrics]
 
     def apply(self, message: tuple) -> None:
+        self.beat = time.monotonic()  # every message says that the engine's loop ticks
         kind = message[0]
-        if kind == "metrics":  # written on serve's render thread: no sign that the engine's loop ticks
-            _, openmetrics, part, last = message
-            parts = self.body_parts.setdefault(openmetrics, [])
-            parts.append(part)
-            if last:
-                self.bodies[openmetrics] = (time.monotonic(), b"".join(parts))
-                parts.clear()
-            return
-        self.beat = time.monotonic()  # every other message says that the engine's loop ticks
         if kind == "put":
             self.entries.update(message[1])
             self.pending = message[2]
@@ -411,7 +428,7 @@ class _Answerer:
         entry = self.entries.get(name)
         return entry is None or time.monotonic() < entry.until
 
-    def fresh(self, openmetrics: bool) -> bytes | None:
+    def fresh(self, openmetrics: bool) -> list[memoryview] | None:
         held = self.bodies.get(openmetrics)
         return held[1] if held is not None and time.monotonic() - held[0] <= METRICS_FRESH_S else None
 
@@ -428,7 +445,13 @@ class _Answerer:
                 self.ctl.send(b"s1" if openmetrics else b"s0")  # serve keeps the bodies coming while scrapes do
             except OSError:
                 pass  # a full socket: the next scrape says it
-            return self.web.Response(body=body, headers={"Content-Type": self.exporter.content_type(openmetrics)})
+            response = self.web.StreamResponse(headers={"Content-Type": self.exporter.content_type(openmetrics)})
+            response.content_length = sum(len(piece) for piece in body)
+            await response.prepare(request)
+            for piece in body:
+                await response.write(piece)
+            await response.write_eof()
+            return response
         stalled = self.answers.stalled_for(self.beat)
         if request.path == "/readyz":
             status, text = self.answers.readyz(stalled, self.pending)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import os
 import shutil
@@ -120,6 +121,21 @@ def bind(listen: str) -> socket.socket | None:
     return sock
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _large_blocks_back_to_the_system() -> None:
+    """glibc serves a large block (a /metrics body: 2.2 MB over 500 backends, written each
+    second while Prometheus scrapes) from mmap, but after the first is freed it raises that
+    threshold and keeps such blocks in each thread's heap: the render thread's and the front's
+    grew by megabytes. A fixed threshold gives every freed large block back (glibc only)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: its own allocator's ways
+
+
 def start_front(sock: socket.socket, relay_path: str) -> Front | None:
     """The readiness front (front.py), forked while this process runs no other thread."""
     gc.disable()
@@ -154,6 +170,7 @@ def run(config: Config, config_path: Path | None, state: StateStore, *, listen: 
     except ServeError as exc:
         print(f"llmtop: {exc}", file=sys.stderr)
         return 2
+    _large_blocks_back_to_the_system()
     private, relay_path = _private_socket()
     front = start_front(sock, relay_path) if sock is not None and relay_path is not None else None
     loop = asyncio.new_event_loop()
