@@ -88,8 +88,8 @@ async def test_readiness_is_answered_by_the_front_and_in_serves_words(front):
 
 async def test_every_other_connection_reaches_serve_unread_with_its_clients_address(front):
     front.table({"a": Entry(True, "ready", time.monotonic() - 1), "b c": Entry(True, "ready", FAR)}, 0)
-    for request in (
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    for request in (  # (/metrics the front keeps: test_metrics_are_answered_...)
+        b"GET /api/v1/fleet HTTP/1.1\r\nHost: x\r\n\r\n",
         b"POST /api/v1/backends/a/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
         b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n",  # asks the engine's loop: only serve can
         b"GET /backends/a/ready HTTP/1.1\r\nHost: x\r\n\r\n",  # past `until`: the engine decides
@@ -147,9 +147,14 @@ async def test_a_table_that_stopped_coming_is_not_an_answer(front, monkeypatch):
 
 async def test_metrics_are_answered_from_the_body_serve_sent_while_it_is_fresh(front, monkeypatch):
     front.table({}, 0)
+    # Before any body: serve's answer, relayed; the front keeps the connection, for a scraper
+    # keeps it too, and one handed to serve would never be the front's again.
     body = b"# HELP llmtop_x x\n" + b"llmtop_x 1.0\n" * 40_000  # 480 KiB: more than one message
-    front.metrics(False, body)
-    r = await ask(front, "/metrics")
+    async with httpx.AsyncClient(trust_env=False, timeout=10, limits=httpx.Limits(max_connections=1)) as client:
+        url = f"http://127.0.0.1:{front.port}/metrics"
+        assert (await client.get(url)).text == "serve: GET /metrics  for 127.0.0.1"
+        front.metrics(False, body)
+        r = await client.get(url)  # the same connection
     assert r.status_code == 200 and r.content == body and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert front.receive() == [] and front.scraped is not None and front.scraped[1] is False  # serve hears of the scrape
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:  # the format it holds no body of: serve's

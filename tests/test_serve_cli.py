@@ -257,14 +257,17 @@ def test_once_prometheus_scrapes_the_front_answers_metrics_while_serve_is_held(c
     short_tmp = Path(tempfile.mkdtemp(prefix="lt-"))
     proc, port, _front = _serve_with_front(config, tmp_path, short_tmp)
     url = f"http://127.0.0.1:{port}/metrics"
+    # One kept-alive connection, as Prometheus scrapes: its first scrape is serve's (relayed), the
+    # later ones the front's.
+    client = httpx.Client(trust_env=False, timeout=httpx.Timeout(10.0, read=1.0))
     try:
-        assert "llmtop_backend_up{" in httpx.get(url, timeout=10, trust_env=False).text  # serve's answer
+        assert "llmtop_backend_up{" in client.get(url, timeout=10).text  # serve's answer
         deadline = time.monotonic() + 30  # outer bound: the first body reaches the front within a second or two
         while True:
             time.sleep(1.5)  # serve running: it sends a body every second (who answers cannot be seen otherwise)
             os.kill(proc.pid, signal.SIGSTOP)
             try:
-                r = httpx.get(url, timeout=httpx.Timeout(10.0, read=1.0), trust_env=False)
+                r = client.get(url)
                 break
             except httpx.ReadTimeout:  # no body at the front yet: the question went to the stopped serve
                 assert time.monotonic() < deadline, "the front never answered /metrics"
@@ -274,6 +277,7 @@ def test_once_prometheus_scrapes_the_front_answers_metrics_while_serve_is_held(c
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
+        client.close()
         proc.kill()
         proc.communicate(timeout=10)
         shutil.rmtree(short_tmp, ignore_errors=True)

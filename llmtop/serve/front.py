@@ -415,7 +415,9 @@ class _Answerer:
         if method not in ("GET", "HEAD"):
             return False
         if path == "/metrics":
-            return any(self.fresh(openmetrics) is not None for openmetrics in self.bodies)
+            # Always the front's: a scraper keeps its connection, and one handed to serve would
+            # stay serve's for every later scrape. Without a fresh body, it is relayed (handle).
+            return True
         if not self.synced:
             return False
         if path == "/readyz":
@@ -439,7 +441,7 @@ class _Answerer:
         if request.path == "/metrics":
             openmetrics = self.exporter.wants_openmetrics(request.headers.get("Accept", ""))
             body = self.fresh(openmetrics)
-            if body is None:  # the other format's body is fresh, not this one's
+            if body is None:  # none yet (the first scrape), or too old, or of the other format
                 return await self.relay(request)
             try:
                 self.ctl.send(b"s1" if openmetrics else b"s0")  # serve keeps the bodies coming while scrapes do
