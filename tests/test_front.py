@@ -157,6 +157,12 @@ async def test_metrics_are_answered_from_the_body_serve_sent_while_it_is_fresh(f
         r = await client.get(url)  # the same connection
     assert r.status_code == 200 and r.content == body and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert front.receive() == [] and front.scraped is not None and front.scraped[1] is False  # serve hears of the scrape
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)  # HEAD, then a question on the same connection
+    writer.write(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answers_back = await reader.read()
+    writer.close()
+    head, _, rest = answers_back.partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % len(body) in head and rest.startswith(b"HTTP/1.1 200")  # no body after the head
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:  # the format it holds no body of: serve's
         r = await client.get(f"http://127.0.0.1:{front.port}/metrics", headers={"Accept": "application/openmetrics-text"})
     assert r.text == "serve: GET /metrics  for 127.0.0.1"

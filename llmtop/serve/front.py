@@ -450,7 +450,7 @@ class _Answerer:
             response = self.web.StreamResponse(headers={"Content-Type": self.exporter.content_type(openmetrics)})
             response.content_length = sum(len(piece) for piece in body)
             await response.prepare(request)
-            for piece in body:
+            for piece in body if request.method != "HEAD" else ():  # HEAD: the head alone
                 await response.write(piece)
             await response.write_eof()
             return response
