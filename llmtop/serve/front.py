@@ -283,7 +283,7 @@ class _Answerer:
         self.beat = time.monotonic()
         self.gone = asyncio.Event()
         self.bodies: dict[bool, tuple[float, list[memoryview]]] = {}  # OpenMetrics? -> (when it came, the /metrics body's pieces)
-        self.body_parts: dict[bool, list[memoryview]] = {}  # a body still coming
+        self.body_parts: dict[bool, list[memoryview]] = {}  # the pieces of a body still coming
 
     async def run(self) -> None:
         self.server = self.web.Server(self.handle, access_log=None)
@@ -321,19 +321,16 @@ class _Answerer:
                 self.apply(pickle.loads(data))
 
     def metrics_part(self, data: bytes) -> None:
-        """A piece of a /metrics body, kept as it came (no join: the answer writes the pieces).
-        Written on serve's render thread: no sign that the engine's loop ticks."""
-        flags, piece = data[1], memoryview(data)[2:]
+        """A piece of a /metrics body, kept as it came (no join: the answer writes the pieces);
+        serve sends a body's pieces in order and whole (Front.metrics). Written on serve's render
+        thread: no sign that the engine's loop ticks."""
+        flags = data[1]
         openmetrics = bool(flags & _OPENMETRICS)
         if flags & _FIRST:
             self.body_parts[openmetrics] = []
-        parts = self.body_parts.get(openmetrics)
-        if parts is None:
-            return  # the rest of a body whose start was dropped
-        parts.append(piece)
+        self.body_parts[openmetrics].append(memoryview(data)[2:])
         if flags & _LAST:
-            self.bodies[openmetrics] = (time.monotonic(), parts)
-            del self.body_parts[openmetrics]
+            self.bodies[openmetrics] = (time.monotonic(), self.body_parts.pop(openmetrics))
 
     def apply(self, message: tuple) -> None:
         self.beat = time.monotonic()  # every message says that the engine's loop ticks
