@@ -32,6 +32,14 @@ def served_tokens_per_s(backend: SimBackend, last: bool = False) -> float:
     return 1 / backend.tpot_histogram.sum
 
 
+def served_mean_tokens_per_s(backend: SimBackend) -> float:
+    """The server's own decode rate over every generation it served: its histogram's mean time per
+    token, inverted, as a scrape reads it. A probe read too late to time is sent again, so a
+    round may leave two generations, and the mean is over both."""
+    assert backend.tpot_histogram.count >= 1, f"{backend.name} served no generation"
+    return backend.tpot_histogram.count / backend.tpot_histogram.sum
+
+
 def served_rates(backend: SimBackend) -> list[float]:
     """The decode rates of the last generation over each window from its first token to a later
     one that covers at least half of it, as the server sent them. A last token read together
