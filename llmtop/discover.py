@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import httpx
 
 from llmtop.config import BackendConfig
+from llmtop.transport import shared_ssl_context
 
 # (provider, port, path, what identifies it)
 KNOWN_PORTS = (
@@ -54,7 +55,7 @@ async def _try(client: httpx.AsyncClient, host: str, provider: str, port: int, p
 
 
 async def discover(host: str = "127.0.0.1", timeout_s: float = 1.0, known=KNOWN_PORTS) -> list[Found]:
-    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False, verify=shared_ssl_context()) as client:
         results = await asyncio.gather(*(_try(client, host, *spec) for spec in known))
     return [r for r in results if r is not None]
 

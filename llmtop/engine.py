@@ -88,7 +88,7 @@ class Engine:
         # Loading the CA bundle blocks for ~20 ms: here, before anything is timed, and only for a
         # fleet that uses TLS. Every backend's client shares the one context.
         if any(uses_tls(b.url) for b in self.config.backends):
-            self._ssl = httpx.create_ssl_context()
+            self._ssl = transport.shared_ssl_context()
 
     def new_client(self, tls: bool = True, timeout_s: float | None = None) -> httpx.AsyncClient:
         """A small connection pool for one backend (transport.py).
@@ -99,7 +99,7 @@ class Engine:
         against its timeout.
         """
         if tls and self._ssl is None:  # the first https backend, added by a reload
-            self._ssl = httpx.create_ssl_context()
+            self._ssl = transport.shared_ssl_context()
         return backend_client(timeout_s or self.config.settings.timeout_s, self._ssl if tls else None)
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+import loopback
 from llmtop.simulator import SimBackend, Simulator
 
 TOKEN_ENV = "LLMTOP_TEST_AGENT_TOKEN"
@@ -51,7 +52,7 @@ class Agent:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stderr.read()
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1, trust_env=False).status_code == 200:
+                if loopback.get(f"{self.url}/readyz", timeout=1, trust_env=False).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -68,7 +69,7 @@ class Agent:
         self.sim.stop_thread()
 
     def fleet(self) -> dict:
-        return httpx.get(f"{self.url}/api/v1/fleet", timeout=10, trust_env=False).json()
+        return loopback.get(f"{self.url}/api/v1/fleet", timeout=10, trust_env=False).json()
 
     def ready(self, name: str) -> httpx.Response:
-        return httpx.get(f"{self.url}/backends/{name}/ready", timeout=10, trust_env=False)
+        return loopback.get(f"{self.url}/backends/{name}/ready", timeout=10, trust_env=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import loopback
 from real import needs
 
 from llmtop.config import BackendConfig, Config, Settings
@@ -87,7 +88,7 @@ async def test_a_real_prometheus_scrapes_serve_and_fires_the_shipped_rules(tmp_p
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as prom:
+            async with loopback.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as prom:
 
                 async def query(expr: str) -> list:
                     r = (await prom.get("/api/v1/query", params={"query": expr})).json()
@@ -150,7 +151,7 @@ async def test_the_kubernetes_sidecars_readiness_probe_is_what_serve_answers(tmp
             site = ServeSite(engine, "127.0.0.1:0")
             await site.start()
             try:
-                async with httpx.AsyncClient(trust_env=False) as client:
+                async with loopback.AsyncClient(trust_env=False) as client:
                     r = await client.get(f"http://127.0.0.1:{site.port}{path.group(1)}")
             finally:
                 await site.stop()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+import loopback
 from llmtop.serve import answers
 from llmtop.serve import front as front_module
 from llmtop.serve.front import Entry, Front, _Answerer
@@ -66,7 +67,7 @@ async def handed(front: Front, many: bool = False):
 
 
 async def ask(front: Front, path: str) -> httpx.Response:
-    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+    async with loopback.AsyncClient(trust_env=False, timeout=10) as client:
         return await client.get(f"http://127.0.0.1:{front.port}{path}")
 
 
@@ -150,7 +151,7 @@ async def test_metrics_are_answered_from_the_body_serve_sent_while_it_is_fresh(f
     # Before any body: serve's answer, relayed; the front keeps the connection, for a scraper
     # keeps it too, and one handed to serve would never be the front's again.
     body = b"# HELP llmtop_x x\n" + b"llmtop_x 1.0\n" * 40_000  # 480 KiB: more than one message
-    async with httpx.AsyncClient(trust_env=False, timeout=10, limits=httpx.Limits(max_connections=1)) as client:
+    async with loopback.AsyncClient(trust_env=False, timeout=10, limits=httpx.Limits(max_connections=1)) as client:
         url = f"http://127.0.0.1:{front.port}/metrics"
         assert (await client.get(url)).text == "serve: GET /metrics  for 127.0.0.1"
         front.metrics(False, body)
@@ -163,11 +164,11 @@ async def test_metrics_are_answered_from_the_body_serve_sent_while_it_is_fresh(f
     writer.close()
     head, _, rest = answers_back.partition(b"\r\n\r\n")
     assert b"Content-Length: %d" % len(body) in head and rest.startswith(b"HTTP/1.1 200")  # no body after the head
-    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:  # the format it holds no body of: serve's
+    async with loopback.AsyncClient(trust_env=False, timeout=10) as client:  # the format it holds no body of: serve's
         r = await client.get(f"http://127.0.0.1:{front.port}/metrics", headers={"Accept": "application/openmetrics-text"})
     assert r.text == "serve: GET /metrics  for 127.0.0.1"
     monkeypatch.setattr(front_module, "METRICS_FRESH_S", 0.0)  # too old to be the fleet now: serve's
-    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+    async with loopback.AsyncClient(trust_env=False, timeout=10) as client:
         assert (await client.get(f"http://127.0.0.1:{front.port}/backends/a/ready")).status_code == 404  # a kept connection
         assert (await client.get(f"http://127.0.0.1:{front.port}/metrics")).text == "serve: GET /metrics  for 127.0.0.1"
 
@@ -176,7 +177,7 @@ async def test_a_kept_connection_asked_something_else_is_relayed_to_serve(front)
     # Its first question was readiness, so the front keeps it: a later question for serve on it is
     # relayed, with the client's address; readiness after that is still the front's.
     front.table({"a": Entry(True, "ready", FAR)}, 0)
-    async with httpx.AsyncClient(trust_env=False, timeout=10, limits=httpx.Limits(max_connections=1)) as client:
+    async with loopback.AsyncClient(trust_env=False, timeout=10, limits=httpx.Limits(max_connections=1)) as client:
         url = f"http://127.0.0.1:{front.port}"
         assert (await client.get(url + "/backends/a/ready")).text == "ready\n"
         r = await client.get(url + "/metrics?x=1")

@@ -9,8 +9,8 @@ import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+import loopback
 from real import needs
 
 from llmtop.config import BackendConfig, BreakerSettings, Config, Settings
@@ -149,7 +149,7 @@ async def until(condition, what: str, timeout: float = 20.0) -> None:
 
 
 async def send(url: str, n: int = 100) -> None:
-    async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+    async with loopback.AsyncClient(trust_env=False, timeout=5) as client:
         for _ in range(n):
             assert (await client.get(url)).status_code == 200
 
@@ -186,7 +186,7 @@ async def test_a_dead_backend_is_taken_out_through_llmtop(tmp_path):
         sims["A"].fault = "5xx"  # llmtop sees it fail (HAProxy runs no check of its own on it)
         await until(lambda: servers_state(sock)["A"][0] == 0, "HAProxy to mark A down", timeout=30)
         before = served(sims)
-        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+        async with loopback.AsyncClient(trust_env=False, timeout=5) as client:
             for _ in range(50):
                 assert (await client.get(url)).status_code == 200  # B answers every one
         assert served(sims)["A"] == before["A"]

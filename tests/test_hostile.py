@@ -14,6 +14,7 @@ import unicodedata
 
 import pytest
 
+import loopback
 from llmtop.check import render_table, to_json
 from llmtop.config import BackendConfig, Config, ConfigError, Settings, loads_config
 from llmtop.engine import Engine
@@ -398,8 +399,6 @@ def test_check_demo_table_is_safe_and_json_exact(tmp_path):
 async def test_a_rate_that_overflows_from_finite_inputs_breaks_nothing(state):
     """eval_count over a 1e-300 ns eval_duration: each input finite, the rate infinite. It must read
     as absent, and check --json and serve's fleet document must stay valid for every backend."""
-    import httpx
-
     from llmtop.serve.http import ServeSite
 
     sb = SimBackend("ol", "ollama", ["llama3.2"])
@@ -427,7 +426,7 @@ async def test_a_rate_that_overflows_from_finite_inputs_breaks_nothing(state):
             site = ServeSite(engine, "127.0.0.1:0")
             await site.start()
             try:
-                async with httpx.AsyncClient(trust_env=False) as client:
+                async with loopback.AsyncClient(trust_env=False) as client:
                     fleet = await client.get(f"http://127.0.0.1:{site.port}/api/v1/fleet")
             finally:
                 await site.stop()

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import loopback
 from real import needs
 from test_properties import JSON, PROPERTY, finite_everywhere
 
@@ -110,7 +111,7 @@ async def prometheus(tmp: Path, targets: list[str]):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+        async with loopback.AsyncClient(trust_env=False, timeout=5) as client:
 
             async def ready() -> bool:
                 assert proc.poll() is None, proc.stderr.read().decode()
@@ -172,7 +173,7 @@ async def test_a_real_prometheus_over_two_agents_shows_their_fleets_a_drain_and_
     try:
         for agent in agents:
             agent.start()
-        async with prometheus(tmp_path, [a.instance for a in agents]) as url, httpx.AsyncClient(trust_env=False, timeout=5) as client:
+        async with prometheus(tmp_path, [a.instance for a in agents]) as url, loopback.AsyncClient(trust_env=False, timeout=5) as client:
             source = PrometheusSource(url, '{job="llmtop"}', refresh_s=1.0, stale_after_s=30.0)
 
             async def fleet(agent: Agent) -> dict:

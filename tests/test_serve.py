@@ -8,8 +8,8 @@ import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+import loopback
 from real import needs
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -59,7 +59,7 @@ async def serving(tmp_path: Path, serve: ServeSettings | None = None, backends=N
         await site.start()
         await agent.start()
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
+            async with loopback.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
                 yield engine, client, agent, sim
         finally:
             await site.stop()
@@ -139,7 +139,7 @@ async def test_readiness_is_answered_while_the_engines_loop_is_busy_and_a_drain_
         url = f"http://127.0.0.1:{client.base_url.port}"
 
         def ask_now(path: str) -> tuple[int, str]:  # the engine's loop waits for this
-            with httpx.Client(base_url=url, trust_env=False, timeout=10) as blocking:
+            with loopback.Client(base_url=url, trust_env=False, timeout=10) as blocking:
                 r = blocking.get(path)
             return r.status_code, r.text
 
@@ -179,7 +179,7 @@ async def test_a_breaker_that_time_alone_moved_is_answered_as_the_engine_says_no
             site = ServeSite(engine, "127.0.0.1:0")
             await site.start()
             try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
+                async with loopback.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
                     await engine.run_round()
                     await engine.run_round()
                     assert engine.trackers["flaky"].breaker.state == "open"
@@ -490,7 +490,7 @@ async def test_between_scrapes_the_metrics_lines_are_brought_up_to_date(tmp_path
         site = ServeSite(engine, "127.0.0.1:0")
         await site.start()
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
+            async with loopback.AsyncClient(base_url=f"http://127.0.0.1:{site.port}", trust_env=False, timeout=10) as client:
                 await first_round(engine)
 
                 async def written(admin: str) -> bool:

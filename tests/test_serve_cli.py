@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import loopback
 from llmtop.simulator import SimBackend, Simulator
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
@@ -57,7 +58,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1, trust_env=False).status_code == 200:
+            if loopback.get(f"http://127.0.0.1:{port}/readyz", timeout=1, trust_env=False).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -72,8 +73,8 @@ def test_serve_answers_logs_each_event_on_one_line_and_stops_within_2s_of_sigter
     proc = start("--config", str(config), "serve", "--state", str(tmp_path / "s.json"), "--listen", f"127.0.0.1:{port}",
                  "--log-format", log_format)
     wait_ready(port, proc)
-    assert httpx.get(f"http://127.0.0.1:{port}/backends/a/ready", trust_env=False).status_code == 200
-    assert httpx.get(f"http://127.0.0.1:{port}/backends/b/ready", trust_env=False).status_code == 503
+    assert loopback.get(f"http://127.0.0.1:{port}/backends/a/ready", trust_env=False).status_code == 200
+    assert loopback.get(f"http://127.0.0.1:{port}/backends/b/ready", trust_env=False).status_code == 503
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=10)
@@ -96,7 +97,7 @@ def test_a_drain_from_the_cli_reaches_serve_within_a_second(config, tmp_path):
         assert subprocess.run([sys.executable, "-m", "llmtop", "drain", "a", "--config", str(config), "--state", str(state)],
                               capture_output=True, timeout=60).returncode == 0
         drained = time.monotonic()
-        while httpx.get(f"http://127.0.0.1:{port}/backends/a/ready", trust_env=False).text != "draining\n":
+        while loopback.get(f"http://127.0.0.1:{port}/backends/a/ready", trust_env=False).text != "draining\n":
             assert time.monotonic() - drained < 5, "the drain never reached serve"
             time.sleep(0.05)
         assert time.monotonic() - drained < 1.5  # the state file is followed every second
@@ -142,7 +143,7 @@ async def test_the_live_screen_serves_the_same_endpoints_and_its_d_drains_there(
                     backends=(BackendConfig("a", "vllm", sim.url("a"), ("meta-llama/Llama-3.1-8B-Instruct",)),))
     app = LlmtopApp(Engine(config, StateStore(tmp_path / "s.json")), config_path=None, listen=f"127.0.0.1:{port}")
     async with app.run_test(size=(120, 40)) as pilot:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+        async with loopback.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
             deadline = time.monotonic() + 30
             while (await client.get("/backends/a/ready")).status_code != 200:
                 assert time.monotonic() < deadline
@@ -230,19 +231,19 @@ def test_readiness_is_answered_by_a_process_of_its_own_while_serve_is_held(confi
         url = f"http://127.0.0.1:{port}"
         os.kill(proc.pid, signal.SIGSTOP)
         try:
-            r = httpx.get(url + "/backends/a/ready", timeout=5, trust_env=False)
+            r = loopback.get(url + "/backends/a/ready", timeout=5, trust_env=False)
             assert (r.status_code, r.text) == (200, "ready\n")
-            assert httpx.get(url + "/backends/b/ready", timeout=5, trust_env=False).status_code == 503
+            assert loopback.get(url + "/backends/b/ready", timeout=5, trust_env=False).status_code == 503
             with pytest.raises(httpx.ReadTimeout):  # serve's: it is stopped
-                httpx.get(url + "/api/v1/fleet", timeout=httpx.Timeout(10.0, read=0.5), trust_env=False)
+                loopback.get(url + "/api/v1/fleet", timeout=httpx.Timeout(10.0, read=0.5), trust_env=False)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
-        assert httpx.get(url + "/api/v1/fleet", timeout=10, trust_env=False).status_code == 200
+        assert loopback.get(url + "/api/v1/fleet", timeout=10, trust_env=False).status_code == 200
         # A front that ends (killed, crashed) leaves serve answering on its port by itself.
         os.kill(front, signal.SIGKILL)
         while "the readiness front ended" not in (line := proc.stderr.readline()):
             assert line, "serve never said that its front ended"
-        r = httpx.get(url + "/backends/a/ready", timeout=5, trust_env=False)
+        r = loopback.get(url + "/backends/a/ready", timeout=5, trust_env=False)
         assert (r.status_code, r.text) == (200, "ready\n")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -259,7 +260,7 @@ def test_once_prometheus_scrapes_the_front_answers_metrics_while_serve_is_held(c
     url = f"http://127.0.0.1:{port}/metrics"
     # One kept-alive connection, as Prometheus scrapes: its first scrape is serve's (relayed), the
     # later ones the front's.
-    client = httpx.Client(trust_env=False, timeout=httpx.Timeout(10.0, read=1.0))
+    client = loopback.Client(trust_env=False, timeout=httpx.Timeout(10.0, read=1.0))
     try:
         assert "llmtop_backend_up{" in client.get(url, timeout=10).text  # serve's answer
         deadline = time.monotonic() + 30  # outer bound: the first body reaches the front within a second or two

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import loopback
 from llmtop.config import parse_config
 from llmtop import simulator
 from llmtop.simulator import SimBackend, Simulator, demo_config_toml, demo_fleet, uniform_fleet
@@ -35,7 +36,7 @@ READ_ONLY_SHORT = httpx.Timeout(10.0, read=0.3)
 
 @contextlib.asynccontextmanager
 async def serve(*backends, timeout=5.0):
-    async with Simulator(backends) as sim, httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+    async with Simulator(backends) as sim, loopback.AsyncClient(timeout=timeout, trust_env=False) as client:
         yield sim, client
 
 
@@ -532,7 +533,7 @@ async def test_flapping_alternates_up_and_down():
     # land in the down half of the period, and a loaded machine made it land in the next up half.
     now = [0.0]
     async with Simulator([SimBackend("v", fault="flapping", fault_arg=0.5)], clock=lambda: now[0]) as sim:
-        async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
+        async with loopback.AsyncClient(timeout=5, trust_env=False) as client:
             codes = []
             for at in (0.0, 0.25, 0.5, 0.75, 1.0, 1.49):
                 now[0] = at
@@ -568,7 +569,7 @@ async def test_stop_closes_hung_connections_promptly():
     backend = SimBackend("v", fault="hang")
     sim = Simulator([backend])
     await sim.start()
-    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+    async with loopback.AsyncClient(timeout=30, trust_env=False) as client:
         pending = asyncio.create_task(client.get(sim.url("v") + "/health"))
         deadline = time.monotonic() + 30  # outer bound only
         while not backend.requests["/health"]:  # the request is read and hangs (a 0.1 s sleep hoped so)
@@ -587,7 +588,7 @@ async def test_stop_closes_hung_connections_promptly():
 def test_thread_mode_serves_sync_callers():
     sim = Simulator([SimBackend("v")]).start_in_thread()
     try:
-        response = httpx.get(sim.url("v") + "/v1/models", trust_env=False)
+        response = loopback.get(sim.url("v") + "/v1/models", trust_env=False)
     finally:
         sim.stop_thread()
     assert response.status_code == 200 and response.json()["data"][0]["id"] == LLAMA
@@ -623,7 +624,7 @@ def test_command_line_serves_until_sigterm(tmp_path):
             line = proc.stderr.readline().strip()
             assert line.startswith("listening on http://127.0.0.1:")
             base = line.removeprefix("listening on ")
-            assert httpx.get(base + "/sim-0002/health", trust_env=False).status_code == 200
+            assert loopback.get(base + "/sim-0002/health", trust_env=False).status_code == 200
             config = parse_config(tomllib.loads(config_path.read_text()))
             assert [b.url for b in config.backends] == [base + "/sim-0001", base + "/sim-0002"]
         finally:

@@ -11,9 +11,9 @@ import json
 import sys
 import time
 
-import httpx
 import pytest
 
+import loopback
 from llmtop.redact import Redactor
 
 from llmtop.config import BackendConfig
@@ -292,7 +292,7 @@ async def test_anthropic_key_is_not_carried_across_a_redirect(monkeypatch):
     first = await asyncio.start_server(redirector, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{first.sockets[0].getsockname()[1]}"
     try:
-        async with httpx.AsyncClient(follow_redirects=False) as client:
+        async with loopback.AsyncClient(follow_redirects=False) as client:
             adapter = adapter_class("anthropic")(BackendConfig("a", "anthropic", url, ("m",), api_key_env="AK"), client, 3, 8)
             result = await adapter.poll()
     finally:

@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 
 from llmtop import wire
+from llmtop.transport import shared_ssl_context
 from llmtop.redact import Redactor
 from llmtop.remote import ActionRefused, SourceState, stop_following
 from llmtop.snapshot import BackendSnapshot, Event, GpuStatus
@@ -111,7 +112,7 @@ class AgentSource:
         return tuple(self._events)
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(READ_S, connect=CONNECT_S))
+        self._client = httpx.AsyncClient(trust_env=False, verify=shared_ssl_context(), timeout=httpx.Timeout(READ_S, connect=CONNECT_S))
         self._task = asyncio.create_task(self._follow(), name=f"llmtop:agent {self.name}")
 
     async def stop(self) -> None:
@@ -128,7 +129,7 @@ class AgentSource:
         token = self._token()
         if not token:
             raise ActionRefused(f"read-only: set {self.token_env} to {self.name}'s admin token")
-        client = self._client or httpx.AsyncClient(trust_env=False)
+        client = self._client or httpx.AsyncClient(trust_env=False, verify=shared_ssl_context())
         try:
             response = await client.post(f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=CONNECT_S * 2)
             line = _first_line(response.text)
@@ -145,7 +146,7 @@ class AgentSource:
 
     async def fetch_once(self) -> None:
         """The agent's fleet now, in one request (`check`): connected, or lost with the reason."""
-        client = self._client or httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(READ_S, connect=CONNECT_S))
+        client = self._client or httpx.AsyncClient(trust_env=False, verify=shared_ssl_context(), timeout=httpx.Timeout(READ_S, connect=CONNECT_S))
         try:
             headers = {"Accept-Encoding": "identity"}
             if self._token():

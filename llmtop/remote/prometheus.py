@@ -52,6 +52,7 @@ from llmtop.inbound import count, finite
 from llmtop.redact import Redactor
 from llmtop.remote import ActionRefused, SourceState, stop_following
 from llmtop.snapshot import ADMIN_STATES, CIRCUITS, STATUSES, BackendSnapshot, Counters, Event, GpuStatus, Metrics, ProbeSummary
+from llmtop.transport import shared_ssl_context
 
 MAX_BODY = 64 * 1024 * 1024  # one answer; past it the selector must be narrowed
 ERROR_BODY = 64 * 1024  # what is read of an error answer, for its message
@@ -794,7 +795,7 @@ class PrometheusSource:
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
-                trust_env=False, follow_redirects=False, timeout=self._timeout,
+                trust_env=False, verify=shared_ssl_context(), follow_redirects=False, timeout=self._timeout,
                 limits=httpx.Limits(max_connections=24, max_keepalive_connections=24),  # a refresh's queries, all at once
                 headers={"Accept": "application/json", "User-Agent": "llmtop"},
             )
