@@ -187,6 +187,19 @@ async def test_a_kept_connection_asked_something_else_is_relayed_to_serve(front)
         assert (await client.get(url + "/backends/a/ready")).text == "ready\n"
 
 
+async def test_a_body_over_serves_own_bound_is_refused_by_the_front_not_held(front):
+    # serve refuses a request body over MAX_REQUEST_BYTES (413); the front, relaying a kept
+    # connection's question, held up to aiohttp's default 1 MiB of it first, per connection.
+    front.table({"a": Entry(True, "ready", FAR)}, 0)
+    async with loopback.AsyncClient(trust_env=False, timeout=10, limits=httpx.Limits(max_connections=1)) as client:
+        url = f"http://127.0.0.1:{front.port}"
+        assert (await client.get(url + "/backends/a/ready")).text == "ready\n"
+        r = await client.post(url + "/api/v1/backends/a/drain", content=b"x" * (front_module.MAX_REQUEST_BYTES + 1))
+        assert r.status_code == 413 and "serve:" not in r.text
+        r = await client.post(url + "/api/v1/backends/a/drain", content=b"x" * front_module.MAX_REQUEST_BYTES)
+        assert r.text.startswith("serve: POST /api/v1/backends/a/drain xxx")
+
+
 async def test_a_front_that_reads_late_gets_every_message_in_order(monkeypatch):
     # A reload of thousands of backends is more than the socket holds at once: what does not fit
     # waits on serve's side and follows in order, rather than the front being given up on.

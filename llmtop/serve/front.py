@@ -52,6 +52,7 @@ SAFE_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 # Not passed on by the relay: they describe one hop (RFC 9110, 7.6.1), and aiohttp frames each side.
 HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "content-length", "host"})
 FORWARDED_FOR = "X-Forwarded-For"
+MAX_REQUEST_BYTES = 64 * 1024  # serve's bound on a request's body (admin requests carry none worth more), and the front's
 
 
 class Entry(NamedTuple):
@@ -286,7 +287,7 @@ class _Answerer:
         self.body_parts: dict[bool, list[memoryview]] = {}  # the pieces of a body still coming
 
     async def run(self) -> None:
-        self.server = self.web.Server(self.handle, access_log=None)
+        self.server = self.web.Server(self.handle, access_log=None, request_factory=self._request)
         self.session = self.aiohttp.ClientSession(
             connector=self.aiohttp.UnixConnector(path=self.relay_path), auto_decompress=False, timeout=self.aiohttp.ClientTimeout(total=None)
         )
@@ -459,6 +460,11 @@ class _Answerer:
             entry = self.entries.get(name)
             status, text = self.answers.backend_ready(stalled, None if entry is None else (entry.ready, entry.reason))
         return self.web.Response(status=status, text=text, content_type="text/plain")
+
+    def _request(self, message, payload, protocol, writer, task):
+        """aiohttp's request, bounded as serve's own (its default would read 1 MiB of a body to
+        relay, per connection, before serve refused it)."""
+        return self.web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=MAX_REQUEST_BYTES)
 
     async def relay(self, request):
         """A question for serve on a connection the front keeps (its first was a readiness

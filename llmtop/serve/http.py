@@ -18,14 +18,13 @@ from llmtop.engine import Engine
 from llmtop.serve import answers
 from llmtop.serve.answers import STALL_S
 from llmtop.serve.board import BoardServer
-from llmtop.serve.front import FORWARDED_FOR, Front
+from llmtop.serve.front import FORWARDED_FOR, MAX_REQUEST_BYTES, Front
 from llmtop.serve.exporter import Exposition, content_type, wants_openmetrics
 from llmtop.snapshot import Event, FleetSnapshot
 from llmtop.sanitize import for_terminal
 from llmtop.state import LIFTS, StateError
 
 SCHEMA = 1  # of /api/v1/fleet and /api/v1/events; bumped when a field changes meaning
-MAX_REQUEST_BYTES = 64 * 1024  # admin requests carry no body worth more
 EVENT_QUEUE = 1000  # events held for one slow event-stream client before it is let go
 KEEPALIVE_S = 15.0
 WRITE_S = 5.0  # an event-stream client that takes longer to accept a write is let go
