@@ -22,10 +22,10 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 
 from llmtop import wire
-from llmtop.transport import shared_ssl_context
 from llmtop.redact import Redactor
 from llmtop.remote import ActionRefused, SourceState, stop_following
 from llmtop.snapshot import BackendSnapshot, Event, GpuStatus
+from llmtop.transport import shared_ssl_context
 
 DEFAULT_TOKEN_ENV = "LLMTOP_TOKEN"
 CONNECT_S = 5.0
