@@ -71,9 +71,11 @@ def percentile(xs, p):
 def wait_ready(base_url: str) -> None:
     import httpx
 
+    from llmtop.transport import shared_ssl_context
+
     for _ in range(100):
-        try:
-            httpx.get(base_url + "/", timeout=1)
+        try:  # one CA bundle for all the tries: httpx loads one per client otherwise (30-40 ms of CPU each)
+            httpx.get(base_url + "/", timeout=1, trust_env=False, verify=shared_ssl_context())
             return
         except httpx.HTTPError:
             time.sleep(0.05)

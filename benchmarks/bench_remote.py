@@ -31,6 +31,8 @@ import httpx  # noqa: E402
 from _simproc import SimProcess, cpu_reference, wait_ready, write_config  # noqa: E402
 from bench_tui import SIZE, FrameWatch, measure_keys, rows_shown  # noqa: E402
 
+from llmtop.transport import shared_ssl_context  # noqa: E402
+
 HERE = Path(__file__).parent
 
 
@@ -56,7 +58,7 @@ def agent_bytes(args) -> None:
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}/readyz", timeout=2, trust_env=False, verify=shared_ssl_context()).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
@@ -64,8 +66,8 @@ def agent_bytes(args) -> None:
                     raise SystemExit("serve never became ready")
                 time.sleep(0.2)
             time.sleep(5)  # past the first probes
-            fleet_bytes = len(httpx.get(f"{url}/api/v1/fleet", timeout=30).content)
-            with httpx.stream("GET", f"{url}/api/v1/events", timeout=60) as response:
+            fleet_bytes = len(httpx.get(f"{url}/api/v1/fleet", timeout=30, trust_env=False, verify=shared_ssl_context()).content)
+            with httpx.stream("GET", f"{url}/api/v1/events", timeout=60, trust_env=False, verify=shared_ssl_context()) as response:
                 chunks = response.iter_raw()
                 first = b""
                 while b"\n\n" not in first:  # the whole fleet, first
