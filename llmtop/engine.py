@@ -52,7 +52,6 @@ class Engine:
         self.events: deque[Event] = deque(maxlen=500)
         self._listeners: list[Callable[[Event], None]] = []
         self._watchers: list[Callable[[BackendSnapshot | None], None]] = []
-        self._ssl = None
         self.trackers: dict[str, BackendTracker] = {}
         self.config_error: str | None = None
         # Both gates open only as far as the event loop stays punctual (governor.py): a health
@@ -86,9 +85,9 @@ class Engine:
 
     async def open(self) -> None:
         # Loading the CA bundle blocks for ~20 ms: here, before anything is timed, and only for a
-        # fleet that uses TLS. Every backend's client shares the one context.
+        # fleet that uses TLS. Every client shares the process's one context.
         if any(uses_tls(b.url) for b in self.config.backends):
-            self._ssl = transport.shared_ssl_context()
+            transport.shared_ssl_context()
 
     def new_client(self, tls: bool = True, timeout_s: float | None = None) -> httpx.AsyncClient:
         """A small connection pool for one backend (transport.py).
@@ -98,9 +97,8 @@ class Engine:
         in flight, so four connections mean a request never waits for one, which would count
         against its timeout.
         """
-        if tls and self._ssl is None:  # the first https backend, added by a reload
-            self._ssl = transport.shared_ssl_context()
-        return backend_client(timeout_s or self.config.settings.timeout_s, self._ssl if tls else None)
+        # Loaded by open(), or here for the first https backend a reload added.
+        return backend_client(timeout_s or self.config.settings.timeout_s, transport.shared_ssl_context() if tls else None)
 
     async def close(self) -> None:
         await self.stop()
